@@ -1,0 +1,163 @@
+"""The Python API: load models, sample images, get uint8 arrays back.
+
+    from adm_cli import api
+    unet = api.load_model("64x64_diffusion.safetensors", device="cuda")
+    clf = api.load_model("64x64_classifier.safetensors", device="cuda")
+    out = api.generate(unet, classifier=clf, classes=[207] * 4, seed=0,
+                       settings=api.SamplerSettings("ddpm", respacing="250", guidance=1.0))
+    out.images  # uint8 [4, 64, 64, 3]; out.labels: [207, 207, 207, 207]
+
+Image k of a run depends only on (seed, k, models, settings): see noise.py.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .config import UNetConfig
+from .denoiser import Denoiser
+from .errors import UsageError
+from .guidance import classifier_guidance
+from .models import Classifier, UNet
+from .noise import SampleNoise, seeds_for
+from .samplers import SAMPLERS
+from .schedule import Schedule, space_timesteps
+from .weights import load_model  # noqa: F401 - part of the public API
+
+ProgressFn = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How to sample. ``respacing`` is the reference's string ("250", "ddim25", "10,15,20");
+    ``steps`` is the shorthand the paper's scripts use: "N" for DDPM, "ddimN" for DDIM."""
+
+    sampler: str = "ddpm"
+    steps: int | None = None
+    respacing: str | None = None
+    eta: float = 0.0
+    guidance: float = 0.0
+    clip_x0: bool = True
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise UsageError(f"unknown sampler {self.sampler!r} (choose from {', '.join(SAMPLERS)})")
+        if self.steps is not None and self.steps < 1:
+            raise UsageError(f"--steps must be at least 1, got {self.steps}")
+        if self.eta < 0:
+            raise UsageError(f"--eta must be >= 0, got {self.eta}")
+        if self.guidance < 0:
+            raise UsageError(f"--guidance must be >= 0, got {self.guidance}")
+
+    def respacing_for(self, diffusion_steps: int) -> str:
+        if self.respacing:
+            spec = self.respacing
+        else:
+            steps = self.steps or 250
+            spec = f"ddim{steps}" if self.sampler == "ddim" else str(steps)
+        space_timesteps(diffusion_steps, spec)  # validates (RespacingError names the problem)
+        return spec
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Samples:
+    """Generated images (uint8 NHWC), their labels (-1: none) and sample indices."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    indices: np.ndarray
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[-1, 1] NCHW float -> uint8 NHWC, truncating as OpenAI's scripts do (their npz layout)."""
+    return ((x.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def from_uint8(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 NHWC -> [-1, 1] NCHW float32 (how the reference feeds base samples to an upsampler)."""
+    return torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def random_labels(seed: int, count: int, num_classes: int) -> np.ndarray:
+    """Labels for ``--class`` left empty: label k depends only on (seed, k)."""
+    return np.random.default_rng(seed).integers(0, num_classes, size=count)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def sample_batch(unet: UNet, indices: Sequence[int], *, seed: int, settings: SamplerSettings,
+                 labels: Sequence[int] | None = None, classifier: Classifier | None = None,
+                 low_res: torch.Tensor | None = None, progress: ProgressFn | None = None) -> torch.Tensor:
+    """Sample the images with these indices as one batch; returns x_0 in [-1, 1], float32 NCHW."""
+    cfg: UNetConfig = unet.config
+    device = model_device(unet)
+    schedule = Schedule.create(cfg.noise_schedule, cfg.diffusion_steps, settings.respacing_for(cfg.diffusion_steps))
+    noise = SampleNoise(seeds_for(seed, indices), device)
+    x = noise.initial((cfg.in_channels, cfg.image_size, cfg.image_size))
+    y = None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.long, device=device)
+    fn = Denoiser(unet, schedule, y=y if cfg.class_cond else None, low_res=low_res)
+    if settings.guidance > 0:
+        if classifier is None or y is None:
+            raise UsageError("classifier guidance needs a classifier and class labels")
+        fn = classifier_guidance(fn, classifier, schedule, y, settings.guidance)
+    step = (lambda i, _x: progress(len(indices))) if progress else None
+    with torch.inference_mode(settings.guidance == 0), torch.no_grad():
+        return SAMPLERS[settings.sampler](fn, x, schedule, noise=noise, clip_x0=settings.clip_x0,
+                                          variance=cfg.variance, eta=settings.eta, callback=step)
+
+
+def generate(unet: UNet, *, num_samples: int | None = None, indices: Sequence[int] | None = None,
+             seed: int = 0, classes: Sequence[int] | None = None, classifier: Classifier | None = None,
+             settings: SamplerSettings = SamplerSettings(), batch_size: int = 8,
+             low_res: np.ndarray | None = None, progress: ProgressFn | None = None,
+             on_batch: Callable[[Samples], None] | None = None) -> Samples:
+    """Sample ``num_samples`` images (or exactly the sample ``indices``), in batches.
+
+    ``classes``: one label per sample index 0..N-1 (``labels[k]`` for index k); None with a
+    class-conditional model or guidance draws them from ``random_labels(seed, ...)``.
+    ``low_res``: uint8 NHWC base images, one per index, for a super-resolution model.
+    ``on_batch`` receives each finished batch (to write outputs as they complete).
+    """
+    if indices is None:
+        if num_samples is None or num_samples < 1:
+            raise UsageError(f"--num-samples must be at least 1, got {num_samples}")
+        indices = list(range(num_samples))
+    indices = [int(k) for k in indices]
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    cfg: UNetConfig = unet.config
+    total = max(indices, default=-1) + 1
+    needs_labels = cfg.class_cond or settings.guidance > 0
+    if classes is None and needs_labels:
+        classes = random_labels(seed, total, cfg.num_classes if cfg.class_cond else classifier.config.num_classes)
+    label_arr = None if classes is None else np.asarray(classes, dtype=np.int64)
+    if label_arr is not None and len(label_arr) < total:
+        raise UsageError(f"got {len(label_arr)} class labels for {total} samples")
+    device = model_device(unet)
+    start = time.perf_counter()
+    images, labels = [], []
+    for b in range(0, len(indices), batch_size):
+        chunk = indices[b:b + batch_size]
+        lab = None if label_arr is None else label_arr[chunk]
+        lr = None if low_res is None else from_uint8(low_res[chunk], device)
+        x = sample_batch(unet, chunk, seed=seed, settings=settings, labels=lab, classifier=classifier,
+                         low_res=lr, progress=progress)
+        batch = Samples(to_uint8(x), np.full(len(chunk), -1) if lab is None else lab, np.asarray(chunk))
+        if on_batch is not None:
+            on_batch(batch)
+        images.append(batch.images)
+        labels.append(batch.labels)
+    return Samples(np.concatenate(images), np.concatenate(labels), np.asarray(indices),
+                   seconds=time.perf_counter() - start, extra={"device": str(device)})

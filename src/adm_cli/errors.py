@@ -1,0 +1,59 @@
+"""Typed errors. The library raises these; the CLI turns each into one line and an exit code."""
+
+from __future__ import annotations
+
+
+class AdmError(Exception):
+    """Base class of every error adm-cli reports to a user (never a bug)."""
+
+    exit_code = 1
+
+
+class ConfigError(AdmError, ValueError):
+    """An architecture or diffusion config that cannot describe a valid model."""
+
+
+class RespacingError(ConfigError):
+    """A timestep-respacing string the reference would reject."""
+
+
+class UsageError(AdmError):
+    """A bad command-line value (class, resolution, steps, ...)."""
+
+    exit_code = 2
+
+
+class RegistryError(AdmError):
+    """An unknown model name or a malformed registry entry."""
+
+
+class DownloadError(AdmError):
+    """A download that failed (network, HTTP status, size or checksum)."""
+
+
+class OfflineError(DownloadError):
+    """Network access was needed but forbidden (``--offline``) or unavailable."""
+
+
+class ChecksumError(DownloadError):
+    """Downloaded or cached bytes do not match the expected sha256 or size."""
+
+
+class ConversionError(AdmError):
+    """A checkpoint that cannot be converted to the canonical layout."""
+
+
+class UnsafePickleError(ConversionError):
+    """A pickle that asks for a global outside the allow-list (never executed)."""
+
+
+class WeightsError(AdmError):
+    """Missing, unreadable or mismatched weights for a model."""
+
+
+class OutputError(AdmError):
+    """An output folder or file that cannot be written."""
+
+
+class DistributedError(AdmError):
+    """A multi-process run that failed in another rank or could not start."""

@@ -1,0 +1,215 @@
+"""Building blocks of ADM's U-Net and classifier (Dhariwal & Nichol 2021, section 3).
+
+Parameter names and shapes follow OpenAI's guided-diffusion exactly (``in_layers.0``,
+``emb_layers.1``, ``qkv`` as a 1x1 Conv1d, ...), so its state dicts load with ``strict=True``.
+Notation: C channels, H heads of d = C / H channels, T = h * w tokens, emb the timestep (+ class)
+embedding of width 4 * model_channels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm over 32 groups whose statistics are always taken in float32.
+
+    Half-precision activations lose too much in the variance; the reference upcasts the same way.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__(32, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(x.float(), 32, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding [cos(t w_i), sin(t w_i)], w_i = max_period^(-i / (dim / 2)), float32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class EmbedSequential(nn.Sequential):
+    """A Sequential whose residual blocks also receive the embedding."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
+        return x
+
+
+class Downsample(nn.Module):
+    """Halve the resolution: a stride-2 3x3 conv (``op``), as ADM uses without resblock_updown."""
+
+    def __init__(self, channels: int, use_conv: bool = True):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1) if use_conv else nn.AvgPool2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Double the resolution: nearest neighbour, then (optionally) a 3x3 conv."""
+
+    def __init__(self, channels: int, use_conv: bool = True):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1) if use_conv else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        return self.conv(x) if self.conv is not None else x
+
+
+class ResBlock(nn.Module):
+    """Residual block with the embedding injected after the second norm.
+
+    With ``scale_shift`` (ADM's "adaptive group normalisation", AdaGN) the embedding gives
+    (s, b) and h = GroupNorm(h) * (1 + s) + b; otherwise it is added before the norm.
+    ``up`` / ``down`` resample both branches in the middle of the block (BigGAN-style).
+    """
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int | None = None,
+                 scale_shift: bool = True, dropout: float = 0.0, up: bool = False, down: bool = False):
+        super().__init__()
+        out_channels = out_channels or channels
+        self.scale_shift = scale_shift
+        self.in_layers = nn.Sequential(GroupNorm32(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.resample = "up" if up else "down" if down else None
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, (2 if scale_shift else 1) * out_channels))
+        self.out_layers = nn.Sequential(
+            GroupNorm32(out_channels), nn.SiLU(), nn.Dropout(dropout),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+        )
+        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+
+    def _resample(self, x: torch.Tensor) -> torch.Tensor:
+        if self.resample == "up":
+            return F.interpolate(x, scale_factor=2, mode="nearest")
+        return F.avg_pool2d(x, 2)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        norm, act, conv = self.in_layers
+        h = act(norm(x))
+        if self.resample:
+            h, x = self._resample(h), self._resample(x)
+        h = conv(h)
+        e = self.emb_layers(emb).to(h.dtype)[:, :, None, None]
+        norm, act, drop, conv = self.out_layers
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = torch.addcmul(shift, norm(h), 1 + scale)
+        else:
+            h = norm(h + e)
+        return self.skip_connection(x) + conv(drop(act(h)))
+
+
+def qkv_attention(qkv: torch.Tensor, heads: int, legacy_order: bool, exact: bool) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v over tokens, for a packed [N, 3C, T] qkv -> [N, C, T].
+
+    ``legacy_order``: the channels are grouped per head as (q, k, v) of that head (OpenAI's
+    "legacy" order, every model but 64x64); otherwise all q, then all k, then all v. The order
+    cannot be read off a checkpoint's shapes, so it comes from the config.
+    ``exact`` reproduces the reference's arithmetic (q and k each scaled by d^-1/4, an explicit
+    T x T matrix, softmax in float32); otherwise one fused scaled_dot_product_attention call.
+    """
+    n, width, t = qkv.shape
+    d = width // (3 * heads)
+    split = qkv.view(n, heads, 3, d, t) if legacy_order else qkv.view(n, 3, heads, d, t).transpose(1, 2)
+    q, k, v = split.unbind(2)  # each [N, H, d, T]
+    if exact:
+        scale = d ** -0.25
+        w = torch.einsum("nhct,nhcs->nhts", q * scale, k * scale)
+        w = torch.softmax(w.float(), dim=-1).to(w.dtype)
+        return torch.einsum("nhts,nhcs->nhct", w, v).reshape(n, heads * d, t)
+    out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+    return out.transpose(-1, -2).reshape(n, heads * d, t)
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over the h*w positions, with a residual connection."""
+
+    def __init__(self, channels: int, heads: int, legacy_order: bool = True):
+        super().__init__()
+        self.heads = heads
+        self.legacy_order = legacy_order
+        self.exact = False
+        self.norm = GroupNorm32(channels)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.proj_out = nn.Conv1d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, hh, ww = x.shape
+        flat = x.reshape(n, c, hh * ww)
+        h = qkv_attention(self.qkv(self.norm(flat)), self.heads, self.legacy_order, self.exact)
+        return (flat + self.proj_out(h)).reshape(n, c, hh, ww)
+
+
+class AttentionPool2d(nn.Module):
+    """CLIP-style attention pooling: the mean token attends to all positions (classifier head)."""
+
+    def __init__(self, spatial: int, channels: int, head_channels: int, out_channels: int):
+        super().__init__()
+        self.positional_embedding = nn.Parameter(torch.randn(channels, spatial ** 2 + 1) / channels ** 0.5)
+        self.qkv_proj = nn.Conv1d(channels, 3 * channels, 1)
+        self.c_proj = nn.Conv1d(channels, out_channels, 1)
+        self.heads = channels // head_channels
+        self.exact = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(2)
+        x = torch.cat([x.mean(dim=-1, keepdim=True), x], dim=-1) + self.positional_embedding.to(x.dtype)
+        # Every token attends (as in the reference) but only the pooled token is read out.
+        h = qkv_attention(self.qkv_proj(x), self.heads, legacy_order=False, exact=self.exact)
+        return self.c_proj(h[:, :, :1])[:, :, 0]
+
+
+def build_encoder(*, in_channels: int, model_channels: int, mults, num_res_blocks: int, attention_ds,
+                  heads, emb_channels: int, scale_shift: bool, updown: bool, legacy_order: bool,
+                  dropout: float = 0.0) -> tuple[nn.ModuleList, list[int], int]:
+    """The downsampling half shared by the U-Net and the classifier.
+
+    Returns the blocks, the channel count of each skip connection, and the final rate ds.
+    """
+    ch = int(mults[0] * model_channels)
+    blocks = nn.ModuleList([EmbedSequential(nn.Conv2d(in_channels, ch, 3, padding=1))])
+    skips, ds = [ch], 1
+    for level, mult in enumerate(mults):
+        for _ in range(num_res_blocks):
+            out = int(mult * model_channels)
+            layers: list[nn.Module] = [ResBlock(ch, emb_channels, out, scale_shift, dropout)]
+            ch = out
+            if ds in attention_ds:
+                layers.append(AttentionBlock(ch, heads(ch), legacy_order))
+            blocks.append(EmbedSequential(*layers))
+            skips.append(ch)
+        if level != len(mults) - 1:
+            down = ResBlock(ch, emb_channels, ch, scale_shift, dropout, down=True) if updown else Downsample(ch)
+            blocks.append(EmbedSequential(down))
+            skips.append(ch)
+            ds *= 2
+    return blocks, skips, ds
+
+
+def middle_block(ch: int, emb_channels: int, heads: int, scale_shift: bool, legacy_order: bool,
+                 dropout: float = 0.0) -> EmbedSequential:
+    return EmbedSequential(
+        ResBlock(ch, emb_channels, ch, scale_shift, dropout),
+        AttentionBlock(ch, heads, legacy_order),
+        ResBlock(ch, emb_channels, ch, scale_shift, dropout),
+    )
+
+
+def time_embed(model_channels: int) -> nn.Sequential:
+    emb = 4 * model_channels
+    return nn.Sequential(nn.Linear(model_channels, emb), nn.SiLU(), nn.Linear(emb, emb))

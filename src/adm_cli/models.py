@@ -1,0 +1,120 @@
+"""ADM's U-Net and noisy-image classifier, built from a config (``config.py``).
+
+``UNet(cfg)(x_t, t, y=None, low_res=None)`` returns the model output [N, 3 or 6, H, W]:
+eps_theta(x_t, t, y), then (with ``learn_sigma``) the interpolation weight v of the variance.
+``Classifier(cfg)(x_t, t)`` returns the logits of p_phi(y | x_t, t).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import AnyConfig, ClassifierConfig, UNetConfig
+from .layers import (AttentionBlock, AttentionPool2d, EmbedSequential, GroupNorm32, ResBlock, Upsample,
+                     build_encoder, middle_block, time_embed, timestep_embedding)
+
+
+class UNet(nn.Module):
+    """The ADM U-Net (class-conditional, unconditional or super-resolution)."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.config = cfg
+        mc, mults, emb_ch = cfg.num_channels, cfg.mults, 4 * cfg.num_channels
+        legacy = not cfg.use_new_attention_order
+        common = dict(scale_shift=cfg.use_scale_shift_norm, dropout=cfg.dropout)
+        self.time_embed = time_embed(mc)
+        if cfg.class_cond:
+            self.label_emb = nn.Embedding(cfg.num_classes, emb_ch)
+        in_ch = cfg.in_channels * (2 if cfg.is_super_res else 1)
+        self.input_blocks, skips, ds = build_encoder(
+            in_channels=in_ch, model_channels=mc, mults=mults, num_res_blocks=cfg.num_res_blocks,
+            attention_ds=cfg.attention_ds, heads=cfg.heads, emb_channels=emb_ch,
+            updown=cfg.resblock_updown, legacy_order=legacy, **common)
+        ch = skips[-1]
+        self.middle_block = middle_block(ch, emb_ch, cfg.heads(ch), legacy_order=legacy, **common)
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(mults))):
+            for i in range(cfg.num_res_blocks + 1):
+                out = int(mult * mc)
+                layers: list[nn.Module] = [ResBlock(ch + skips.pop(), emb_ch, out, **common)]
+                ch = out
+                if ds in cfg.attention_ds:
+                    layers.append(AttentionBlock(ch, cfg.heads(ch, upsample=True), legacy))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(ResBlock(ch, emb_ch, ch, up=True, **common) if cfg.resblock_updown else Upsample(ch))
+                    ds //= 2
+                self.output_blocks.append(EmbedSequential(*layers))
+        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+
+    def embed(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        emb = self.time_embed(timestep_embedding(t, self.config.num_channels))
+        if self.config.class_cond:
+            if y is None:
+                raise ValueError("this model is class-conditional: pass class labels y")
+            emb = emb + self.label_emb(y)
+        return emb
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                low_res: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.embed(t, y)
+        if self.config.is_super_res:
+            if low_res is None:
+                raise ValueError("this is a super-resolution model: pass low_res")
+            x = torch.cat([x, F.interpolate(low_res, x.shape[-2:], mode="bilinear")], dim=1)
+        dtype = self.out[2].weight.dtype  # activations follow the weights (float32, or bf16/fp16 fast path)
+        h, emb = x.to(dtype), emb.to(dtype)
+        hs = []
+        for block in self.input_blocks:
+            h = block(h, emb)
+            hs.append(h)
+        h = self.middle_block(h, emb)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, hs.pop()], dim=1), emb)
+        return self.out(h).to(x.dtype if x.dtype.is_floating_point else torch.float32)
+
+
+class Classifier(nn.Module):
+    """The noisy-image classifier: the U-Net's encoder and middle block, then attention pooling."""
+
+    def __init__(self, cfg: ClassifierConfig):
+        super().__init__()
+        self.config = cfg
+        mc, emb_ch = cfg.classifier_width, 4 * cfg.classifier_width
+        heads = lambda ch: ch // cfg.num_head_channels  # noqa: E731 - the classifier fixes d = 64
+        common = dict(scale_shift=cfg.classifier_use_scale_shift_norm)
+        self.time_embed = time_embed(mc)
+        self.input_blocks, skips, ds = build_encoder(
+            in_channels=cfg.in_channels, model_channels=mc, mults=cfg.mults, num_res_blocks=cfg.classifier_depth,
+            attention_ds=cfg.attention_ds, heads=heads, emb_channels=emb_ch,
+            updown=cfg.classifier_resblock_updown, legacy_order=True, **common)
+        ch = skips[-1]
+        self.middle_block = middle_block(ch, emb_ch, heads(ch), legacy_order=True, **common)
+        self.out = nn.Sequential(
+            GroupNorm32(ch), nn.SiLU(),
+            AttentionPool2d(cfg.image_size // ds, ch, cfg.num_head_channels, cfg.num_classes),
+        )
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        emb = self.time_embed(timestep_embedding(t, self.config.classifier_width))
+        dtype = self.out[2].c_proj.weight.dtype
+        h, emb = x.to(dtype), emb.to(dtype)
+        for block in self.input_blocks:
+            h = block(h, emb)
+        h = self.middle_block(h, emb)
+        return self.out(h).float()
+
+
+def build_model(cfg: AnyConfig) -> UNet | Classifier:
+    """Instantiate the network a config describes (random weights)."""
+    return Classifier(cfg) if isinstance(cfg, ClassifierConfig) else UNet(cfg)
+
+
+def set_exact_attention(model: nn.Module, exact: bool = True) -> nn.Module:
+    """Switch every attention layer between the reference's arithmetic and the fused kernel."""
+    for m in model.modules():
+        if isinstance(m, (AttentionBlock, AttentionPool2d)):
+            m.exact = exact
+    return model

@@ -1,0 +1,138 @@
+"""The Gaussian diffusion schedule as explicit data (Ho et al. 2020; Nichol & Dhariwal 2021).
+
+Notation: beta_t the forward variances, alpha_t = 1 - beta_t, alpha_bar_t = prod_{s<=t} alpha_s.
+A respaced schedule keeps a subset S of the T training steps (``timesteps``, ascending) and
+recomputes beta_i = 1 - alpha_bar_{S_i} / alpha_bar_{S_{i-1}} so that alpha_bar is unchanged on S
+(Nichol & Dhariwal 2021, section 4). Samplers index it by i = 0 .. len-1; ``timesteps[i]`` is
+the original t the networks were trained with. All tables are computed in float64, as the
+reference does, and cast to float32 once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .errors import RespacingError
+
+
+def beta_schedule(name: str, steps: int) -> np.ndarray:
+    """beta_1..beta_T of the 'linear' (DDPM, scaled to T) or 'cosine' (improved DDPM) schedule."""
+    if name == "linear":
+        scale = 1000 / steps
+        return np.linspace(scale * 0.0001, scale * 0.02, steps, dtype=np.float64)
+    if name == "cosine":
+        # alpha_bar(t) = cos^2(((t + s) / (1 + s)) * pi / 2), s = 0.008; beta clipped at 0.999.
+        def alpha_bar(u: float) -> float:
+            return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        return np.array(
+            [min(1 - alpha_bar((i + 1) / steps) / alpha_bar(i / steps), 0.999) for i in range(steps)],
+            dtype=np.float64,
+        )
+    raise RespacingError(f"unknown noise schedule {name!r} (expected 'linear' or 'cosine')")
+
+
+def space_timesteps(steps: int, spec: str | int) -> list[int]:
+    """The subset of ``range(steps)`` a respacing string selects, ascending.
+
+    ``"ddimN"``: the evenly strided set range(0, T, k) with exactly N members.
+    ``"a,b,c"``: split the T steps into that many near-equal sections and take a, b, c steps
+    evenly (rounded) from each, both ends included. ``"N"`` is one section; ``""`` keeps all T.
+    """
+    text = str(spec).strip()
+    if text == "":
+        return list(range(steps))
+    if text.startswith("ddim"):
+        try:
+            want = int(text[4:])
+        except ValueError:
+            raise RespacingError(f"bad respacing {text!r}: expected 'ddimN' with an integer N") from None
+        for stride in range(1, steps):
+            if len(range(0, steps, stride)) == want:
+                return list(range(0, steps, stride))
+        raise RespacingError(f"bad respacing {text!r}: no integer stride gives exactly {want} of {steps} steps")
+    try:
+        counts = [int(c) for c in text.split(",")]
+    except ValueError:
+        raise RespacingError(f"bad respacing {text!r}: expected 'N', 'ddimN' or comma-separated counts") from None
+    size, extra = divmod(steps, len(counts))
+    chosen: set[int] = set()
+    start = 0
+    for i, count in enumerate(counts):
+        section = size + (1 if i < extra else 0)
+        if count < 1 or count > section:
+            raise RespacingError(
+                f"bad respacing {text!r}: cannot take {count} steps from a section of {section}"
+            )
+        stride = 1 if count == 1 else (section - 1) / (count - 1)
+        # Accumulate the fractional index (not j * stride): the float sums decide the
+        # .5 roundings, and they must be the reference's.
+        pos = 0.0
+        for _ in range(count):
+            chosen.add(start + round(pos))
+            pos += stride
+        start += section
+    return sorted(chosen)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A (possibly respaced) schedule: float64 tables over i = 0 .. len-1."""
+
+    timesteps: tuple[int, ...]
+    betas: np.ndarray
+    _tables: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def create(cls, name: str = "linear", steps: int = 1000, respacing: str | int = "") -> "Schedule":
+        base = beta_schedule(name, steps)
+        keep = space_timesteps(steps, respacing)
+        alpha_bar = np.cumprod(1.0 - base)
+        betas, last = [], 1.0
+        for t in keep:
+            betas.append(1 - alpha_bar[t] / last)
+            last = alpha_bar[t]
+        return cls(tuple(keep), np.array(betas, dtype=np.float64))
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+    # float64 tables ------------------------------------------------------------------------
+    @property
+    def alphas_cumprod(self) -> np.ndarray:
+        return np.cumprod(1.0 - self.betas)
+
+    @property
+    def alphas_cumprod_prev(self) -> np.ndarray:
+        return np.append(1.0, self.alphas_cumprod[:-1])
+
+    def numpy_tables(self) -> dict[str, np.ndarray]:
+        b, ab, ab_prev = self.betas, self.alphas_cumprod, self.alphas_cumprod_prev
+        post_var = b * (1.0 - ab_prev) / (1.0 - ab)  # beta~_t, variance of q(x_{t-1} | x_t, x_0)
+        # log beta~_0 is -inf (beta~_0 = 0): the reference clips it to log beta~_1.
+        post_logvar = np.log(np.append(post_var[1], post_var[1:])) if len(b) > 1 else np.log(b)
+        return {
+            "alpha_bar": ab,
+            "alpha_bar_prev": ab_prev,
+            "sqrt_recip_ab": np.sqrt(1.0 / ab),
+            "sqrt_recipm1_ab": np.sqrt(1.0 / ab - 1),
+            "coef_x0": b * np.sqrt(ab_prev) / (1.0 - ab),  # posterior mean: coef_x0 x0 + coef_xt x_t
+            "coef_xt": (1.0 - ab_prev) * np.sqrt(1.0 - b) / (1.0 - ab),
+            "log_var_small": post_logvar,  # fixed small: beta~_t (clipped at t = 0)
+            "log_var_large": np.log(np.append(post_var[1], b[1:])) if len(b) > 1 else np.log(b),
+            "log_beta": np.log(b),
+        }
+
+    def tables(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """The tables as float32 tensors on ``device`` (cached), indexed by step i."""
+        key = str(device)
+        if key not in self._tables:
+            self._tables[key] = {
+                k: torch.from_numpy(v).to(device=device, dtype=torch.float32) for k, v in self.numpy_tables().items()
+            }
+            self._tables[key]["t"] = torch.tensor(self.timesteps, dtype=torch.long, device=device)
+        return self._tables[key]

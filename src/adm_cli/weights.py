@@ -1,0 +1,96 @@
+"""The canonical weight file: safetensors with OpenAI's key names and the config in its metadata.
+
+Metadata keys (all strings, as safetensors requires):
+``adm_format`` = "1"; ``adm_config`` = the config as JSON (``config.to_dict()``); optional
+``adm_preset``, ``adm_source_file``, ``adm_source_sha256``, ``adm_registry_name``.
+Files are written to a temporary name beside the target and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from .config import AnyConfig, config_from_dict
+from .errors import ConfigError, WeightsError
+from .models import build_model
+
+FORMAT_VERSION = "1"
+
+
+def atomic_target(path: Path) -> Path:
+    """A unique temporary path in ``path``'s folder (same filesystem, so rename is atomic)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".incomplete", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def save_weights(path: str | Path, state_dict: Mapping[str, torch.Tensor], config: AnyConfig,
+                 metadata: Mapping[str, str] | None = None, *, overwrite: bool = False) -> Path:
+    """Write a canonical file atomically; refuses to replace an existing one unless ``overwrite``."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise WeightsError(f"{path} already exists (use --force to overwrite)")
+    meta = {"adm_format": FORMAT_VERSION, "adm_config": json.dumps(config.to_dict(), sort_keys=True)}
+    meta.update({k: str(v) for k, v in (metadata or {}).items()})
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = atomic_target(path)
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except FileNotFoundError:
+        raise WeightsError(f"weights file not found: {path}") from None
+    except Exception as exc:  # safetensors raises its own error types for a bad header
+        raise WeightsError(f"{path} is not a readable safetensors file ({exc})") from None
+
+
+def read_config(path: str | Path) -> AnyConfig:
+    meta = read_metadata(path)
+    if "adm_config" not in meta:
+        raise WeightsError(f"{path} has no adm_config metadata: convert it with `adm convert-weights`")
+    try:
+        return config_from_dict(json.loads(meta["adm_config"]))
+    except (ValueError, ConfigError) as exc:
+        raise WeightsError(f"{path}: bad adm_config metadata ({exc})") from None
+
+
+def load_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[AnyConfig, dict[str, torch.Tensor]]:
+    """(config, state_dict) of a canonical file."""
+    from safetensors.torch import load_file
+
+    config = read_config(path)
+    return config, load_file(str(path), device=str(device))
+
+
+def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               config: AnyConfig | None = None) -> torch.nn.Module:
+    """Build the network a canonical file describes and load its weights with strict=True."""
+    file_config, state = load_weights(path)
+    config = config or file_config
+    with torch.device("meta"):
+        model = build_model(config)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise WeightsError(f"{path} does not fit its config: {first[1].strip() if len(first) > 1 else first[0]}") from None
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -1,0 +1,135 @@
+"""Schedules, respacing and sampler trajectories against the reference GaussianDiffusion."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adm_cli.config import ClassifierConfig, UNetConfig
+from adm_cli.denoiser import Denoiser
+from adm_cli.errors import RespacingError
+from adm_cli.guidance import classifier_guidance
+from adm_cli.models import build_model
+from adm_cli.samplers import sample_ddim, sample_ddpm
+from adm_cli.schedule import Schedule, beta_schedule, space_timesteps
+from conftest import randomize
+from reference import gd, reference_classifier, reference_diffusion, reference_unet, space_timesteps as ref_space
+
+
+@pytest.mark.parametrize("spec", ["250", "ddim25", "ddim50", "25,25", "10,15,20", "1000", "", "ddim1000", "7"])
+def test_respacing_matches_reference(spec):
+    assert space_timesteps(1000, spec) == sorted(ref_space(1000, spec or [1000]))
+
+
+@pytest.mark.parametrize("spec", ["ddim300", "ddimx", "2000", "abc", "0", "300,300,300,300"])
+def test_bad_respacing_raises(spec):
+    with pytest.raises(RespacingError):
+        space_timesteps(1000, spec)
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+@pytest.mark.parametrize("spec", ["", "ddim25", "10,15,20"])
+def test_schedule_tables_match_reference(name, spec):
+    cfg = UNetConfig(image_size=32, num_channels=32, channel_mult="1,2", noise_schedule=name, learn_sigma=True)
+    ref = reference_diffusion(cfg, spec)
+    ours = Schedule.create(name, 1000, spec)
+    np.testing.assert_allclose(beta_schedule(name, 1000), gd.get_named_beta_schedule(name, 1000), rtol=0, atol=0)
+    np.testing.assert_allclose(ours.betas, ref.betas, rtol=1e-12)
+    tab = ours.numpy_tables()
+    np.testing.assert_allclose(tab["alpha_bar"], ref.alphas_cumprod, rtol=1e-12)
+    np.testing.assert_allclose(tab["coef_x0"], ref.posterior_mean_coef1, rtol=1e-12)
+    np.testing.assert_allclose(tab["coef_xt"], ref.posterior_mean_coef2, rtol=1e-12)
+    np.testing.assert_allclose(tab["log_var_small"], ref.posterior_log_variance_clipped, rtol=1e-12)
+    assert list(ours.timesteps) == ref.timestep_map
+
+
+class _Replay:
+    """Feeds one fixed list of noise tensors, in order, to whoever asks."""
+
+    def __init__(self, tensors):
+        self.tensors, self.calls = list(tensors), 0
+
+    def __call__(self, like):
+        out = self.tensors[self.calls]
+        self.calls += 1
+        return out.clone()
+
+
+def _tiny(schedule: str, class_cond: bool):
+    cfg = UNetConfig(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="8",
+                     num_head_channels=32, learn_sigma=True, class_cond=class_cond, noise_schedule=schedule,
+                     resblock_updown=True, num_classes=10)
+    ref = randomize(reference_unet(cfg), seed=3, std=0.02)
+    ours = build_model(cfg).eval()
+    ours.load_state_dict(ref.state_dict())
+    ccfg = ClassifierConfig(image_size=16, classifier_width=32, classifier_depth=1, channel_mult="1,2",
+                            classifier_attention_resolutions="8", num_head_channels=32, num_classes=10)
+    rclf = randomize(reference_classifier(ccfg), seed=4)
+    oclf = build_model(ccfg).eval()
+    oclf.load_state_dict(rclf.state_dict())
+    return cfg, ref, ours, rclf, oclf
+
+
+CASES = [("ddpm", 0.0, "25"), ("ddim", 0.0, "ddim10"), ("ddim", 0.5, "ddim10")]
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("class_cond", [True, False], ids=["cond", "uncond"])
+@pytest.mark.parametrize("guided", [False, True], ids=["unguided", "guided"])
+@pytest.mark.parametrize("sampler,eta,spec", CASES, ids=[f"{s}-eta{e}" for s, e, _ in CASES])
+def test_trajectory_matches_reference(schedule, class_cond, guided, sampler, eta, spec, monkeypatch):
+    cfg, ref, ours, rclf, oclf = _tiny(schedule, class_cond)
+    n, shape = 3, (3, 3, 16, 16)
+    g = torch.Generator().manual_seed(11)
+    x_t = torch.randn(shape, generator=g)
+    steps = len(space_timesteps(1000, spec))
+    noises = [torch.randn(shape, generator=g) for _ in range(steps)]
+    y = torch.tensor([1, 4, 9])
+    scale = 3.0
+
+    # Reference: its loop draws torch.randn_like once per step; replay our list there.
+    diffusion = reference_diffusion(cfg, spec)
+
+    def cond_fn(x, t, y=None):
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            lp = F.log_softmax(rclf(x_in, t), dim=-1)[torch.arange(len(x)), y]
+            return torch.autograd.grad(lp.sum(), x_in)[0] * scale
+
+    monkeypatch.setattr(torch, "randn_like", _Replay(noises))
+    kwargs = {"y": y} if class_cond else {}
+    if not class_cond and guided:
+        kwargs = {"y": y}
+        model_fn = lambda x, t, y=None: ref(x, t)  # noqa: E731 - unconditional model, label for the classifier
+    else:
+        model_fn = ref
+    loop = diffusion.p_sample_loop if sampler == "ddpm" else diffusion.ddim_sample_loop
+    extra = {} if sampler == "ddpm" else {"eta": eta}
+    with torch.no_grad():
+        expected = loop(model_fn, shape, noise=x_t.clone(), clip_denoised=True, model_kwargs=kwargs,
+                        cond_fn=cond_fn if guided else None, progress=False, device=torch.device("cpu"), **extra)
+    monkeypatch.undo()
+
+    sched = Schedule.create(schedule, 1000, spec)
+    fn = Denoiser(ours, sched, y=y if class_cond else None)
+    if guided:
+        fn = classifier_guidance(fn, oclf, sched, y, scale)
+    replay = _Replay(noises)
+    run = sample_ddpm if sampler == "ddpm" else sample_ddim
+    with torch.no_grad():
+        got = run(fn, x_t.clone(), sched, noise=replay, eta=eta)
+    assert (got - expected).abs().max().item() <= 1e-4
+    assert expected.abs().max() > 0.1  # a real trajectory, not a collapsed one
+    stochastic = steps - 1 if (sampler == "ddpm" or eta > 0) else 0
+    assert replay.calls == stochastic
+
+
+def test_guidance_changes_the_trajectory():
+    cfg, _, ours, _, oclf = _tiny("linear", True)
+    sched = Schedule.create("linear", 1000, "ddim5")
+    y = torch.tensor([2, 2])
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    zero = lambda like: torch.zeros_like(like)  # noqa: E731
+    plain = sample_ddim(Denoiser(ours, sched, y=y), x, sched, noise=zero)
+    guided = sample_ddim(classifier_guidance(Denoiser(ours, sched, y=y), oclf, sched, y, 10.0), x, sched, noise=zero)
+    assert (plain - guided).abs().max() > 1e-3
