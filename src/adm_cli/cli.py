@@ -52,15 +52,8 @@ def handle_errors(fn: Callable) -> Callable:
 
 
 def _register() -> None:
-    # Each command module registers itself on `app` when imported.
-    from . import cli_sample  # noqa: F401
-
-    for name in ("cli_weights", "cli_dist"):
-        try:
-            __import__(f"{__package__}.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__package__}.{name}":
-                raise
+    # Importing a command module registers its commands on `app`.
+    from . import cli_sample, cli_weights  # noqa: F401
 
 
 def main() -> None:

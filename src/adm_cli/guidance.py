@@ -19,11 +19,15 @@ from .schedule import Schedule
 
 def classifier_grad(classifier: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                     scale: float) -> torch.Tensor:
-    """s * grad_x log softmax(classifier(x, t))[y], in float32."""
+    """s * grad_x log softmax(classifier(x, t))[y], in float32.
+
+    Only the input gradient is asked for, so with frozen parameters (``fast.prepare``) autograd
+    skips every weight gradient. ``gather`` picks log p(y) without building an index tensor.
+    """
     with torch.enable_grad():
         x_in = x.detach().requires_grad_(True)
         log_probs = F.log_softmax(classifier(x_in, t).float(), dim=-1)
-        selected = log_probs[torch.arange(len(y), device=y.device), y]
+        selected = log_probs.gather(1, y[:, None])
         (grad,) = torch.autograd.grad(selected.sum(), x_in)
     return grad.float() * scale
 

@@ -122,22 +122,45 @@ def qkv_attention(qkv: torch.Tensor, heads: int, legacy_order: bool, exact: bool
     cannot be read off a checkpoint's shapes, so it comes from the config.
     ``exact`` reproduces the reference's arithmetic (q and k each scaled by d^-1/4, an explicit
     T x T matrix, softmax in float32); otherwise one fused scaled_dot_product_attention call.
+    The blocks below call the fast variant on [N, T, C] tokens directly (no transposes).
     """
     n, width, t = qkv.shape
     d = width // (3 * heads)
+    if not exact:
+        q, k, v = _split_heads(qkv.transpose(1, 2), heads, legacy_order)
+        return F.scaled_dot_product_attention(q, k, v).permute(0, 1, 3, 2).reshape(n, heads * d, t)
     split = qkv.view(n, heads, 3, d, t) if legacy_order else qkv.view(n, 3, heads, d, t).transpose(1, 2)
     q, k, v = split.unbind(2)  # each [N, H, d, T]
-    if exact:
-        scale = d ** -0.25
-        w = torch.einsum("nhct,nhcs->nhts", q * scale, k * scale)
-        w = torch.softmax(w.float(), dim=-1).to(w.dtype)
-        return torch.einsum("nhts,nhcs->nhct", w, v).reshape(n, heads * d, t)
-    out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
-    return out.transpose(-1, -2).reshape(n, heads * d, t)
+    scale = d ** -0.25
+    w = torch.einsum("nhct,nhcs->nhts", q * scale, k * scale)
+    w = torch.softmax(w.float(), dim=-1).to(w.dtype)
+    return torch.einsum("nhts,nhcs->nhct", w, v).reshape(n, heads * d, t)
+
+
+def _split_heads(qkv: torch.Tensor, heads: int, legacy_order: bool) -> tuple[torch.Tensor, ...]:
+    """[N, T, 3C] -> q, k, v as [N, H, T, d] views whose last (channel) stride is 1.
+
+    The fused CPU and GPU attention kernels need that stride; the [N, 3C, T] layout of the
+    reference (a Conv1d over tokens) would send them to the slow unfused fallback.
+    """
+    n, t, width = qkv.shape
+    d = width // (3 * heads)
+    split = qkv.view(n, t, heads, 3, d).transpose(2, 3) if legacy_order else qkv.view(n, t, 3, heads, d)
+    return tuple(part.transpose(1, 2) for part in split.unbind(2))
+
+
+def _linear(tokens: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+    """A 1x1 Conv1d applied as a Linear to [N, T, C] tokens (same parameters, no copy of them)."""
+    return F.linear(tokens, conv.weight.squeeze(-1), conv.bias)
 
 
 class AttentionBlock(nn.Module):
-    """Self-attention over the h*w positions, with a residual connection."""
+    """Self-attention over the h*w positions, with a residual connection.
+
+    The fast path (``exact`` False) works on [N, T, C] tokens: with channels_last activations
+    that is a free view of x, q/k/v come out with unit channel stride, and one fused
+    scaled_dot_product_attention call never materialises the T x T matrix.
+    """
 
     def __init__(self, channels: int, heads: int, legacy_order: bool = True):
         super().__init__()
@@ -150,9 +173,15 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, hh, ww = x.shape
-        flat = x.reshape(n, c, hh * ww)
-        h = qkv_attention(self.qkv(self.norm(flat)), self.heads, self.legacy_order, self.exact)
-        return (flat + self.proj_out(h)).reshape(n, c, hh, ww)
+        if self.exact:
+            flat = x.reshape(n, c, hh * ww)
+            h = qkv_attention(self.qkv(self.norm(flat)), self.heads, self.legacy_order, exact=True)
+            return (flat + self.proj_out(h)).reshape(n, c, hh, ww)
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # [N, T, C]
+        q, k, v = _split_heads(_linear(tokens, self.qkv), self.heads, self.legacy_order)
+        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, hh * ww, c)
+        # [N, T, C] -> [N, C, h, w]: a view, channels_last-strided, so the add keeps that layout.
+        return x + _linear(h, self.proj_out).transpose(1, 2).view(n, c, hh, ww)
 
 
 class AttentionPool2d(nn.Module):
@@ -169,9 +198,23 @@ class AttentionPool2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.flatten(2)
         x = torch.cat([x.mean(dim=-1, keepdim=True), x], dim=-1) + self.positional_embedding.to(x.dtype)
-        # Every token attends (as in the reference) but only the pooled token is read out.
-        h = qkv_attention(self.qkv_proj(x), self.heads, legacy_order=False, exact=self.exact)
-        return self.c_proj(h[:, :, :1])[:, :, 0]
+        if self.exact:
+            # Every token attends (as in the reference) but only the pooled token is read out.
+            h = qkv_attention(self.qkv_proj(x), self.heads, legacy_order=False, exact=True)
+            return self.c_proj(h[:, :, :1])[:, :, 0]
+        # Softmax rows are independent: only the pooled token's query is needed, so the
+        # attention is 1 x T instead of T x T (same numbers, T times less work).
+        tokens = x.transpose(1, 2)  # [N, T, C]
+        c = tokens.shape[-1]
+        w, b = self.qkv_proj.weight.squeeze(-1), self.qkv_proj.bias
+        q = F.linear(tokens[:, :1], w[:c], b[:c])
+        kv = F.linear(tokens, w[c:], b[c:])
+        n, t, _ = kv.shape
+        d = c // self.heads
+        q = q.view(n, 1, self.heads, d).transpose(1, 2)
+        k, v = kv.view(n, t, 2, self.heads, d).unbind(2)
+        h = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2))  # [N, H, 1, d]
+        return F.linear(h.reshape(n, c), self.c_proj.weight.squeeze(-1), self.c_proj.bias)
 
 
 def build_encoder(*, in_channels: int, model_channels: int, mults, num_res_blocks: int, attention_ds,

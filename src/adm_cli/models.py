@@ -50,7 +50,7 @@ class UNet(nn.Module):
         self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
     def embed(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        emb = self.time_embed(timestep_embedding(t, self.config.num_channels))
+        emb = self.time_embed(_embedding_in(self.time_embed, t, self.config.num_channels))
         if self.config.class_cond:
             if y is None:
                 raise ValueError("this model is class-conditional: pass class labels y")
@@ -65,7 +65,7 @@ class UNet(nn.Module):
                 raise ValueError("this is a super-resolution model: pass low_res")
             x = torch.cat([x, F.interpolate(low_res, x.shape[-2:], mode="bilinear")], dim=1)
         dtype = self.out[2].weight.dtype  # activations follow the weights (float32, or bf16/fp16 fast path)
-        h, emb = x.to(dtype), emb.to(dtype)
+        h, emb = x.to(dtype, memory_format=_memory_format(self.input_blocks)), emb.to(dtype)
         hs = []
         for block in self.input_blocks:
             h = block(h, emb)
@@ -73,7 +73,9 @@ class UNet(nn.Module):
         h = self.middle_block(h, emb)
         for block in self.output_blocks:
             h = block(torch.cat([h, hs.pop()], dim=1), emb)
-        return self.out(h).to(x.dtype if x.dtype.is_floating_point else torch.float32)
+        # Back to plain NCHW: the samplers' arithmetic and callers see the usual layout.
+        out = self.out(h).to(x.dtype if x.dtype.is_floating_point else torch.float32)
+        return out.contiguous()
 
 
 class Classifier(nn.Module):
@@ -98,13 +100,30 @@ class Classifier(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        emb = self.time_embed(timestep_embedding(t, self.config.classifier_width))
+        emb = self.time_embed(_embedding_in(self.time_embed, t, self.config.classifier_width))
         dtype = self.out[2].c_proj.weight.dtype
-        h, emb = x.to(dtype), emb.to(dtype)
+        h, emb = x.to(dtype, memory_format=_memory_format(self.input_blocks)), emb.to(dtype)
         for block in self.input_blocks:
             h = block(h, emb)
         h = self.middle_block(h, emb)
         return self.out(h).float()
+
+
+def _embedding_in(time_embed: nn.Sequential, t: torch.Tensor, dim: int) -> torch.Tensor:
+    """The sinusoidal embedding (always computed in float32) in the dtype of ``time_embed``."""
+    return timestep_embedding(t, dim).to(time_embed[0].weight.dtype)
+
+
+def _memory_format(blocks: nn.ModuleList) -> torch.memory_format:
+    """channels_last when the weights were converted to it (``fast.prepare``), else NCHW.
+
+    The input conv decides: its weight [C, in, 3, 3] is channels_last-contiguous only after
+    ``module.to(memory_format=torch.channels_last)``. Feeding the activations in the same layout
+    keeps every conv, norm and attention block in it (no per-layer reorders).
+    """
+    w = blocks[0][0].weight
+    return torch.channels_last if w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last) \
+        and not w.is_contiguous() else torch.contiguous_format
 
 
 def build_model(cfg: AnyConfig) -> UNet | Classifier:

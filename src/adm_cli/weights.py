@@ -45,6 +45,9 @@ def save_weights(path: str | Path, state_dict: Mapping[str, torch.Tensor], confi
     tmp = atomic_target(path)
     try:
         save_file(tensors, str(tmp), metadata=meta)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a shared cache wants the usual mode
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

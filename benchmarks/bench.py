@@ -1,0 +1,329 @@
+"""adm-cli against OpenAI's reference (guided-diffusion-sdk), side by side, one process, one device.
+
+    python benchmarks/bench.py                      # GPU cases (or the small CPU cases without CUDA)
+    python benchmarks/bench.py --cpu-small          # seconds, on any machine (CI)
+    python benchmarks/bench.py --device cpu --cases ddim-64,fwd-64 --batch 4 --repeats 5
+    python benchmarks/bench.py --compile --json out.json
+
+Each case builds both networks with the same random weights (never zeros: zero-initialised output
+convs hide work). Ours goes through ``fast.prepare`` (bf16 + channels_last + SDPA on GPU, float32 +
+channels_last + SDPA on CPU) and the public ``api.sample_batch``; the reference runs its own
+sampling loop (``p_sample_loop`` / ``ddim_sample_loop`` of a ``SpacedDiffusion``) with its fp16
+mode on GPU (``convert_to_fp16`` + ``dtype = float16``, as ``use_fp16`` sets it) and float32 on CPU.
+A "step" is one respaced step: a run of ``--steps`` steps, divided. Ours and the reference
+alternate within every repeat; the table gives medians. FLOPs are the reference's, counted once
+per case with FlopCounterMode (1 multiply-add = 2 FLOPs), so both sides get credit for the same
+work. Peak memory: CUDA max_memory_allocated during the step minus what was allocated before,
+plus the side's own weights (what a process running only that side would hold); n/a on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [os.path.join(ROOT, "src"), os.path.join(ROOT, "tests")]
+
+from adm_cli import api, fast  # noqa: E402
+from adm_cli.config import PRESETS  # noqa: E402
+from adm_cli.models import build_model  # noqa: E402
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from reference import reference_classifier, reference_diffusion, reference_unet  # noqa: E402
+
+# Dense bf16/fp16 matrix rate in TFLOP/s, by a substring of the device name: ~790 for the H200
+# as performance.md and the issue give it; the H100 (SXM) has the same tensor cores and clocks
+# (both datasheets say 989 dense, which performance.md does not use). Others: datasheet dense
+# figures. A device not listed prints "n/a".
+PEAK_TFLOPS = {"H200": 790.0, "H100": 790.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    kind: str  # "ddpm-guided", "ddim" or "forward"
+    unet: str
+    classifier: str | None
+    batch: int
+    small: dict = field(default_factory=dict)  # config changes for --cpu-small
+    small_clf: dict = field(default_factory=dict)
+    small_batch: int = 2
+
+
+# --cpu-small: every case shrunk to 16x16 images and 1-2 narrow levels (seconds on a CPU).
+_SMALL = dict(num_res_blocks=1, image_size=16, attention_resolutions="8", num_head_channels=32)
+_S64 = dict(_SMALL, num_channels=32, channel_mult="1,2")
+_C64 = dict(image_size=16, classifier_width=32, classifier_depth=1, channel_mult="1,2",
+            classifier_attention_resolutions="8", num_head_channels=32)
+CASES = {c.name: c for c in [
+    Case("ddpm-512-guided", "ddpm-guided", "512x512_diffusion", "512x512_classifier", 8,
+         dict(_SMALL, num_channels=64, channel_mult="0.5,1"), dict(_C64, classifier_width=64, channel_mult="0.5,1"), 2),
+    Case("ddpm-64-guided", "ddpm-guided", "64x64_diffusion", "64x64_classifier", 64, _S64, _C64, 2),
+    Case("ddim-256", "ddim", "256x256_diffusion", None, 16, _S64, {}, 2),
+    Case("ddim-64", "ddim", "64x64_diffusion", None, 64, _S64, {}, 2),
+    Case("fwd-64", "forward", "64x64_diffusion", None, 64, _S64, {}, 2),
+]}
+DEFAULT_CASES = ["ddpm-512-guided", "ddpm-64-guided", "ddim-256"]
+
+
+def randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Non-trivial weights: N(0, 1/fan_in) matrices, norms near 1, small biases (drawn on the
+    module's device: building a 560M-parameter network on the CPU would eat GPU-session time)."""
+    device = next(module.parameters()).device
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(module.named_parameters()):
+            noise = torch.randn(p.shape, generator=g, device=device)
+            if p.dim() > 1:
+                p.copy_(noise / p[0].numel() ** 0.5)
+            else:
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.05 * noise)
+    return module
+
+
+def build_pair(cfg, ref_builder, seed: int, device: torch.device):
+    """(ours, reference) with identical weights, both on ``device`` in float32."""
+    with torch.device(device):
+        ref = randomize(ref_builder(cfg), seed).eval()
+        ours = build_model(cfg).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ours, ref
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def weight_bytes(*modules) -> int:
+    return sum(p.numel() * p.element_size() for m in modules if m is not None for p in m.parameters())
+
+
+class Side:
+    """One side of a case: a zero-argument step function, its weights and its timings."""
+
+    def __init__(self, run, modules, steps: int):
+        self.run, self.modules, self.steps = run, modules, steps
+        self.times: list[float] = []
+        self.peak: int | None = None
+
+    def timed(self, device: torch.device) -> None:
+        sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+        start = time.perf_counter()
+        self.run()
+        sync(device)
+        self.times.append((time.perf_counter() - start) / self.steps)
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device) - before + weight_bytes(*self.modules)
+            self.peak = max(self.peak or 0, peak)
+
+
+def make_case(case: Case, args, device: torch.device):
+    small = args.cpu_small
+    cfg = PRESETS[case.unet].replace(**case.small) if small else PRESETS[case.unet]
+    batch = args.batch or (case.small_batch if small else case.batch)
+    ours_u, ref_u = build_pair(cfg, reference_unet, 0, device)
+    ours_c = ref_c = None
+    if case.classifier:
+        ccfg = PRESETS[case.classifier].replace(**case.small_clf) if small else PRESETS[case.classifier]
+        ours_c, ref_c = build_pair(ccfg, reference_classifier, 1, device)
+    ours_u, ours_c = fast.prepare_models(ours_u, ours_c, device=device, dtype=args.dtype, compile=args.compile)
+    if device.type == "cuda":  # the reference's own half-precision mode (what use_fp16 does)
+        for m in (ref_u, ref_c):
+            if m is not None:
+                m.convert_to_fp16()
+                m.dtype = torch.float16
+    g = torch.Generator(device="cpu").manual_seed(5)
+    y = torch.randint(0, cfg.num_classes, (batch,), generator=g).to(device)
+    x_t = torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=g).to(device)
+    steps = args.steps
+    kw = {"y": y} if cfg.class_cond else {}
+    t_mid = torch.full((batch,), cfg.diffusion_steps // 2, device=device)
+
+    if case.kind == "forward":
+        def ours_run():
+            with torch.inference_mode():
+                ours_u(x_t, t_mid, **kw)
+
+        def ref_run():
+            with torch.inference_mode():
+                ref_u(x_t, t_mid, **kw)
+
+        def count():
+            with torch.no_grad():
+                ref_u(x_t, t_mid, **kw)
+        return cfg, batch, Side(ours_run, [ours_u], 1), Side(ref_run, [ref_u], 1), count
+
+    guided = case.kind == "ddpm-guided"
+    assert cfg.class_cond or not guided, "the reference's cond_fn reads y from the model kwargs"
+    sampler = "ddpm" if case.kind.startswith("ddpm") else "ddim"
+    respacing = f"ddim{steps}" if sampler == "ddim" else str(steps)
+    settings = api.SamplerSettings(sampler, respacing=respacing, guidance=1.0 if guided else 0.0)
+    labels = y.cpu().numpy()
+
+    def ours_run():
+        api.sample_batch(ours_u, list(range(batch)), seed=0, settings=settings, labels=labels,
+                         classifier=ours_c)
+
+    diffusion = reference_diffusion(cfg, respacing)
+
+    counting = []  # non-empty while FlopCounterMode runs
+
+    def cond_fn(x, t, y=None):  # OpenAI's classifier_sample.py, verbatim in effect
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            log_probs = torch.log_softmax(ref_c(x_in, t), dim=-1)
+            selected = log_probs[range(len(log_probs)), y.view(-1)]
+            if counting:  # FlopCounterMode's module hooks reject autograd.grad; same input-only work
+                selected.sum().backward(inputs=[x_in])
+                return x_in.grad * 1.0
+            return torch.autograd.grad(selected.sum(), x_in)[0] * 1.0
+
+    loop = diffusion.p_sample_loop if sampler == "ddpm" else diffusion.ddim_sample_loop
+
+    def ref_run():
+        with torch.no_grad():
+            loop(ref_u, tuple(x_t.shape), noise=x_t.clone(), clip_denoised=True,
+                         model_kwargs=kw,
+                         cond_fn=cond_fn if guided else None, device=device, progress=False)
+
+    def count():
+        counting.append(True)
+        try:
+            ref_run()
+        finally:
+            counting.clear()
+
+    return cfg, batch, Side(ours_run, [ours_u, ours_c], steps), Side(ref_run, [ref_u, ref_c], steps), count
+
+
+def count_flops(fn) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def device_peak(device: torch.device) -> tuple[str, float | None]:
+    if device.type != "cuda":
+        return "cpu", None
+    name = torch.cuda.get_device_name(device)
+    return name, next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def run_case(case: Case, args, device: torch.device) -> dict:
+    cfg, batch, ours, ref, count = make_case(case, args, device)
+    start = time.perf_counter()
+    ours.run()  # warm-up (with --compile: the compilation)
+    sync(device)
+    warm_s = time.perf_counter() - start
+    ref.run()
+    # FLOPs of one reference step: a full timed run counted, divided by its steps.
+    flops = count_flops(count) / ref.steps if not args.no_flops else float("nan")
+    print(f"{case.name}: warm-up {warm_s:.1f} s, {flops / 1e9:.4g} GFLOP/step", file=sys.stderr, flush=True)
+    for r in range(args.repeats):
+        for side in ((ours, ref) if r % 2 == 0 else (ref, ours)):  # alternate who goes first
+            side.timed(device)
+        print(f"  repeat {r}: ours {ours.times[-1] * 1e3:.1f} ms, ref {ref.times[-1] * 1e3:.1f} ms per step",
+              file=sys.stderr, flush=True)
+    name, peak = device_peak(device)
+    row = {"case": case.name, "device": name, "image_size": cfg.image_size, "batch": batch,
+           "repeats": args.repeats, "steps_timed": ours.steps, "ours_warmup_s": round(warm_s, 2),
+           "gflop_per_step": flops / 1e9}
+    for label, side in (("ours", ours), ("ref", ref)):
+        ms = statistics.median(side.times) * 1e3
+        tflops = flops / (ms * 1e-3) / 1e12
+        row.update({f"{label}_ms": ms, f"{label}_ms_all": [t * 1e3 for t in side.times],
+                    f"{label}_img_s_250": batch / (ms * 1e-3 * 250) if case.kind != "forward" else None,
+                    f"{label}_peak_mib": None if side.peak is None else side.peak / 2 ** 20,
+                    f"{label}_tflops": tflops, f"{label}_peak_frac": None if peak is None else tflops / peak})
+    row["speedup"] = row["ref_ms"] / row["ours_ms"]
+    return row
+
+
+def fmt(v, spec: str) -> str:
+    return "n/a" if v is None or v != v else format(v, spec)
+
+
+def table(rows: list[dict]) -> str:
+    head = ("case", "batch", "ours ms", "ref ms", "speedup", "ours img/s@250", "ref img/s@250",
+            "ours peak MiB", "ref peak MiB", "GFLOP/step", "ours TFLOP/s (%peak)", "ref TFLOP/s (%peak)")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        def tf(side):
+            frac = r[f"{side}_peak_frac"]
+            return f"{fmt(r[f'{side}_tflops'], '.3g')} ({fmt(None if frac is None else 100 * frac, '.1f')}%)"
+        cells = (r["case"], str(r["batch"]), fmt(r["ours_ms"], ".1f"), fmt(r["ref_ms"], ".1f"),
+                 fmt(r["speedup"], ".2f") + "x", fmt(r["ours_img_s_250"], ".3g"), fmt(r["ref_img_s_250"], ".3g"),
+                 fmt(r["ours_peak_mib"], ".0f"), fmt(r["ref_peak_mib"], ".0f"), fmt(r["gflop_per_step"], ".4g"),
+                 tf("ours"), tf("ref"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--cases", default=None, help=f"comma-separated, from: {', '.join(CASES)}")
+    p.add_argument("--cpu-small", action="store_true", help="shrunk networks and batches (automatic without CUDA)")
+    p.add_argument("--full", action="store_true", help="full-size networks even on CPU")
+    p.add_argument("--batch", type=int, default=None, help="override every case's batch")
+    p.add_argument("--steps", type=int, default=2, help="sampler steps per timed run (>= 2: the reference "
+                   "cannot build a 1-step schedule)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtype", default="auto", help="ours: auto, float32, bfloat16, float16")
+    p.add_argument("--compile", action="store_true", help="ours with torch.compile (warm-up reported)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the rows as JSON")
+    args = p.parse_args(argv)
+    if args.steps < 2:
+        p.error("--steps must be at least 2")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type != "cuda" and not args.full:
+        args.cpu_small = True
+    names = args.cases.split(",") if args.cases else DEFAULT_CASES
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        p.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    torch.manual_seed(0)
+    rows = []
+    for n in names:
+        rows.append(run_case(CASES[n], args, device))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    dev, peak = device_peak(device)
+    mode = "cpu-small" if args.cpu_small else "full"
+    print(f"device: {dev} ({'peak ' + str(peak) + ' TFLOP/s bf16' if peak else 'peak unknown'}), "
+          f"torch {torch.__version__}, threads {torch.get_num_threads()}, mode {mode}, ours dtype "
+          f"{fast.resolve_dtype(args.dtype, device)}{' + compile' if args.compile else ''}, "
+          f"reference {'fp16' if device.type == 'cuda' else 'float32'}; medians of {args.repeats}, "
+          f"{args.steps} steps per timed run; speedup = ref ms / ours ms")
+    print(table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": dev, "peak_tflops": peak, "torch": torch.__version__, "mode": mode,
+                       "dtype": str(fast.resolve_dtype(args.dtype, device)), "compile": args.compile,
+                       "rows": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

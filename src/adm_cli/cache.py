@@ -1,0 +1,271 @@
+"""The weights cache: how a registry name (or a checkpoint path) becomes a canonical file.
+
+Layout under ``cache_root()`` (``ADM_HOME``, else the platform's user cache folder):
+
+    <name>/<published file>          as downloaded, verified (download.py)
+    <name>/<published file>.json     its sha256 and size: checked on every later use; where no
+                                     checksum is published, the first download's is the reference
+    <name>/<role>.safetensors        the canonical conversion, one per network (convert.py)
+    <name>/.lock                     held while fetching or converting that entry
+    converted/<key>/<role>.safetensors   conversions of files given by path (``--weights x.pt``)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from .convert import convert_checkpoint
+from .download import NullProgress, RichProgress, download, file_lock, sha256_file, sha256_matches
+from .errors import ChecksumError, OfflineError, WeightsError
+from .registry import Entry, load_registry
+from .weights import read_metadata
+
+_TRUE = ("1", "true", "yes", "on")
+
+
+def cache_root() -> Path:
+    """``ADM_HOME``, else ~/.cache/adm-cli (XDG_CACHE_HOME honoured), ~/Library/Caches/adm-cli
+    on macOS, %LOCALAPPDATA%\\adm-cli\\Cache on Windows."""
+    if os.environ.get("ADM_HOME"):
+        return Path(os.environ["ADM_HOME"]).expanduser()
+    home = Path.home()
+    if sys.platform == "win32":
+        return Path(os.environ.get("LOCALAPPDATA") or home / "AppData" / "Local") / "adm-cli" / "Cache"
+    if sys.platform == "darwin":
+        return home / "Library" / "Caches" / "adm-cli"
+    return Path(os.environ.get("XDG_CACHE_HOME") or home / ".cache") / "adm-cli"
+
+
+def entry_dir(entry: Entry) -> Path:
+    return cache_root() / entry.name
+
+
+def raw_path(entry: Entry) -> Path:
+    return entry_dir(entry) / entry.filename
+
+
+def converted_path(entry: Entry, role: str) -> Path:
+    return entry_dir(entry) / f"{entry.role(role)}.safetensors"
+
+
+def offline_requested(offline: bool = False) -> bool:
+    return offline or os.environ.get("ADM_OFFLINE", "").strip().lower() in _TRUE
+
+
+def urls_for(entry: Entry, mirror: str | None = None) -> list[str]:
+    """The entry's URLs, or BASE + file name with ``--mirror BASE`` / ``ADM_MIRROR``."""
+    mirror = mirror or os.environ.get("ADM_MIRROR") or None
+    if mirror:
+        return [mirror.rstrip("/") + "/" + entry.filename]
+    return list(entry.urls)
+
+
+@dataclass(frozen=True)
+class CacheStatus:
+    fetched: bool  # the published file is in the cache (or, bundled: shipped)
+    converted: bool  # every network is converted and current (or, bundled: shipped)
+
+
+def cache_status(entry: Entry) -> CacheStatus:
+    if entry.bundled:
+        present = entry.bundled_path().is_file()
+        return CacheStatus(present, present)
+    return CacheStatus(raw_path(entry).is_file(), all(_is_current(entry, r) for r in entry.roles))
+
+
+def _is_current(entry: Entry, role: str) -> bool:
+    """A converted file that this registry entry would write again (a registry update that
+    changes an architecture makes older conversions stale)."""
+    path = converted_path(entry, role)
+    if not path.is_file():
+        return False
+    try:
+        meta = read_metadata(path)
+    except WeightsError:
+        return False
+    cfg = entry.config_for(role)
+    return (meta.get("adm_registry_name") == entry.name
+            and meta.get("adm_config") == json.dumps(cfg.to_dict(), sort_keys=True))
+
+
+# -- the published file ------------------------------------------------------------------------
+
+
+def _record_path(raw: Path) -> Path:
+    return raw.with_name(raw.name + ".json")
+
+
+def _read_record(raw: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(_record_path(raw).read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_record(raw: Path, digest: str, published: bool, source: str | None) -> None:
+    st = raw.stat()
+    record = {"sha256": digest, "size": st.st_size, "published_checksum": published,
+              "source": source, "verified_stat": [st.st_size, st.st_mtime_ns]}
+    tmp = _record_path(raw).with_name(f".{raw.name}.json.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=1), encoding="utf-8")
+    os.replace(tmp, _record_path(raw))
+
+
+def _expected_sha(entry: Entry, raw: Path) -> tuple[str | None, bool]:
+    """(expected sha256 or prefix, whether it was published) for this entry's file."""
+    if entry.sha256:
+        return entry.sha256, True
+    return _read_record(raw).get("sha256"), False
+
+
+def _cached_digest(entry: Entry, raw: Path) -> str | None:
+    """The sha256 of the cached file if it is what we expect; None if it is not."""
+    st = raw.stat()
+    if entry.size is not None and st.st_size != entry.size:
+        return None
+    record = _read_record(raw)
+    expected, published = _expected_sha(entry, raw)
+    unchanged = record.get("verified_stat") == [st.st_size, st.st_mtime_ns]
+    if unchanged and sha256_matches(record.get("sha256", ""), expected):
+        return record["sha256"]  # not touched since we last hashed it: skip re-reading gigabytes
+    digest = sha256_file(raw)
+    if not sha256_matches(digest, expected):
+        return None
+    _write_record(raw, digest, published, record.get("source"))
+    return digest
+
+
+def _say(message: str, quiet: bool) -> None:
+    if not quiet:
+        print(message, file=sys.stderr)
+
+
+def _offline_error(entry: Entry) -> OfflineError:
+    return OfflineError(f"{entry.name} is not in the cache ({entry_dir(entry)}) and downloads are off "
+                        f"(--offline / ADM_OFFLINE): run `adm fetch {entry.name}` with network access")
+
+
+def fetch_entry(entry: Entry, *, offline: bool = False, mirror: str | None = None,
+                quiet: bool = False) -> tuple[Path, str]:
+    """The verified published file of ``entry`` in the cache (downloaded if needed) and its sha256."""
+    if entry.bundled:
+        raise WeightsError(f"{entry.name} is bundled with adm-cli: there is nothing to fetch")
+    raw = raw_path(entry)
+    offline = offline_requested(offline)
+    if offline and not raw.is_file():
+        raise _offline_error(entry)  # before the lock: an offline miss leaves no trace in the cache
+    wait = lambda: _say(f"waiting for another process fetching {entry.name} ...", quiet)  # noqa: E731
+    with file_lock(entry_dir(entry) / ".lock", on_wait=wait):
+        if raw.is_file():  # verified again: it may have changed since (or been fetched meanwhile)
+            digest = _cached_digest(entry, raw)
+            if digest:
+                return raw, digest
+            if offline:
+                raise ChecksumError(f"the cached {raw} does not match its sha256; delete it and run "
+                                    f"`adm fetch {entry.name}` with network access")
+            _say(f"the cached {raw.name} does not match its sha256: fetching it again", quiet)
+            raw.unlink()
+        if offline:
+            raise _offline_error(entry)
+        return raw, _download_entry(entry, raw, mirror, quiet)
+
+
+def _download_entry(entry: Entry, raw: Path, mirror: str | None, quiet: bool) -> str:
+    expected, published = _expected_sha(entry, raw)
+    urls = urls_for(entry, mirror)
+    progress = NullProgress() if quiet else RichProgress(entry.name)
+    try:
+        digest = download(urls, raw, sha256=expected, size=entry.size, progress=progress)
+    except ChecksumError as exc:
+        if expected and not published:
+            raise ChecksumError(f"{exc}; the expected sha256 was recorded at the first download "
+                                f"(delete {_record_path(raw)} to accept the new file)") from None
+        raise
+    _write_record(raw, digest, published, urls[0])
+    return digest
+
+
+def convert_entry(entry: Entry, raw: Path, digest: str, *, quiet: bool = False) -> dict[str, Path]:
+    """Write the canonical file of every network in ``entry`` (under the entry's lock); a no-op
+    when they are current."""
+    outputs = {role: converted_path(entry, role) for role in entry.roles}
+    if all(_is_current(entry, role) for role in entry.roles):
+        return outputs  # without reading the (gigabytes of) checkpoint again
+    with file_lock(entry_dir(entry) / ".lock"):
+        for role, path in outputs.items():
+            if path.exists() and not _is_current(entry, role):
+                path.unlink()  # written from an older registry: redo
+        return convert_checkpoint(raw, name=entry.name, source_sha256=digest, outputs=outputs,
+                                  log=None if quiet else (lambda m: _say(m, False)))
+
+
+def ensure_weights(name: str, role: str = "unet", *, offline: bool = False, mirror: str | None = None,
+                   quiet: bool = False) -> Path:
+    """The canonical safetensors of ``role`` in registry entry ``name``: fetched and converted
+    first if needed; a bundled entry's file as shipped. For a one-network entry (a classifier)
+    the default role means that network."""
+    entry = load_registry().get(name)
+    role = entry.role(role)
+    if entry.bundled:
+        path = entry.bundled_path()
+        if not path.is_file():
+            raise WeightsError(f"{entry.name}: the bundled file {entry.path} is missing from this "
+                               "installation")
+        return path
+    if _is_current(entry, role):
+        return converted_path(entry, role)
+    raw, digest = fetch_entry(entry, offline=offline, mirror=mirror, quiet=quiet)
+    return convert_entry(entry, raw, digest, quiet=quiet)[role]
+
+
+# -- files given by path -------------------------------------------------------------------------
+
+
+def _conversion_key(path: Path, arch: Any, config: Any) -> str:
+    """Identifies (file version, architecture choice) without hashing the whole file."""
+    st = path.stat()
+    if isinstance(config, (str, os.PathLike)):
+        config = hashlib.sha256(Path(config).read_bytes()).hexdigest()
+    elif hasattr(config, "to_dict"):
+        config = config.to_dict()
+    arch = [arch] if isinstance(arch, str) else list(arch or ())
+    text = json.dumps([str(path.resolve()), st.st_size, st.st_mtime_ns, arch, config], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def _pick_role(files: dict[str, Path], role: str | None, path: Path) -> Path:
+    if role in files:
+        return files[role]
+    if role is None and len(files) == 1:
+        return next(iter(files.values()))
+    if role is None and "unet" in files:
+        return files["unet"]
+    raise WeightsError(f"{path.name} holds {' and '.join(files)}, not a {role}")
+
+
+def ensure_converted_file(path: str | Path, *, arch: str | Sequence[str] | None = None, config: Any = None,
+                          role: str | None = None, quiet: bool = False) -> Path:
+    """A checkpoint given by path as a canonical file: itself if it already is one, else its
+    conversion, made once into the cache. ``role`` picks a network of a two-network file
+    (default: the U-Net)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors" and "adm_config" in read_metadata(path) and not (arch or config):
+        return path
+    folder = cache_root() / "converted" / _conversion_key(path, arch, config)
+    with file_lock(folder / ".lock"):
+        files = {p.name.removesuffix(".safetensors"): p for p in sorted(folder.glob("*.safetensors"))}
+        if not files:
+            files = convert_checkpoint(path, arch=arch, config=config,
+                                       outputs=lambda r: folder / f"{r}.safetensors",
+                                       log=None if quiet else (lambda m: _say(m, False)))
+    return _pick_role(files, role, path)
+

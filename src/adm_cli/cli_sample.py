@@ -1,0 +1,105 @@
+"""`adm sample`: parse options, call runner.plan_run / runner.execute, print."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.text import Text
+from rich.progress import ProgressColumn, BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from . import distributed
+from .cli import app, handle_errors
+from .runner import RunPlan, SampleRequest, execute
+
+
+class _RateColumn(ProgressColumn):
+    """Sample-steps per second (rich's speed estimate)."""
+
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:.1f}/s" if task.speed else "", style="progress.data.speed")
+
+
+def _print_plan(console: Console, plan: RunPlan) -> None:
+    for s in plan.stages:
+        clf = f" + classifier {s.classifier} (guidance {s.settings.guidance:g})" if s.classifier else " (no guidance)"
+        console.print(f"[bold]{s.name}[/]: {s.unet}{clf}")
+        console.print(f"  weights {s.unet_path}" + (f"\n  classifier {s.classifier_path}" if s.classifier_path else ""))
+        console.print(f"  sampler {s.settings.sampler}, respacing {s.respacing!r} ({s.num_steps} steps)"
+                      + (f", eta {s.settings.eta:g}" if s.settings.sampler == "ddim" else ""))
+    classes = "random" if plan.class_spec is None and plan.labels else (plan.class_spec or "none (unconditional)")
+    console.print(f"  {plan.num_samples} samples, seed {plan.seed}, classes {classes}, device {plan.device}, "
+                  f"dtype {plan.dtype}, batch {plan.batch_size} -> {plan.out_dir}")
+
+
+@app.command()
+@handle_errors
+def sample(
+    res: Optional[int] = typer.Option(None, "--res", help="Image resolution: picks the paper's default model stack (64, 128, 256, 512)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Registry model name (see `adm models`). Default: the --res default."),
+    classes: Optional[str] = typer.Option(None, "--class", help="Class index (0-999), ImageNet name or unambiguous part of one, or a comma list. Default: random classes (recorded)."),
+    num_samples: int = typer.Option(8, "--num-samples", "-n", help="Number of images."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed S: image k uses generator seed S + k. Default: random, printed and recorded."),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="ddpm or ddim. Default: the model's paper sampler (ddpm)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps: respacing 'N' for DDPM, 'ddimN' for DDIM. Default: the model's (250 for DDPM, 25 for DDIM)."),
+    respacing: Optional[str] = typer.Option(None, "--respacing", help="Any respacing string the reference accepts ('250', 'ddim25', '10,15,20'); overrides --steps."),
+    eta: float = typer.Option(0.0, "--eta", help="DDIM stochasticity (0: deterministic)."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier guidance scale (0 disables). Default: the paper's scale for the model."),
+    classifier: Optional[str] = typer.Option(None, "--classifier", help="Registry classifier name. Default: the model's paired classifier."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="A converted .safetensors (or raw .pt/.pth, converted into the cache) instead of a registry model."),
+    classifier_weights: Optional[Path] = typer.Option(None, "--classifier-weights", help="Classifier file to use with --weights."),
+    config: Optional[Path] = typer.Option(None, "--config", help="JSON/TOML with OpenAI flag names, for a custom --weights checkpoint."),
+    upsample: bool = typer.Option(False, "--upsample", help="Two stages: ADM-G at 64 (128) then the 64->256 (128->512) upsampler, same classes. Off by default."),
+    batch_size: str = typer.Option("auto", "--batch-size", help="Images per batch, or 'auto' (largest that fits free device memory)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16/float16 on GPU, float32 on CPU), float32, float16, bfloat16."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the networks (faster steps after a warm-up of tens of seconds). Off by default."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder. Default: a new timestamped folder under ./samples/."),
+    nrow: Optional[int] = typer.Option(None, "--nrow", help="Images per grid row. Default: near-square."),
+    resume: bool = typer.Option(False, "--resume", help="Reuse --out: skip samples already written, then finish the run. Off by default."),
+    offline: bool = typer.Option(False, "--offline", help="Never touch the network; fail if weights are not cached. Off by default (env ADM_OFFLINE=1 turns it on)."),
+    mirror: Optional[str] = typer.Option(None, "--mirror", help="Fetch missing weights from this base URL + file name.", envvar="ADM_MIRROR"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors. Off by default."),
+) -> None:
+    """Sample images from an ADM model and write a grid, per-image PNGs, samples.npz and run.json.
+
+    Under torchrun, the processes share the samples and rank 0 writes them (see the README).
+    """
+    team = distributed.join(device)  # a single process outside torchrun
+    console = Console(stderr=True, quiet=quiet or not team.is_root)  # only rank 0 prints
+    request = SampleRequest(
+        res=res, model=model, classifier=classifier, guidance=guidance, weights=weights,
+        classifier_weights=classifier_weights, config=config, classes=classes, sampler=sampler, steps=steps,
+        respacing=respacing, eta=eta, num_samples=num_samples, batch_size=batch_size, seed=seed, device=device,
+        dtype=dtype, upsample=upsample, out=out, nrow=nrow, offline=offline, mirror=mirror, compile=compile,
+        resume=resume,
+    )
+    try:
+        with team:
+            result = _run(team, request, console, quiet or not team.is_root)
+    except (distributed.DistributedError, KeyboardInterrupt) as exc:
+        if distributed.silent_here(team, exc):
+            raise typer.Exit(130 if isinstance(exc, KeyboardInterrupt) else 1)
+        raise
+    if not team.is_root:
+        return
+    rate = result.images / result.seconds if result.seconds > 0 else float("inf")
+    console.print(f"[green]done[/]: {result.images} images in {result.seconds:.1f} s ({rate:.2f} images/s) "
+                  f"on {result.device} ({result.dtype}) -> {result.out_dir}")
+    typer.echo(str(result.files["grid"]))
+
+
+def _run(team, request: SampleRequest, console: Console, quiet: bool):
+    plan = team.plan(request)
+    _print_plan(console, plan)
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("sample-steps"),
+               _RateColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+    with Progress(*columns, console=console, disable=quiet, transient=False) as bar:
+        task = {}
+
+        def on_stage(stage, todo):
+            task["id"] = bar.add_task(stage.name, total=todo * stage.num_steps)
+
+        return execute(plan, team=team, progress=lambda n: bar.advance(task["id"], n), on_stage=on_stage)

@@ -1,0 +1,126 @@
+"""`adm models`, `adm fetch`, `adm convert-weights`: parse, call cache / convert, print."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .cache import cache_root, cache_status, convert_entry, fetch_entry
+from .cli import app, fail, handle_errors
+from .convert import DTYPES, convert_checkpoint
+from .registry import Entry, load_registry
+
+
+def _size(entry: Entry) -> str:
+    """Published size, else ~4 bytes per float32 parameter."""
+    if entry.size is not None:
+        return f"{entry.size / 1e9:.2f} GB"
+    if entry.params is not None:
+        return f"~{entry.params * 4 / 1e9:.2f} GB"
+    return "-"
+
+
+def _cached(entry: Entry) -> str:
+    st = cache_status(entry)
+    if entry.bundled:
+        return "bundled" if st.converted else "bundled (missing)"
+    return "converted" if st.converted else ("fetched" if st.fetched else "-")
+
+
+@app.command("models")
+@handle_errors
+def models() -> None:
+    """List every model in the registry, with its cache status (ADM_HOME)."""
+    table = Table(title=f"ADM models (cache: {cache_root()})", title_justify="left")
+    for column in ("name", "res", "conditional", "kind", "publisher", "size", "cached"):
+        table.add_column(column, no_wrap=column == "name")
+    for e in load_registry().entries:
+        name = f"{e.name} *" if e.default else e.name
+        conditional = "class" if e.class_cond else ("-" if e.kind == "classifier" else "no")
+        table.add_row(name, str(e.resolution), conditional, e.kind, e.publisher, _size(e), _cached(e))
+    console = Console()
+    console.print(table)
+    console.print("* the default of `adm sample --res N`.  Fetch with `adm fetch NAME`.")
+
+
+def _selection(names: List[str], res: Optional[int], all_: bool) -> list[Entry]:
+    registry = load_registry()
+    if sum(map(bool, (names, res is not None, all_))) != 1:
+        fail("give model NAMEs, --res N or --all (one of them); `adm models` lists the names", 2)
+    if all_:
+        return [e for e in registry.entries if not e.bundled]
+    if res is not None:
+        base = registry.default_for(res)
+        return [base] + ([registry.get(base.classifier)] if base.classifier and base.classifier != base.name else [])
+    return [registry.get(n) for n in dict.fromkeys(names)]
+
+
+_MIRROR_HELP = "Download BASE + file name instead of each file's URL (http(s):// or file://)."
+_OFFLINE_HELP = "Never download: only verify and convert what the cache holds; fail on what is missing."
+_RES_HELP = "Fetch what `adm sample --res N` uses: the default model of that resolution and its classifier."
+
+
+@app.command("fetch")
+@handle_errors
+def fetch(
+    names: List[str] = typer.Argument(None, help="Registry names (see `adm models`).", show_default="none"),
+    res: Optional[int] = typer.Option(None, "--res", help=_RES_HELP, show_default="none"),
+    all_: bool = typer.Option(False, "--all", show_default="off",
+                              help="Fetch every published file in the registry (about 41 GB)."),
+    mirror: Optional[str] = typer.Option(None, "--mirror", envvar="ADM_MIRROR", help=_MIRROR_HELP,
+                                         show_default="none: each file's own URL"),
+    offline: bool = typer.Option(False, "--offline", envvar="ADM_OFFLINE", show_default="off", help=_OFFLINE_HELP),
+    no_convert: bool = typer.Option(False, "--no-convert", show_default="off: convert after download",
+                                    help="Keep the downloaded file only; skip the conversion to safetensors."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", show_default="off", help="No progress bars or messages."),
+) -> None:
+    """Download published ADM checkpoints into the cache, verify them and convert them.
+
+    Files go to ADM_HOME (default: the user cache folder, e.g. ~/.cache/adm-cli). Downloads
+    resume after an interruption and are checked against the published sha256 (or, where
+    none is published, the one recorded at the first download).
+    """
+    console = Console(stderr=True, quiet=quiet, soft_wrap=True)
+    for entry in _selection(names or [], res, all_):
+        if entry.bundled:
+            console.print(f"{entry.name}: bundled with adm-cli, nothing to fetch")
+            continue
+        raw, digest = fetch_entry(entry, offline=offline, mirror=mirror, quiet=quiet)
+        console.print(f"{entry.name}: {raw} (sha256 {digest[:16]}...)")
+        if not no_convert:
+            for role, path in convert_entry(entry, raw, digest, quiet=True).items():
+                console.print(f"  {role}: {path}")
+
+
+_SRC_HELP = "An OpenAI .pt or mmagic .pth checkpoint (or a safetensors file with OpenAI names)."
+_DST_DEFAULT = "SRC with .safetensors (.unet/.classifier.safetensors for two networks)"
+_ARCH_HELP = "Architecture preset or registry name; repeat for a U-Net and a classifier."
+_CONFIG_HELP = ("JSON or TOML file of guided-diffusion flags (image_size, num_channels, ...; classifier_* flags "
+                "for a classifier; or [unet] and [classifier] tables) for a custom checkpoint.")
+
+
+@app.command("convert-weights")
+@handle_errors
+def convert_weights(
+    src: Path = typer.Argument(..., help=_SRC_HELP, show_default=False),
+    dst: Optional[Path] = typer.Argument(None, help="Output file, or a folder to write into.", show_default=_DST_DEFAULT),
+    arch: Optional[List[str]] = typer.Option(None, "--arch", help=_ARCH_HELP, show_default="from the registry"),
+    config: Optional[Path] = typer.Option(None, "--config", help=_CONFIG_HELP, show_default="none"),
+    dtype: str = typer.Option("float32", "--dtype", help=f"Stored dtype: {', '.join(DTYPES)}."),
+    force: bool = typer.Option(False, "--force", show_default="off: refuse", help="Overwrite existing outputs."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", show_default="off", help="Print nothing but errors."),
+) -> None:
+    """Convert a checkpoint to adm-cli's safetensors layout (OpenAI key names, config in metadata).
+
+    The file is read without running any code it carries. Its architecture comes from the
+    registry (matched by sha256 or file name), --arch or --config; shapes alone never decide.
+    """
+    console = Console(stderr=True, quiet=quiet, soft_wrap=True)
+    paths = convert_checkpoint(src, dst, arch=arch or None, config=config, dtype=dtype, force=force,
+                               log=console.print)
+    for role, path in paths.items():
+        console.print(f"{role}: {path}")

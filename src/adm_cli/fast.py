@@ -1,0 +1,274 @@
+"""The fast inference path: precision, memory layout, compilation and batch size.
+
+``prepare(model, device=..., dtype="auto", compile=False)`` turns a loaded U-Net or classifier
+into its fast form *in place* (parameter names and shapes stay OpenAI's, so ``state_dict`` and
+``strict=True`` loads keep working):
+
+- attention through one fused ``scaled_dot_product_attention`` call (flash / memory-efficient
+  kernels on GPU, the flash kernel on CPU) instead of an explicit T x T matrix;
+- fp16 (or bf16) convolution and linear weights and activations on GPU, with the GroupNorm
+  parameters, the timestep/class embeddings and GroupNorm statistics kept in float32, as the
+  reference's own fp16 mode does; the samplers' arithmetic stays float32;
+- channels_last (NHWC) weights and activations: oneDNN (CPU) and cuDNN (tensor cores) run their
+  fastest convolutions in it, and the attention blocks read NHWC as [N, T, C] tokens for free;
+- parameters frozen (``requires_grad`` False): the classifier's input gradient then skips every
+  weight-gradient computation and the activations kept only for them;
+- optional ``torch.compile`` (``compile=True``): fuses GroupNorm + SiLU + the AdaGN scale-shift
+  and the residual adds into the convolutions' neighbours. Its warm-up is paid on the first call
+  of each new batch shape: about a minute per network on a GPU, several minutes on a CPU.
+  ``compile="reduce-overhead"`` also replays CUDA graphs (GPU only; ignored on CPU).
+
+``exact=True`` keeps the reference's arithmetic (einsum attention, float32) for bit-level
+comparisons; it is what ``dtype="float32", exact=True`` means everywhere in the tests.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import UsageError
+from .layers import GroupNorm32
+from .models import Classifier, UNet, set_exact_attention
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+# What "auto" picks on CUDA. float16, not bfloat16: the same tensor-core rate on every GPU that
+# has both, and 3 more mantissa bits. Measured on random weights (tests/test_fast.py): model
+# output error 0.2% (fp16) vs 1.7% (bf16) of float32; after a 10-step DDIM run the uint8 images
+# differ by at most 2 levels (fp16) vs up to ~20 (bf16). ADM was trained and sampled by OpenAI in
+# float16 (``--use_fp16 True``), so its activations fit fp16's range; GroupNorm statistics,
+# the embeddings and the samplers' arithmetic stay float32 either way.
+AUTO_CUDA_DTYPE = torch.float16
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str) -> torch.dtype:
+    """The weight/activation dtype for ``device``: "auto" (or None) picks ``AUTO_CUDA_DTYPE`` on
+    CUDA and float32 elsewhere (CPU, MPS: their half-precision convolutions are emulated or
+    partial, slower than float32). Explicit names: float32/fp32, bfloat16/bf16, float16/fp16."""
+    device = torch.device(device)
+    if dtype is None or dtype == "auto":
+        return AUTO_CUDA_DTYPE if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise UsageError(f"unsupported dtype {dtype} (choose float32, bfloat16 or float16)")
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise UsageError(f"unknown dtype {dtype!r} (choose auto, float32, bfloat16 or float16)") from None
+
+
+def _keep_float32(model: nn.Module) -> list[nn.Module]:
+    """The small modules that stay float32 in half precision (as in the reference's fp16 mode):
+    every GroupNorm (its affine parameters; the statistics are float32 anyway) and the timestep
+    and class embeddings, whose sinusoids need the mantissa."""
+    keep = [m for m in model.modules() if isinstance(m, GroupNorm32)]
+    for name in ("time_embed", "label_emb"):
+        if hasattr(model, name):
+            keep.append(getattr(model, name))
+    return keep
+
+
+def prepare(model: nn.Module, *, device: torch.device | str | None = None, dtype: Any = "auto",
+            channels_last: bool | None = None, compile: bool | str = False, exact: bool = False,
+            prepack: bool | None = None) -> nn.Module:
+    """Make ``model`` (a UNet or Classifier) fast for inference, in place; returns it.
+
+    ``device``: where to run (default: where the model is). ``dtype``: "auto", "float32",
+    "bfloat16" or "float16" (see ``resolve_dtype``). ``channels_last``: default on (measured
+    faster on CPU with oneDNN and the usual choice for tensor cores). ``compile``: False, True, or
+    a torch.compile mode such as "max-autotune" / "reduce-overhead" (the latter replays CUDA
+    graphs; CPU falls back to the default mode). ``exact``: the reference's attention arithmetic
+    (for comparisons; slower). ``prepack``: CPU float32 only, default on for a U-Net without
+    ``compile``: see ``PrepackedConv2d`` (costs a second copy of the conv weights in RAM).
+    """
+    if device is None:
+        device = next(model.parameters()).device
+    device = torch.device(device)
+    dt = resolve_dtype(dtype, device)
+    model.eval().requires_grad_(False)
+    if dt != torch.float32:  # cast before the move: half the bytes cross to the device
+        model.to(dtype=dt)
+        for m in _keep_float32(model):
+            m.float()
+    model.to(device=device)
+    if channels_last is None:
+        channels_last = True
+    if channels_last:
+        model.to(memory_format=torch.channels_last)  # 4-D weights only; models.py follows the input conv
+    set_exact_attention(model, exact)
+    if prepack is None:  # the classifier runs under autograd, where the packed path steps aside
+        prepack = isinstance(model, UNet) and not compile and channels_last
+    if prepack and device.type == "cpu" and dt == torch.float32 and _prepack_works():
+        for m in model.modules():
+            if type(m) is nn.Conv2d and m.padding_mode == "zeros" and isinstance(m.padding, tuple):
+                m.__class__ = PrepackedConv2d
+                m._packed = m._packed_key = None
+    if compile:
+        _compile(model, device, compile)
+    return model
+
+
+class PrepackedConv2d(nn.Conv2d):
+    """A CPU Conv2d that reorders its weight into oneDNN's blocked layout once, not every call.
+
+    Eager PyTorch hands oneDNN the plain OIHW weight and oneDNN reorders it on every call: for the
+    64x64 U-Net that is ~1.1 GB of weights rewritten per forward. This keeps the reordered copy
+    (keyed by input shape and weight version, so a new batch size or a reloaded state_dict
+    repacks) and calls the same oneDNN convolution that torch.compile's CPU backend uses. Same
+    parameters and state_dict; bit-identical outputs. Used only when no autograd graph is being
+    recorded (the op has no backward) -- otherwise it is an ordinary Conv2d.
+    """
+
+    _packed: torch.Tensor | None
+    _packed_key: tuple | None
+
+    def __getstate__(self):  # copies and pickles drop the cache (oneDNN tensors do not copy)
+        state = super().__getstate__()
+        return {**state, "_packed": None, "_packed_key": None}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32:
+            return super().forward(x)
+        key = (tuple(x.shape), w._version, w.data_ptr())
+        if self._packed_key != key:
+            self._packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                w.detach().to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation), self.groups,
+                list(x.shape))
+            self._packed_key = key
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, self._packed, self.bias, list(self.padding), list(self.stride), list(self.dilation), self.groups,
+            "none", [], "")
+
+
+_PREPACK_OK: bool | None = None
+
+
+def _prepack_works() -> bool:
+    """Whether this torch build has the oneDNN ops ``PrepackedConv2d`` needs and they agree with
+    F.conv2d (checked once on a tiny conv); otherwise plain convolutions are kept."""
+    global _PREPACK_OK
+    if _PREPACK_OK is None:
+        try:
+            conv = nn.Conv2d(8, 8, 3, padding=1).requires_grad_(False)
+            x = torch.randn(1, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+            want = conv(x)
+            conv.__class__ = PrepackedConv2d
+            conv._packed = conv._packed_key = None
+            with torch.no_grad():
+                got = conv(x)
+            _PREPACK_OK = torch.backends.mkldnn.is_available() and torch.allclose(got, want, atol=1e-5)
+        except Exception:  # noqa: BLE001 - any failure means: do not use the private ops
+            _PREPACK_OK = False
+    return _PREPACK_OK
+
+
+def _compile(model: nn.Module, device: torch.device, how: bool | str) -> None:
+    """torch.compile in place (``nn.Module.compile``): the module keeps its type and state_dict
+    keys (a ``torch.compile(model)`` wrapper would prefix them with ``_orig_mod.``)."""
+    mode = how if isinstance(how, str) else None
+    if device.type != "cuda" and mode in ("reduce-overhead", "max-autotune"):
+        mode = None  # CUDA graphs and GPU autotuning do not exist on CPU/MPS
+    # One shape per run (fixed batch and image size): static shapes give the best kernels;
+    # a last, smaller batch compiles once more.
+    model.compile(mode=mode, dynamic=False)
+
+
+def prepare_models(unet: nn.Module, classifier: nn.Module | None = None, **kwargs: Any):
+    """``prepare`` both networks of a guided run with the same settings; returns (unet, classifier)."""
+    unet = prepare(unet, **kwargs)
+    if classifier is not None:
+        classifier = prepare(classifier, **kwargs)
+    return unet, classifier
+
+
+def is_compiled(model: nn.Module) -> bool:
+    return getattr(model, "_compiled_call_impl", None) is not None
+
+
+# -- batch size --------------------------------------------------------------------------------
+
+CPU_BATCH = 4  # CPU throughput is flat beyond a few images; small batches finish images sooner.
+
+
+def _probe_inputs(model: nn.Module, n: int, device: torch.device) -> tuple:
+    cfg = model.config
+    size = cfg.image_size
+    x = torch.randn(n, cfg.in_channels, size, size, device=device)
+    t = torch.full((n,), cfg.diffusion_steps // 2, device=device, dtype=torch.long)
+    kw: dict = {}
+    if isinstance(model, UNet):
+        if cfg.class_cond:
+            kw["y"] = torch.zeros(n, dtype=torch.long, device=device)
+        if cfg.is_super_res:
+            kw["low_res"] = torch.randn(n, cfg.in_channels, cfg.small_size, cfg.small_size, device=device)
+    return x, t, kw
+
+
+def _peak_bytes(unet: nn.Module, classifier: nn.Module | None, n: int, device: torch.device) -> int:
+    """Peak CUDA memory of one (guided) step at batch n, run eagerly (``.forward``: a compiled
+    module is not recompiled for the probe; eager peaks are the higher, so the estimate errs safe)."""
+    from .guidance import classifier_grad
+
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    x, t, kw = _probe_inputs(unet, n, device)
+    with torch.no_grad():
+        unet.forward(x, t, **kw)
+    if classifier is not None:
+        y = torch.zeros(n, dtype=torch.long, device=device)
+        classifier_grad(classifier.forward, x, t, y, 1.0)
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def auto_batch_size(unet: nn.Module, classifier: nn.Module | None, settings: Any, device: torch.device | str,
+                    num_samples: int) -> int:
+    """The largest batch (<= num_samples) whose step fits in the free device memory.
+
+    CUDA: two eager probe steps (batch 1 and 2) give the memory per image; the batch is what
+    fits in 85% of the free memory (plus what PyTorch already holds in its cache), rounded down
+    to a multiple of 8 when above 8 (tensor-core friendly). ``settings.guidance`` > 0 counts the
+    classifier's forward and backward. CPU / MPS: ``CPU_BATCH`` (``ADM_CPU_BATCH`` overrides).
+    """
+    num_samples = max(1, int(num_samples))
+    device = torch.device(device)
+    guided = classifier is not None and getattr(settings, "guidance", 0) > 0
+    if device.type != "cuda":
+        return min(num_samples, int(os.environ.get("ADM_CPU_BATCH", CPU_BATCH)))
+    clf = classifier if guided else None
+    one = _peak_bytes(unet, clf, 1, device)
+    two = _peak_bytes(unet, clf, 2, device)
+    per_image = max(two - one, 1)
+    fixed = max(one - per_image, 0)
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    n = int((0.85 * free - fixed) // per_image)
+    if n > 8:
+        n = n // 8 * 8
+    return max(1, min(num_samples, n))
+
+
+def describe(model: nn.Module) -> str:
+    """One line for logs: dtype, layout, attention, compiled."""
+    p = next(model.parameters())
+    conv = next((m.weight for m in model.modules() if isinstance(m, nn.Conv2d)), p)
+    layout = "channels_last" if conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous() \
+        else "NCHW"
+    exact = any(getattr(m, "exact", False) for m in model.modules())
+    packed = any(isinstance(m, PrepackedConv2d) for m in model.modules())
+    return (f"{type(model).__name__}: {str(conv.dtype).replace('torch.', '')}, {layout}, "
+            f"{'exact' if exact else 'sdpa'} attention{', prepacked convs' if packed else ''}"
+            f"{', compiled' if is_compiled(model) else ''}")
+

@@ -1,0 +1,213 @@
+"""Writing a run to disk: one PNG per sample, grid.png, samples.npz, run.json.
+
+Every file is written under a temporary name and renamed when complete, so an interrupted run
+leaves only whole files, and nothing existing is ever overwritten. Per-sample PNGs are written
+as batches finish; ``finalize`` assembles the npz (OpenAI's evaluator layout: ``arr_0`` uint8
+NHWC, ``arr_1`` int64 labels) and the grid from them, so a resumed run ends with exactly the
+files an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+from PIL import Image, PngImagePlugin
+
+from .errors import OutputError, UsageError
+
+PNG_NAME = "{:06d}.png"
+_PNG_RE = re.compile(r"^(\d{6,})\.png$")
+# The resolved plan, written before the first sample so that --resume can check against it;
+# run.json (a superset) replaces it when the run completes.
+PLAN_NAME = "run-plan.json"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    if path.exists():
+        raise OutputError(f"refusing to overwrite existing file {path}")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.incomplete")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def png_bytes(image: np.ndarray, text: Mapping[str, Any] | None = None) -> bytes:
+    info = PngImagePlugin.PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(str(key), value if isinstance(value, str) else json.dumps(value))
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def make_grid(images: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.ndarray:
+    """Tile NHWC images into a near-square grid (``nrow`` images per row)."""
+    n, h, w, c = images.shape
+    nrow = max(1, min(n, nrow or math.ceil(math.sqrt(n))))
+    rows = math.ceil(n / nrow)
+    grid = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), dtype=np.uint8)
+    for k, img in enumerate(images):
+        r, col = divmod(k, nrow)
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = img
+    return grid
+
+
+def default_out_dir(root: Path = Path("samples")) -> Path:
+    base = root / datetime.now().strftime("%Y%m%d-%H%M%S")
+    path, k = base, 1
+    while path.exists():
+        path, k = Path(f"{base}-{k}"), k + 1
+    return path
+
+
+def prepare_out_dir(path: Path, *, resume: bool = False) -> Path:
+    """Create the output folder, or check that it can be (re)used without overwriting."""
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"--out {path} exists and is not a folder")
+    if path.is_dir() and not resume:
+        summary = ("grid.png", "samples.npz", "run.json", PLAN_NAME)
+        taken = [p.name for p in path.iterdir() if p.name in summary or _PNG_RE.match(p.name)]
+        if taken:
+            raise OutputError(f"--out {path} already holds a run ({taken[0]}, ...); choose a new folder or pass --resume")
+    if path.is_dir() and resume:
+        # Temporary files of writers killed mid-write: never counted as samples; tidy them away.
+        for stale in path.rglob(".*.incomplete"):
+            stale.unlink(missing_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".adm-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(f"cannot write to output folder {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def write_run_plan(out_dir: Path, plan: Mapping[str, Any]) -> Path:
+    path = Path(out_dir) / PLAN_NAME
+    _atomic_write(path, (json.dumps(plan, indent=2, sort_keys=True, default=str) + "\n").encode())
+    return path
+
+
+def read_run_plan(out_dir: Path | None) -> dict | None:
+    """The plan recorded by an earlier run in ``out_dir`` (None: there is none)."""
+    if out_dir is None:
+        return None
+    path = next((p for p in (Path(out_dir) / PLAN_NAME, Path(out_dir) / "run.json") if p.is_file()), None)
+    if path is None:
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise OutputError(f"cannot read {path} ({exc}); remove it to start the run afresh") from None
+
+
+def _identity(info: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a described plan (``RunPlan.describe()``) that decides the images: it must
+    match between the processes of one run and between a run and its --resume. Left out: the
+    device, the batch size and where the weight files live (a model is compared by file name)."""
+    def stage(s: Mapping[str, Any]) -> dict:
+        names = {k: Path(s[k]).name if s.get(k) else None for k in ("model", "classifier")}
+        drop = ("weights", "classifier_weights", "model", "classifier")
+        return {**{k: v for k, v in s.items() if k not in drop}, **names}
+
+    keep = {k: info.get(k) for k in ("num_samples", "seed", "labels", "dtype")}
+    return {"stages": [stage(s) for s in info.get("stages", [])], **keep}
+
+
+def plan_difference(a: Mapping[str, Any], b: Mapping[str, Any]) -> tuple[str, Any, Any] | None:
+    """The first setting (name, value in a, value in b) on which two described plans differ."""
+    def walk(x: Any, y: Any, path: str):
+        if isinstance(x, dict) and isinstance(y, dict):
+            for key in sorted(set(x) | set(y)):
+                if found := walk(x.get(key), y.get(key), f"{path}.{key}" if path else key):
+                    return found
+            return None
+        if isinstance(x, list) and isinstance(y, list) and len(x) == len(y):
+            return next((f for i, (u, v) in enumerate(zip(x, y)) if (f := walk(u, v, f"{path}[{i}]"))), None)
+        return None if x == y else (path, x, y)
+
+    # through JSON, so that a plan read back from run-plan.json compares equal to a fresh one
+    return walk(*(json.loads(json.dumps(_identity(i), default=str)) for i in (a, b)), "")
+
+
+def open_run_dir(path: Path, plan: Mapping[str, Any], *, resume: bool = False) -> Path:
+    """Create (on --resume: reopen) the output folder and record the plan before any sample;
+    a resumed run must have the recorded plan."""
+    prepare_out_dir(path, resume=resume)
+    recorded = read_run_plan(path)
+    if recorded is None:
+        write_run_plan(path, plan)
+    elif (diff := plan_difference(recorded, plan)) is not None:
+        key, then, now = diff
+        raise UsageError(f"--resume: {path} was started with {key} = {json.dumps(then)}, this command gives "
+                         f"{json.dumps(now)}; repeat the original command or choose a new --out")
+    return path
+
+
+def _publish(path: Path, data: bytes) -> None:
+    """Write ``data`` unless an identical file is already there (a resumed run killed while
+    finalizing); a different file is never overwritten."""
+    if path.exists() and path.read_bytes() == data:
+        return
+    _atomic_write(path, data)
+
+
+class SampleWriter:
+    """Writes per-sample PNGs as they finish and the run's summary files at the end."""
+
+    def __init__(self, out_dir: Path, text: Mapping[str, Any]):
+        self.out_dir = Path(out_dir)
+        self.text = dict(text)  # run settings stored in every PNG's text chunks
+
+    def done_indices(self) -> set[int]:
+        """Indices whose PNG is already complete (for --resume)."""
+        return {int(m.group(1)) for p in self.out_dir.iterdir() if (m := _PNG_RE.match(p.name))}
+
+    def write_sample(self, index: int, image: np.ndarray, label: int) -> Path:
+        path = self.out_dir / PNG_NAME.format(index)
+        text = {**self.text, "index": str(index), "class": str(int(label))}
+        _atomic_write(path, png_bytes(image, text))
+        return path
+
+    def write_batch(self, indices: Iterable[int], images: np.ndarray, labels: Iterable[int]) -> None:
+        for k, img, lab in zip(indices, images, labels):
+            self.write_sample(int(k), img, int(lab))
+
+    def read_sample(self, index: int) -> tuple[np.ndarray, int]:
+        with Image.open(self.out_dir / PNG_NAME.format(index)) as im:
+            return np.asarray(im.convert("RGB")), int(im.text.get("class", -1))
+
+    def finalize(self, num_samples: int, run_info: Mapping[str, Any], nrow: int | None = None) -> dict[str, Path]:
+        """Assemble samples.npz, grid.png and run.json from the per-sample PNGs."""
+        missing = [k for k in range(num_samples) if not (self.out_dir / PNG_NAME.format(k)).exists()]
+        if missing:
+            raise OutputError(f"{len(missing)} samples are missing in {self.out_dir} (first: {missing[0]}); rerun with --resume")
+        pairs = [self.read_sample(k) for k in range(num_samples)]
+        images = np.stack([p[0] for p in pairs])
+        labels = np.array([p[1] for p in pairs], dtype=np.int64)
+        buf = io.BytesIO()
+        np.savez(buf, images, labels)
+        paths = {"npz": self.out_dir / "samples.npz", "grid": self.out_dir / "grid.png", "run": self.out_dir / "run.json"}
+        _publish(paths["npz"], buf.getvalue())
+        _publish(paths["grid"], png_bytes(make_grid(images, nrow), self.text))
+        if not paths["run"].exists():  # run.json last: present means the run was complete (kept on --resume)
+            _atomic_write(paths["run"], (json.dumps(run_info, indent=2, sort_keys=True, default=str) + "\n").encode())
+        (self.out_dir / PLAN_NAME).unlink(missing_ok=True)  # run.json records the same plan
+        return paths

@@ -1,0 +1,378 @@
+"""`adm sample` as a library call: choose the model stack, sample, write the run.
+
+``plan_run(request)`` resolves every default (registry stack, paper guidance and sampler,
+classes, seed) into a ``RunPlan`` that can be printed and recorded; ``execute(plan, ...)`` loads
+the models, samples in batches and writes the outputs as they complete. The CLI only parses
+options into a ``SampleRequest`` and prints.
+"""
+
+from __future__ import annotations
+
+import platform
+import secrets
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from . import __version__, api
+from .config import UNetConfig
+from .errors import UsageError
+from .outputs import SampleWriter, default_out_dir, open_run_dir, read_run_plan
+from .schedule import space_timesteps
+
+UPSAMPLE_BASE = {256: 64, 512: 128}  # the paper's ADM-G + ADM-U pipelines
+
+
+@dataclass
+class SampleRequest:
+    """Everything `adm sample` accepts (None: use the default)."""
+
+    res: int | None = None
+    model: str | None = None
+    classifier: str | None = None
+    guidance: float | None = None
+    weights: Path | None = None
+    classifier_weights: Path | None = None
+    config: Path | None = None
+    classes: str | None = None
+    sampler: str | None = None
+    steps: int | None = None
+    respacing: str | None = None
+    eta: float = 0.0
+    num_samples: int = 8
+    batch_size: str = "auto"
+    seed: int | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    upsample: bool = False
+    out: Path | None = None
+    nrow: int | None = None
+    offline: bool = False
+    mirror: str | None = None
+    compile: bool = False
+    resume: bool = False
+
+
+@dataclass
+class Stage:
+    """One diffusion model (and optional classifier) run over all sample indices."""
+
+    name: str
+    unet: str  # registry name, or the weights path
+    unet_path: Path
+    settings: api.SamplerSettings
+    classifier: str | None = None
+    classifier_path: Path | None = None
+
+    @property
+    def respacing(self) -> str:
+        return self.settings.respacing_for(self.diffusion_steps)
+
+    @property
+    def diffusion_steps(self) -> int:
+        from .weights import read_config
+
+        return read_config(self.unet_path).diffusion_steps
+
+    @property
+    def num_steps(self) -> int:
+        """Network evaluations per sample."""
+        return len(space_timesteps(self.diffusion_steps, self.respacing))
+
+
+@dataclass
+class RunPlan:
+    stages: list[Stage]
+    num_samples: int
+    seed: int
+    labels: list[int] | None
+    class_spec: str | None
+    out_dir: Path
+    device: str
+    dtype: str
+    batch_size: str
+    compile: bool
+    nrow: int | None
+    resume: bool
+    extra: dict = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        """The run's settings as plain data (run.json, PNG text chunks)."""
+        return {
+            "adm_cli_version": __version__,
+            "stages": [{"name": s.name, "model": s.unet, "weights": str(s.unet_path), "classifier": s.classifier,
+                        "classifier_weights": str(s.classifier_path) if s.classifier_path else None,
+                        **s.settings.to_dict(), "respacing": s.respacing, "num_steps": s.num_steps}
+                       for s in self.stages],
+            "num_samples": self.num_samples, "seed": self.seed, "classes": self.class_spec, "labels": self.labels,
+            "device": self.device, "dtype": self.dtype, "batch_size": self.batch_size, "compile": self.compile,
+        }
+
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        mps = getattr(torch.backends, "mps", None)
+        return "mps" if mps is not None and mps.is_available() else "cpu"
+    if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
+        raise UsageError(f"unknown --device {name!r} (auto, cpu, cuda, cuda:N or mps)")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA device is available")
+    return name
+
+
+def _registry_stage(name: str, req: SampleRequest, *, stage: str, guidance: float | None,
+                    classifier: str | None) -> Stage:
+    from .cache import ensure_weights
+    from .registry import load_registry
+
+    entry = load_registry().get(name)
+    if "unet" not in entry.roles:
+        raise UsageError(f"{name} holds no diffusion model (it is a classifier); pick one with --model")
+    scale = guidance if guidance is not None else (entry.guidance or 0.0)
+    clf = classifier if classifier is not None else entry.classifier
+    if "classifier" in entry.roles and clf is None:
+        clf = name  # an mmagic adm-g file carries its own classifier
+    sampler = req.sampler or entry.sampler or "ddpm"
+    steps = req.steps or (entry.steps if sampler == (entry.sampler or "ddpm") else None)
+    settings = api.SamplerSettings(sampler, steps=steps or (250 if sampler == "ddpm" else 25),
+                                   respacing=req.respacing, eta=req.eta, guidance=scale)
+    fetch = dict(offline=req.offline, mirror=req.mirror, quiet=False)
+    unet_path = ensure_weights(name, "unet", **fetch)
+    clf_path = ensure_weights(clf, "classifier", **fetch) if (clf and scale > 0) else None
+    return Stage(stage, name, unet_path, settings, clf if clf_path else None, clf_path)
+
+
+def _file_stage(req: SampleRequest) -> Stage:
+    from .cache import ensure_converted_file
+
+    config = str(req.config) if req.config else None
+    unet_path = ensure_converted_file(req.weights, config=config, role="unet")
+    clf_path = None
+    if req.classifier_weights is not None:
+        clf_path = ensure_converted_file(req.classifier_weights, role="classifier")
+    scale = req.guidance if req.guidance is not None else (1.0 if clf_path else 0.0)
+    sampler = req.sampler or "ddpm"
+    settings = api.SamplerSettings(sampler, steps=req.steps or (250 if sampler == "ddpm" else 25),
+                                   respacing=req.respacing, eta=req.eta, guidance=scale)
+    if scale > 0 and clf_path is None:
+        raise UsageError("--guidance > 0 with --weights needs --classifier-weights")
+    return Stage("base", str(req.weights), unet_path, settings,
+                 str(req.classifier_weights) if clf_path else None, clf_path)
+
+
+def _stages(req: SampleRequest) -> list[Stage]:
+    from .registry import load_registry
+
+    if req.weights is not None:
+        if req.model or req.upsample:
+            raise UsageError("--weights cannot be combined with --model or --upsample")
+        return [_file_stage(req)]
+    registry = load_registry()
+    if req.upsample:
+        if req.res not in UPSAMPLE_BASE:
+            raise UsageError("--upsample needs --res 256 (64 -> 256) or --res 512 (128 -> 512)")
+        base = registry.default_for(UPSAMPLE_BASE[req.res])
+        up = next((e for e in registry.entries if e.upsampler_base == UPSAMPLE_BASE[req.res]
+                   and e.resolution == req.res), None)
+        if up is None:
+            raise UsageError(f"no upsampler to {req.res} in the registry")
+        return [_registry_stage(req.model or base.name, req, stage="base", guidance=req.guidance,
+                                classifier=req.classifier),
+                _registry_stage(up.name, req, stage="upsampler", guidance=0.0, classifier=None)]
+    if req.model is None and req.res is None:
+        raise UsageError("adm sample needs --res N (64, 128, 256, 512) or --model NAME (see `adm models`)")
+    name = req.model or registry.default_for(req.res).name
+    entry = registry.get(name)
+    if req.res is not None and entry.resolution != req.res:
+        raise UsageError(f"--model {name} makes {entry.resolution}x{entry.resolution} images, not --res {req.res}")
+    return [_registry_stage(name, req, stage="base", guidance=req.guidance, classifier=req.classifier)]
+
+
+def _validate_numbers(req: SampleRequest) -> None:
+    if req.num_samples < 1:
+        raise UsageError(f"--num-samples must be at least 1, got {req.num_samples}")
+    if req.steps is not None and req.steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {req.steps}")
+    if req.batch_size != "auto" and (not str(req.batch_size).isdigit() or int(req.batch_size) < 1):
+        raise UsageError(f"--batch-size must be a positive integer or 'auto', got {req.batch_size!r}")
+    if req.res is not None and req.res not in (64, 128, 256, 512) and req.model is None:
+        raise UsageError(f"--res {req.res} is not available (choose 64, 128, 256 or 512)")
+    if req.dtype not in ("auto", "float32", "float16", "bfloat16"):
+        raise UsageError(f"unknown --dtype {req.dtype!r} (auto, float32, float16, bfloat16)")
+    if req.nrow is not None and req.nrow < 1:
+        raise UsageError(f"--nrow must be at least 1, got {req.nrow}")
+    if req.resume and req.out is None:
+        raise UsageError("--resume needs --out DIR, the folder of the run to finish")
+
+
+def _labels(req: SampleRequest, stage: Stage, seed: int) -> list[int] | None:
+    from .imagenet import resolve_classes
+    from .weights import read_config
+
+    cfg = read_config(stage.unet_path)
+    clf_cfg = read_config(stage.classifier_path) if stage.classifier_path else None
+    guided = stage.settings.guidance > 0 and clf_cfg is not None
+    num_classes = cfg.num_classes if cfg.class_cond else (clf_cfg.num_classes if clf_cfg else 0)
+    chosen = resolve_classes(req.classes, num_classes or 1000) if req.classes else None
+    if chosen is not None and not cfg.class_cond and not guided:
+        raise UsageError(f"{stage.unet} is unconditional: --class needs a classifier and --guidance > 0")
+    if chosen is None:
+        if not (cfg.class_cond or guided):
+            return None
+        return [int(c) for c in api.random_labels(seed, req.num_samples, num_classes)]
+    return [chosen[k % len(chosen)] for k in range(req.num_samples)]
+
+
+def resolve_request(req: SampleRequest) -> SampleRequest:
+    """Fix the seed: --seed, else on --resume the recorded one, else a random one. On --resume
+    an empty --class also means the recorded classes (so random labels are drawn again alike)."""
+    recorded = read_run_plan(req.out) if req.resume and (req.seed is None or req.classes is None) else None
+    seed = req.seed
+    if seed is None:
+        seed = int(recorded["seed"]) if recorded else secrets.randbelow(2 ** 31)
+    classes = req.classes if req.classes is not None else (recorded or {}).get("classes")
+    return replace(req, seed=seed, classes=classes)
+
+
+def plan_run(req: SampleRequest) -> RunPlan:
+    """Resolve a request into a fully specified, recordable plan (fetching weights if needed)."""
+    _validate_numbers(req)
+    device = pick_device(req.device)
+    req = resolve_request(req)
+    seed = req.seed
+    stages = _stages(req)
+    labels = _labels(req, stages[0], seed)
+    out_dir = req.out if req.out is not None else default_out_dir()
+    return RunPlan(stages, req.num_samples, seed, labels, req.classes, Path(out_dir), device, req.dtype,
+                   str(req.batch_size), req.compile, req.nrow, req.resume)
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    files: dict[str, Path]
+    seconds: float
+    images: int
+    device: str
+    dtype: str
+
+
+def _load(stage: Stage, plan: RunPlan):
+    from . import fast
+    from .weights import load_model
+
+    dtype = fast.resolve_dtype(plan.dtype, plan.device)
+    unet = fast.prepare(load_model(stage.unet_path), device=plan.device, dtype=dtype, compile=plan.compile)
+    clf = None
+    if stage.classifier_path is not None:
+        clf = fast.prepare(load_model(stage.classifier_path), device=plan.device, dtype=dtype, compile=plan.compile)
+    if plan.batch_size == "auto":
+        batch = fast.auto_batch_size(unet, clf, stage.settings, plan.device, plan.num_samples)
+    else:
+        batch = int(plan.batch_size)
+    return unet, clf, batch, dtype
+
+
+def execute(plan: RunPlan, *, indices: list[int] | None = None,
+            progress: Callable[[int], None] | None = None,
+            on_stage: Callable[[Stage, int], None] | None = None, team=None) -> RunResult:
+    """Sample every index not already on disk, stage by stage, writing PNGs as batches finish.
+
+    ``team`` (``distributed.Group``) shares the run between processes: each samples its part
+    of the batches still to do, and rank 0 alone touches the output folder. None: this process
+    does everything (``distributed.Solo``); both go through the same calls below.
+    """
+    from . import fast
+    from .distributed import Solo
+
+    team = team or Solo()
+    start = time.perf_counter()
+    out = plan.out_dir
+    team.from_root(lambda: open_run_dir(out, plan.describe(), resume=plan.resume), "preparing the output folder")
+    info = plan.describe()
+    text = {"adm": "adm-cli " + __version__, "seed": str(plan.seed),
+            "settings": {k: info[k] for k in ("stages", "seed", "classes")}}
+    wanted = list(range(plan.num_samples)) if indices is None else list(indices)
+    computed: dict[str, int] = {}
+    writer = base = None
+    for s_idx, stage in enumerate(plan.stages):
+        folder = out if s_idx == len(plan.stages) - 1 else out / stage.name
+        writer = SampleWriter(folder, text)
+
+        def pending(folder=folder, writer=writer) -> list[int]:
+            folder.mkdir(exist_ok=True)
+            done = writer.done_indices()
+            return [k for k in wanted if k not in done]
+
+        todo = team.from_root(pending, f"listing the finished {stage.name} samples")
+        computed[stage.name] = _run_stage(plan, stage, wanted, todo, writer, base, team, progress, on_stage)
+        base = writer
+    seconds = time.perf_counter() - start
+    dtype = str(fast.resolve_dtype(plan.dtype, plan.device)).replace("torch.", "")
+    run_info = {**info, "seconds": round(seconds, 3), "torch": torch.__version__,
+                "python": platform.python_version(), "resolved_dtype": dtype,
+                "processes": team.world_size, "computed": computed}
+    files = team.from_root(lambda: writer.finalize(plan.num_samples, run_info, plan.nrow),
+                           "writing samples.npz, grid.png and run.json")
+    return RunResult(out, files, seconds, len(wanted), plan.device, dtype)
+
+
+def _blocks(wanted: list[int], todo: list[int], batch: int) -> list[list[int]]:
+    """The batches to sample: blocks of ``batch`` consecutive sample indices, the same grid in
+    every run. Float results depend (by ~1e-6, enough to flip a uint8) on the batch size a
+    sample is computed in, though not on its batch mates; so each sample is computed in the
+    very batch an uninterrupted one-process run with this batch size uses, whatever the number
+    of processes or resumes. A block partly written when a run was killed is sampled whole."""
+    members: dict[int, list[int]] = {}
+    for k in wanted:
+        members.setdefault(k // batch, []).append(k)
+    return [members[j] for j in sorted({k // batch for k in todo})]
+
+
+def _run_stage(plan: RunPlan, stage: Stage, wanted: list[int], todo: list[int], writer: SampleWriter,
+               base: SampleWriter | None, team, progress, on_stage) -> int:
+    """Sample the blocks holding ``todo`` with one stage (this process: its share of them);
+    ``base``: the previous stage's samples, which condition an upsampler (as uint8, quantised
+    as the reference does). Returns the number of samples computed."""
+    if not todo:
+        if on_stage is not None:
+            on_stage(stage, 0)
+        return 0
+    unet, clf, batch, _ = team.agree(lambda: _load(stage, plan), f"loading the {stage.name} models")
+    blocks = _blocks(wanted, todo, team.least(batch))  # one batch size for every process
+    mine = team.split(blocks)
+    rows = None
+    if base is not None:
+        rows = team.rows(blocks, lambda ks: np.stack([base.read_sample(k)[0] for k in ks]) if ks else None)
+    if on_stage is not None:
+        on_stage(stage, sum(map(len, blocks)))
+    missing = set(todo)
+
+    def write(indices, images, labels) -> None:  # never rewrite a sample already on disk
+        keep = [j for j, k in enumerate(indices) if int(k) in missing]
+        writer.write_batch([indices[j] for j in keep], images[keep], [labels[j] for j in keep])
+
+    def generate(on_batch, step_progress) -> None:
+        low_res = None
+        if rows is not None:
+            if not isinstance(unet.config, UNetConfig):
+                raise UsageError("upsampler stage needs a U-Net")
+            low_res = np.zeros((plan.num_samples, *rows.shape[1:]), dtype=np.uint8)  # indexed by sample
+            low_res[[k for block in mine for k in block]] = rows
+        for block in mine:
+            api.generate(unet, indices=block, seed=plan.seed, classes=plan.labels, classifier=clf,
+                         settings=stage.settings, batch_size=len(block), low_res=low_res,
+                         progress=step_progress, on_batch=on_batch)
+
+    team.sample(generate if mine else None, write, progress, stage.num_steps)
+    return sum(map(len, blocks))
+
+
+def request_dict(req: SampleRequest) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(req).items()}

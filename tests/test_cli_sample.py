@@ -1,0 +1,189 @@
+"""`adm sample` end to end on small random-weight models (issue 4)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from adm_cli.cli import _register, app
+from adm_cli.config import ClassifierConfig, UNetConfig
+from adm_cli.models import build_model
+from conftest import randomize
+
+_register()
+runner = CliRunner()
+
+UNET = UNetConfig(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="8",
+                  num_head_channels=32, learn_sigma=True, class_cond=True, resblock_updown=True)
+UNCOND = UNET.replace(class_cond=False)
+CLASSIFIER = ClassifierConfig(image_size=16, classifier_width=32, classifier_depth=1, channel_mult="1,2",
+                              classifier_attention_resolutions="8", num_head_channels=32)
+
+
+def _flags(cfg) -> dict:
+    return {k: v for k, v in cfg.to_dict().items() if k != "kind"}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Random-weight OpenAI-style .pt files, converted with `adm convert-weights`."""
+    root = tmp_path_factory.mktemp("weights")
+    out = {}
+    for name, cfg in (("unet", UNET), ("uncond", UNCOND), ("classifier", CLASSIFIER)):
+        model = randomize(build_model(cfg), seed=len(name), std=0.02)
+        pt = root / f"{name}.pt"
+        torch.save(model.state_dict(), pt)
+        conf = root / f"{name}.json"
+        conf.write_text(json.dumps(_flags(cfg)))
+        dst = root / f"{name}.safetensors"
+        res = runner.invoke(app, ["convert-weights", str(pt), str(dst), "--config", str(conf)])
+        assert res.exit_code == 0, res.output
+        out[name] = dst
+    return out
+
+
+def _sample(tmp_path, files, *extra, model="unet", name="run"):
+    out = tmp_path / name
+    args = ["sample", "--weights", str(files[model]), "--out", str(out), "--seed", "5", "--device", "cpu",
+            "--quiet", *extra]
+    return runner.invoke(app, args), out
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddpm", "4"), ("ddim", "3")])
+@pytest.mark.parametrize("guided", [False, True], ids=["unguided", "guided"])
+def test_sample_writes_every_output(tmp_path, files, sampler, steps, guided):
+    extra = ["--sampler", sampler, "--steps", steps, "-n", "2", "--class", "207,golden retriever"]
+    if guided:
+        extra += ["--classifier-weights", str(files["classifier"]), "--guidance", "2"]
+    res, out = _sample(tmp_path, files, *extra)
+    assert res.exit_code == 0, res.output
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["000000.png", "000001.png", "grid.png", "run.json", "samples.npz"]
+    with np.load(out / "samples.npz") as npz:
+        assert npz["arr_0"].shape == (2, 16, 16, 3) and npz["arr_0"].dtype == np.uint8
+        assert npz["arr_1"].tolist() == [207, 207] and npz["arr_1"].dtype == np.int64
+        images = npz["arr_0"]
+    for k in range(2):
+        with Image.open(out / f"{k:06d}.png") as im:
+            assert im.size == (16, 16) and im.mode == "RGB"
+            assert np.array_equal(np.asarray(im), images[k])
+            settings = json.loads(im.text["settings"])
+            assert im.text["class"] == "207" and im.text["seed"] == "5" and im.text["index"] == str(k)
+            stage = settings["stages"][0]
+            assert stage["sampler"] == sampler and stage["guidance"] == (2.0 if guided else 0.0)
+            assert stage["respacing"] == (f"ddim{steps}" if sampler == "ddim" else steps)
+    with Image.open(out / "grid.png") as grid:
+        assert grid.size == (2 * 16 + 3 * 2, 16 + 2 * 2)
+    run = json.loads((out / "run.json").read_text())
+    assert run["seed"] == 5 and run["labels"] == [207, 207] and run["num_samples"] == 2
+    assert not list(out.glob(".*incomplete"))
+
+
+def test_same_seed_same_images_whatever_the_batch_size(tmp_path, files):
+    common = ["--sampler", "ddpm", "--steps", "3", "-n", "4", "--class", "1,2"]
+    a, out_a = _sample(tmp_path, files, *common, "--batch-size", "1", name="b1")
+    b, out_b = _sample(tmp_path, files, *common, "--batch-size", "4", name="b4")
+    assert a.exit_code == 0 and b.exit_code == 0, a.output + b.output
+    with np.load(out_a / "samples.npz") as x, np.load(out_b / "samples.npz") as y:
+        a_img, b_img = x["arr_0"].astype(int), y["arr_0"].astype(int)
+        assert x["arr_1"].tolist() == y["arr_1"].tolist() == [1, 2, 1, 2]
+    assert not np.array_equal(a_img[0], a_img[2])  # different k, different image
+    # The random streams are identical; the networks' float arithmetic may differ by rounding
+    # with the batch size (oneDNN picks kernels by shape), which can move a rare pixel by one level.
+    diff = np.abs(a_img - b_img)
+    assert diff.max() <= 1 and (diff == 0).mean() >= 0.99
+
+
+def test_noise_streams_do_not_depend_on_the_batch():
+    from adm_cli.noise import SampleNoise, seeds_for
+
+    whole = SampleNoise(seeds_for(5, range(4)))
+    parts = [SampleNoise(seeds_for(5, [k])) for k in range(4)]
+    x = torch.empty(4, 3, 8, 8)
+    for _ in range(3):  # x_T, then two steps
+        assert torch.equal(whole(x), torch.cat([p(x[:1]) for p in parts]))
+
+
+def test_random_classes_are_recorded(tmp_path, files):
+    res, out = _sample(tmp_path, files, "--sampler", "ddim", "--steps", "2", "-n", "3")
+    assert res.exit_code == 0, res.output
+    run = json.loads((out / "run.json").read_text())
+    with np.load(out / "samples.npz") as npz:
+        assert npz["arr_1"].tolist() == run["labels"] and all(0 <= c < 1000 for c in run["labels"])
+
+
+def test_unconditional_model_needs_a_classifier_for_class(tmp_path, files):
+    res, out = _sample(tmp_path, files, "--steps", "2", "-n", "1", "--class", "3", model="uncond")
+    assert res.exit_code != 0 and "unconditional" in res.output
+    assert not out.exists()
+    ok, out = _sample(tmp_path, files, "--steps", "2", "-n", "2", "--class", "hamster", "--classifier-weights",
+                      str(files["classifier"]), "--guidance", "4", model="uncond", name="ok")
+    assert ok.exit_code == 0, ok.output
+    with np.load(out / "samples.npz") as npz:
+        assert npz["arr_1"].tolist() == [333, 333]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--class", "1000"], "out of range"),
+    (["--class", "golden retreiver"], "golden retriever"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--num-samples", "0"], "--num-samples must be at least 1"),
+    (["--respacing", "ddim7x"], "respacing"),
+    (["--batch-size", "zero"], "--batch-size"),
+])
+def test_bad_values_fail_with_one_line(tmp_path, files, args, message):
+    res, out = _sample(tmp_path, files, *args)
+    assert res.exit_code != 0
+    lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], res.output
+    assert "Traceback" not in res.output and not out.exists()
+
+
+def test_bad_model_choices_fail_with_one_line(tmp_path, files, monkeypatch):
+    monkeypatch.setenv("ADM_HOME", str(tmp_path / "cache"))
+    cases = [
+        (["sample", "--res", "100", "--offline"], "--res 100"),
+        (["sample", "--model", "256x256_difusion", "--offline"], "256x256_diffusion"),
+        (["sample", "--weights", str(tmp_path / "missing.safetensors")], "missing.safetensors"),
+        (["sample", "--res", "64", "--offline", "--out", str(tmp_path / "o")], "offline"),
+    ]
+    for args, message in cases:
+        res = runner.invoke(app, args + ["--quiet"])
+        lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
+        assert res.exit_code != 0 and len(lines) == 1 and message in lines[0], (args, res.output)
+    assert not (tmp_path / "o").exists()
+
+
+def test_unwritable_output_folder(tmp_path, files):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    res = runner.invoke(app, ["sample", "--weights", str(files["unet"]), "--out", str(blocker / "sub"),
+                              "--steps", "2", "--quiet", "--device", "cpu"])
+    assert res.exit_code != 0 and res.output.strip().startswith("error:") and "Traceback" not in res.output
+    assert blocker.read_text() == "x"
+
+
+def test_existing_run_is_never_overwritten(tmp_path, files):
+    res, out = _sample(tmp_path, files, "--steps", "2", "-n", "1")
+    assert res.exit_code == 0
+    before = (out / "grid.png").read_bytes()
+    again, _ = _sample(tmp_path, files, "--steps", "3", "-n", "1")
+    assert again.exit_code != 0 and "already holds a run" in again.output
+    assert (out / "grid.png").read_bytes() == before
+
+
+def test_help_documents_every_option_with_default():
+    res = runner.invoke(app, ["sample", "--help"], env={"COLUMNS": "200", "TERMINAL_WIDTH": "200"})
+    assert res.exit_code == 0
+    text = res.output
+    for opt in ["--res", "--model", "--class", "--num-samples", "--seed", "--sampler", "--steps", "--respacing",
+                "--eta", "--guidance", "--classifier", "--weights", "--classifier-weights", "--config",
+                "--upsample", "--batch-size", "--device", "--dtype", "--compile", "--out", "--nrow", "--resume",
+                "--offline", "--mirror", "--quiet"]:
+        assert opt in text, opt
+    assert "Default" in text and "auto" in text and "[default: 8]" in text.replace("  ", " ") or "default: 8" in text

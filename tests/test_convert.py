@@ -1,0 +1,376 @@
+"""`adm convert-weights`: every publisher layout, every architecture family, strict checks, safety."""
+
+import json
+import pickle
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from adm_cli import cli_weights  # noqa: F401 - registers the commands on the app
+from adm_cli.cache import ensure_converted_file
+from adm_cli.cli import app
+from adm_cli.convert import Network, convert_checkpoint, fitting_presets, mmagic_to_openai, openai_to_mmagic
+from adm_cli.download import sha256_file
+from adm_cli.errors import ConfigError, ConversionError, UnsafePickleError, WeightsError
+from adm_cli.models import set_exact_attention
+from adm_cli.safe_load import load_checkpoint
+from adm_cli.weights import load_model, read_metadata
+from publishers import one_thread  # noqa: F401 - autouse fixture
+from publishers import (SMALL, inline_roles, payloads, pickle_globals, preset_shapes, reference_model, small, write_malicious,
+                        write_mmagic, write_openai)
+
+TSV_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference" / "mmagic-keys"
+TSV_PRESETS = {
+    "adm_ddim250_imagenet-64x64.tsv": "64x64_diffusion",
+    "adm_ddim250_imagenet-256x256.tsv": "256x256_diffusion",
+    "adm_ddim250_imagenet-512x512.tsv": "512x512_diffusion",
+    "disco_adm-u-finetuned_imagenet-256x256.tsv": "256x256_diffusion_uncond",
+    "disco_adm-u-finetuned_imagenet-512x512.tsv": "512x512_diffusion_uncond_finetune_008100",
+    "disco_portrait-generator-v001.tsv": "portrait_512_w128",
+    "adm-g_imagenet-64x64.classifier.tsv": "64x64_classifier",
+    "adm-g_imagenet-256x256.classifier.tsv": "256x256_classifier",
+    "adm-g_imagenet-512x512.classifier.tsv": "512x512_classifier",
+}
+UNETS = [f for f in SMALL if "classifier" not in f]
+MMAGIC_FAMILIES = ["64x64", "256x256", "512x512", "256x256_uncond", "512x512_uncond_finetune", "portrait"]
+
+
+def _assert_same_outputs(path: Path, ref, cfg) -> None:
+    """The converted file, loaded into our model, computes what OpenAI's model computes."""
+    ours = set_exact_attention(load_model(path), True)
+    assert ours.config == cfg
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, cfg.image_size, cfg.image_size, generator=g)
+    t = torch.tensor([3, 871])
+    kw = {}
+    if getattr(cfg, "class_cond", False):
+        kw["y"] = torch.tensor([5, 999])
+    if getattr(cfg, "small_size", 0):
+        kw["low_res"] = torch.randn(2, 3, cfg.small_size, cfg.small_size, generator=g)
+    with torch.no_grad():
+        a, b = ref(x, t, **kw), ours(x, t, **kw)
+    assert ((a - b).abs().max() / a.abs().max()).item() <= 1e-5
+
+
+def _only(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+# -- the rename table and the presets against mmagic's real key tables ------------------------
+
+
+@pytest.mark.parametrize("tsv", sorted(TSV_PRESETS))
+def test_mmagic_key_table_matches_presets(tsv):
+    """Every tensor mmagic's module has (shared/reference TSVs) maps by our table to the preset's
+    tensor of the same shape, and back; nothing left over on either side."""
+    path = TSV_DIR / tsv
+    if not path.exists():
+        pytest.skip("shared/reference/mmagic-keys not available")
+    shapes = preset_shapes(TSV_PRESETS[tsv])
+    seen = set()
+    for line in path.read_text().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        mm_key, shape, oa_key = line.split("\t")
+        role, rest = mm_key.split(".", 1)
+        assert (mmagic_to_openai(rest) if role == "unet" else rest) == oa_key
+        if role == "unet":
+            assert openai_to_mmagic(oa_key) == rest
+        assert shapes[oa_key] == tuple(json.loads(shape.replace("(", "[").replace(",)", "]").replace(")", "]")))
+        seen.add(oa_key)
+    assert seen == set(shapes)
+
+
+# -- each publisher layout x each architecture family -----------------------------------------
+
+
+@pytest.mark.parametrize("family", [f for f in SMALL if f != "portrait"])  # portrait: mmagic only
+def test_openai_zip_every_family(tmp_path, family):
+    cfg = small(family)
+    ref = reference_model(cfg)
+    src = write_openai(tmp_path / f"{family}.pt", ref.state_dict())
+    paths = convert_checkpoint(src, config=cfg)
+    role = "classifier" if "classifier" in family else "unet"
+    assert list(paths) == [role] and paths[role] == tmp_path / f"{family}.safetensors"
+    _assert_same_outputs(paths[role], ref, cfg)
+
+
+@pytest.mark.parametrize("family", ["64x64", "64x64_classifier"])
+def test_openai_legacy_serialization(tmp_path, family):
+    cfg = small(family)
+    ref = reference_model(cfg)
+    src = write_openai(tmp_path / "legacy.pt", ref.state_dict(), legacy=True)
+    (out,) = convert_checkpoint(src, tmp_path / "out.safetensors", config=cfg).values()
+    _assert_same_outputs(out, ref, cfg)
+
+
+@pytest.mark.parametrize("family", MMAGIC_FAMILIES)
+def test_mmagic_wrapped_with_message_hub(tmp_path, family):
+    cfg = small(family)
+    ref = reference_model(cfg)
+    src = write_mmagic(tmp_path / "adm-u.pth", unet=ref.state_dict())
+    out = convert_checkpoint(src, config=cfg)["unet"]
+    _assert_same_outputs(out, ref, cfg)
+    assert read_metadata(out)["adm_source_layout"] == "mmagic"
+
+
+@pytest.mark.parametrize("family,legacy", [("64x64", True), ("256x256", False)])
+def test_mmagic_adm_g_yields_unet_and_classifier(tmp_path, family, legacy):
+    unet_cfg, clf_cfg = small(family), small(f"{family}_classifier")
+    unet_ref, clf_ref = reference_model(unet_cfg, seed=1), reference_model(clf_cfg, seed=2)
+    src = write_mmagic(tmp_path / "adm-g.pth", unet=unet_ref.state_dict(), classifier=clf_ref.state_dict(),
+                       legacy=legacy)
+    flags = {"unet": unet_cfg.to_dict(), "classifier": clf_cfg.to_dict()}
+    (tmp_path / "adm-g.json").write_text(json.dumps(flags))
+    paths = convert_checkpoint(src, config=tmp_path / "adm-g.json")
+    assert paths == {"unet": tmp_path / "adm-g.unet.safetensors", "classifier": tmp_path / "adm-g.classifier.safetensors"}
+    _assert_same_outputs(paths["unet"], unet_ref, unet_cfg)
+    _assert_same_outputs(paths["classifier"], clf_ref, clf_cfg)
+
+
+@pytest.mark.parametrize("module", [False, True], ids=["prefixed", "module.prefixed"])
+def test_mmagic_bare_state_dict(tmp_path, module):
+    cfg = small("256x256")
+    ref = reference_model(cfg)
+    src = write_mmagic(tmp_path / "bare.pth", unet=ref.state_dict(), wrapped=False, module=module)
+    _assert_same_outputs(convert_checkpoint(src, config=cfg)["unet"], ref, cfg)
+
+
+def test_message_hub_needs_the_restricted_loader(tmp_path):
+    """torch's weights_only loader refuses the hub; ours reads the tensors and never imports mmengine."""
+    cfg = small("64x64")
+    src = write_mmagic(tmp_path / "hub.pth", unet=reference_model(cfg).state_dict())
+    names = pickle_globals(src)
+    assert {"mmengine.logging.history_buffer.HistoryBuffer", "builtins.getattr"} <= names
+    assert any(n.startswith("numpy") for n in names)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(src, weights_only=True)
+    obj = load_checkpoint(src)
+    assert all(isinstance(v, torch.Tensor) for v in obj["state_dict"].values())
+    assert "Inert" in type(obj["message_hub"]["log_scalars"]["train/loss"]).__name__
+    assert "mmengine" not in sys.modules
+
+
+# -- where the architecture comes from -------------------------------------------------------------
+
+
+def test_registry_by_name_checksum_and_file_name(tmp_path, monkeypatch):
+    cfg = small("256x256")
+    ref = reference_model(cfg)
+    src = write_openai(tmp_path / "tiny_256.pt", ref.state_dict())
+    common = f'publisher = "openai"\n{inline_roles(unet="256x256")}\nnoise_schedule = "linear"\n'
+    toml = tmp_path / "registry.toml"
+    toml.write_text(f'["by-sha"]\nurls = ["http://127.0.0.1:9/other.pt"]\nsha256 = "{sha256_file(src)[:8]}"\n{common}'
+                    f'["by-name"]\nurls = ["http://127.0.0.1:9/tiny_256.pt"]\n{common}')
+    monkeypatch.setenv("ADM_REGISTRY", str(toml))
+    out = convert_checkpoint(src)["unet"]  # the checksum prefix wins over the file name
+    assert read_metadata(out)["adm_registry_name"] == "by-sha"
+    _assert_same_outputs(out, ref, cfg)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "tiny_256.pt").write_bytes(src.read_bytes() + b"")  # same bytes -> same checksum
+    assert read_metadata(convert_checkpoint(copy / "tiny_256.pt", name="by-name")["unet"])["adm_registry_name"] == "by-name"
+    src.unlink()
+    other = write_openai(tmp_path / "tiny_256.pt", reference_model(cfg, seed=5).state_dict())
+    assert read_metadata(convert_checkpoint(other, force=True)["unet"])["adm_registry_name"] == "by-name"
+
+
+def test_config_file_toml_flat_flags(tmp_path):
+    cfg = small("128x128")
+    ref = reference_model(cfg)
+    src = write_openai(tmp_path / "custom.pt", ref.state_dict())
+    flags = {k: v for k, v in cfg.to_dict().items() if k != "kind"}
+    (tmp_path / "flags.toml").write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in flags.items()))
+    runner = CliRunner()
+    result = runner.invoke(app, ["convert-weights", str(src), str(tmp_path / "o.safetensors"),
+                                 "--config", str(tmp_path / "flags.toml"), "-q"])
+    assert result.exit_code == 0, result.output
+    _assert_same_outputs(tmp_path / "o.safetensors", ref, cfg)
+
+
+def test_classifier_flags_make_a_classifier(tmp_path):
+    cfg = small("256x256_classifier")
+    src = write_openai(tmp_path / "clf.pt", reference_model(cfg).state_dict())
+    with pytest.raises(ConfigError, match="classifier_"):
+        convert_checkpoint(src, config={"image_size": 32})
+    flags = {k: v for k, v in cfg.to_dict().items() if k != "kind"}
+    assert "classifier" in convert_checkpoint(src, config=flags)
+
+
+def test_unknown_architecture_is_never_guessed(tmp_path):
+    cfg = small("256x256")
+    src = write_openai(tmp_path / "mystery.pt", reference_model(cfg).state_dict())
+    with pytest.raises(ConversionError, match="--arch") as info:
+        convert_checkpoint(src)
+    assert "attention order" in str(info.value)
+    assert _only(tmp_path) == ["mystery.pt"]
+
+
+def test_shapes_cannot_decide_between_presets():
+    """256 uncond and LSUN share every shape; the 64x64 model's attention order is not in its shapes."""
+    def fits(name):
+        shapes = preset_shapes(name)
+        return fitting_presets(Network("unet", "openai", {k: torch.empty(s, device="meta") for k, s in shapes.items()}))
+
+    assert fits("256x256_diffusion_uncond") == ["256x256_diffusion_uncond", "lsun_256"]
+    assert fits("64x64_diffusion") == ["64x64_diffusion"]
+    with pytest.raises(ConfigError, match="did you mean"):
+        convert_checkpoint(__file__, arch="256x256_difusion")
+
+
+def test_arch_preset_for_published_shapes(tmp_path):
+    """--arch with a real preset: a mismatching file names the first wrong tensor, writes nothing."""
+    cfg = small("64x64")
+    src = write_openai(tmp_path / "small.pt", reference_model(cfg).state_dict())
+    with pytest.raises(ConversionError, match=r"^small.pt: tensor '[\w.]+' (is not part of|has shape .*,) preset 64x64_diffusion"):
+        convert_checkpoint(src, arch="64x64_diffusion")
+    assert _only(tmp_path) == ["small.pt"]
+
+
+# -- strict validation ------------------------------------------------------------------------
+
+
+def _broken(state, how):
+    state = dict(state)
+    if how == "missing":
+        del state["input_blocks.1.0.in_layers.2.weight"]
+    elif how == "unexpected":
+        state["input_blocks.1.0.extra.weight"] = torch.zeros(3)
+    elif how == "shape":
+        state["input_blocks.1.0.in_layers.2.weight"] = torch.zeros(32, 32, 3, 1)
+    elif how == "nan":
+        state["input_blocks.1.0.in_layers.2.weight"] = state["input_blocks.1.0.in_layers.2.weight"].clone()
+        state["input_blocks.1.0.in_layers.2.weight"][0, 0, 0, 0] = float("nan")
+    elif how == "inf":
+        state["input_blocks.1.0.in_layers.2.weight"] = torch.full_like(state["input_blocks.1.0.in_layers.2.weight"], float("inf"))
+    elif how == "integer":
+        state["input_blocks.1.0.in_layers.2.weight"] = state["input_blocks.1.0.in_layers.2.weight"].long()
+    return state
+
+
+@pytest.mark.parametrize("how,message", [
+    ("missing", "'input_blocks.1.0.in_layers.2.weight' is missing"),
+    ("unexpected", "'input_blocks.1.0.extra.weight' is not part"),
+    ("shape", "'input_blocks.1.0.in_layers.2.weight' has shape"),
+    ("nan", "'input_blocks.1.0.in_layers.2.weight' contains NaN"),
+    ("inf", "'input_blocks.1.0.in_layers.2.weight' contains NaN or Inf"),
+    ("integer", "'input_blocks.1.0.in_layers.2.weight' has dtype"),
+])
+def test_strict_validation_names_first_bad_key_and_writes_nothing(tmp_path, how, message):
+    cfg = small("64x64")
+    src = write_openai(tmp_path / "bad.pt", _broken(reference_model(cfg).state_dict(), how))
+    with pytest.raises(ConversionError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        convert_checkpoint(src, tmp_path / "out.safetensors", config=cfg)
+    assert _only(tmp_path) == ["bad.pt"]
+
+
+def test_mmagic_errors_name_the_key_in_the_file(tmp_path):
+    cfg = small("64x64")
+    state = reference_model(cfg).state_dict()
+    state["input_blocks.1.0.in_layers.2.weight"] = torch.zeros(1)
+    src = write_mmagic(tmp_path / "bad.pth", unet=state)
+    with pytest.raises(ConversionError, match=r"'unet\.in_blocks\.1\.0\.conv_1\.2\.weight'"):
+        convert_checkpoint(src, config=cfg)
+
+
+def test_float16_overflow_is_refused(tmp_path):
+    cfg = small("64x64")
+    state = reference_model(cfg).state_dict()
+    state["out.2.bias"] = torch.full_like(state["out.2.bias"], 1e6)
+    src = write_openai(tmp_path / "big.pt", state)
+    with pytest.raises(ConversionError, match="'out.2.bias' overflows float16"):
+        convert_checkpoint(src, config=cfg, dtype="float16")
+    assert _only(tmp_path) == ["big.pt"]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_dtype(tmp_path, dtype):
+    from safetensors import safe_open
+
+    cfg = small("256x256")
+    ref = reference_model(cfg)
+    out = convert_checkpoint(write_openai(tmp_path / "m.pt", ref.state_dict()), config=cfg, dtype=dtype)["unet"]
+    with safe_open(str(out), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {getattr(torch, dtype)}
+    assert read_metadata(out)["adm_dtype"] == dtype
+
+
+def test_metadata_overwrite_and_rerun(tmp_path):
+    cfg = small("64x64")
+    src = write_openai(tmp_path / "m.pt", reference_model(cfg).state_dict())
+    out = convert_checkpoint(src, config=cfg)["unet"]
+    meta = read_metadata(out)
+    assert meta["adm_source_file"] == "m.pt" and meta["adm_source_sha256"] == sha256_file(src)
+    assert json.loads(meta["adm_config"]) == cfg.to_dict() and meta["adm_role"] == "unet"
+    stamp = out.stat().st_mtime_ns
+    assert convert_checkpoint(src, config=cfg)["unet"] == out  # same input, same output: a no-op
+    assert out.stat().st_mtime_ns == stamp
+    with pytest.raises(WeightsError, match="--force"):
+        convert_checkpoint(src, config=cfg, dtype="float16")
+    convert_checkpoint(src, config=cfg, dtype="float16", force=True)
+    assert read_metadata(out)["adm_dtype"] == "float16"
+
+
+# -- never run pickled code ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["zip", "legacy", "mmagic-hub", "pickle"])
+@pytest.mark.parametrize("kind", ["os.system", "subprocess.Popen", "builtins.exec", "builtins.eval"])
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path, fmt, kind):
+    marker = tmp_path / "pwned"
+    src = write_malicious(tmp_path / "evil.pt", payloads(marker)[kind], fmt)
+    assert pickle_globals(src) & {"posix.system", "nt.system", "subprocess.Popen", "builtins.exec", "builtins.eval"}
+    with pytest.raises(UnsafePickleError, match="refused"):
+        convert_checkpoint(src, config=small("64x64"))
+    assert not marker.exists()
+    assert _only(tmp_path) == ["evil.pt"]
+
+
+def test_cli_refuses_malicious_file_in_one_line(tmp_path):
+    marker = tmp_path / "pwned"
+    src = write_malicious(tmp_path / "evil.pt", payloads(marker)["os.system"], "zip")
+    result = CliRunner().invoke(app, ["convert-weights", str(src), "--arch", "64x64_diffusion"])
+    assert result.exit_code == 1
+    assert result.output.count("\n") == 1 and "refused" in result.output and "system" in result.output
+    assert not marker.exists()
+
+
+# -- CLI and files given by path -------------------------------------------------------------------
+
+
+def test_convert_weights_help_documents_every_option():
+    result = CliRunner().invoke(app, ["convert-weights", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for option in ("--arch", "--config", "--dtype", "--force", "--quiet"):
+        assert option in result.output
+    assert result.output.count("default") >= 6
+
+
+def test_cli_adm_g_with_two_arch_flags_is_refused_without_both(tmp_path):
+    unet_cfg, clf_cfg = small("64x64"), small("64x64_classifier")
+    src = write_mmagic(tmp_path / "g.pth", unet=reference_model(unet_cfg).state_dict(),
+                       classifier=reference_model(clf_cfg).state_dict())
+    (tmp_path / "u.json").write_text(json.dumps(unet_cfg.to_dict()))
+    result = CliRunner().invoke(app, ["convert-weights", str(src), "--config", str(tmp_path / "u.json")])
+    assert result.exit_code == 1 and "holds a classifier" in result.output
+    assert _only(tmp_path) == ["g.pth", "u.json"]
+
+
+def test_ensure_converted_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADM_HOME", str(tmp_path / "home"))
+    cfg = small("256x256")
+    ref = reference_model(cfg)
+    src = write_openai(tmp_path / "custom.pt", ref.state_dict())
+    (tmp_path / "c.json").write_text(json.dumps({k: v for k, v in cfg.to_dict().items() if k != "kind"}))
+    out = ensure_converted_file(src, config=str(tmp_path / "c.json"), quiet=True)
+    assert out.is_relative_to(tmp_path / "home") and out.name == "unet.safetensors"
+    _assert_same_outputs(out, ref, cfg)
+    stamp = out.stat().st_mtime_ns
+    assert ensure_converted_file(src, config=str(tmp_path / "c.json"), quiet=True) == out
+    assert out.stat().st_mtime_ns == stamp
+    assert ensure_converted_file(out) == out  # already canonical
+    with pytest.raises(WeightsError, match="not a classifier"):
+        ensure_converted_file(src, config=str(tmp_path / "c.json"), role="classifier")

@@ -1,0 +1,118 @@
+"""The bundled demo models: offline loading, sampling shapes, and measured (not assumed) quality."""
+
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+from adm_cli import api
+from adm_cli.config import ClassifierConfig, UNetConfig
+from adm_cli.evaluation import (DEMO_FILES, balanced_labels, class_accuracy, demo_path, frechet_distance,
+                                gaussian_stats, load_eval_classifier, stratified_split)
+from adm_cli.models import Classifier, UNet
+from adm_cli.weights import load_model, read_config
+
+MODELS = ["demo-digits", "demo-digits-uncond", "demo-digits-classifier"]
+GUIDANCE = 4.0  # the scale the README recommends for demo-digits-uncond + demo-digits-classifier
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {name: load_model(demo_path(name)) for name in MODELS}
+
+
+@pytest.fixture(scope="module")
+def eval_net():
+    return load_eval_classifier()
+
+
+def test_bundled_files_are_small():
+    sizes = {name: demo_path(name).stat().st_size for name in DEMO_FILES}
+    assert sum(sizes[name] for name in MODELS) <= 10 * 2 ** 20, sizes
+    assert sizes["demo-digits-eval"] <= 2 * 2 ** 20, sizes
+
+
+def test_loading_needs_no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the bundled models must load without network access")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    cond, uncond, clf = (load_model(demo_path(name)) for name in MODELS)
+    assert isinstance(cond, UNet) and isinstance(uncond, UNet) and isinstance(clf, Classifier)
+    assert cond.config.class_cond and not uncond.config.class_cond
+    assert cond.config.num_classes == clf.config.num_classes == 10
+    assert all(p.dtype == torch.float32 for p in cond.parameters())
+    load_eval_classifier()
+    for name in MODELS:
+        cfg = read_config(demo_path(name))
+        assert isinstance(cfg, (UNetConfig, ClassifierConfig)) and cfg.image_size == 32
+        assert cfg.noise_schedule == "cosine" and cfg.diffusion_steps == 1000
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_short_sampling_runs_give_images(models, sampler):
+    settings = api.SamplerSettings(sampler=sampler, steps=3)
+    cond = api.generate(models["demo-digits"], num_samples=2, classes=[7, 1], seed=0, settings=settings)
+    uncond = api.generate(models["demo-digits-uncond"], num_samples=2, seed=0, settings=settings)
+    guided = api.generate(models["demo-digits-uncond"], num_samples=2, classes=[3, 3], seed=0,
+                          classifier=models["demo-digits-classifier"],
+                          settings=api.SamplerSettings(sampler=sampler, steps=3, guidance=GUIDANCE))
+    for out in (cond, uncond, guided):
+        assert out.images.shape == (2, 32, 32, 3) and out.images.dtype == np.uint8
+        # grey digits: the three channels agree to within rounding
+        assert np.abs(out.images.astype(int) - out.images[..., :1]).max() <= 8
+    assert list(cond.labels) == [7, 1] and list(guided.labels) == [3, 3]
+
+
+def test_guidance_turns_the_unconditional_model_into_a_conditional_one(models, eval_net):
+    """20 guided samples of one class, DDIM 10 steps: the evaluation classifier agrees on most."""
+    settings = api.SamplerSettings(sampler="ddim", steps=10, guidance=GUIDANCE)
+    out = api.generate(models["demo-digits-uncond"], num_samples=20, classes=[3] * 20, seed=0,
+                       classifier=models["demo-digits-classifier"], settings=settings, batch_size=20)
+    assert class_accuracy(eval_net, out.images, out.labels) >= 0.8
+
+
+def test_conditional_model_draws_the_requested_classes(models, eval_net):
+    labels = balanced_labels(2)
+    out = api.generate(models["demo-digits"], num_samples=20, classes=labels, seed=0,
+                       settings=api.SamplerSettings(sampler="ddim", steps=10), batch_size=20)
+    assert class_accuracy(eval_net, out.images, labels) >= 0.8
+
+
+def test_evaluation_classifier_held_out_accuracy(eval_net):
+    pytest.importorskip("sklearn")
+    from adm_cli.evaluation import load_digits
+
+    x, y = load_digits("test")
+    assert len(y) == 359
+    assert class_accuracy(eval_net, api.to_uint8(x), y) >= 0.95
+
+
+def test_split_is_stratified_disjoint_and_fixed():
+    labels = np.repeat(np.arange(10), [178, 182, 177, 183, 181, 182, 181, 179, 174, 180])
+    train, test = stratified_split(labels)
+    assert not set(train) & set(test) and len(train) + len(test) == len(labels)
+    assert np.array_equal(test, stratified_split(labels)[1])
+    counts = np.bincount(labels[test], minlength=10)
+    assert np.all(np.abs(counts - 0.2 * np.bincount(labels)) <= 0.5)
+
+
+def test_frechet_distance_known_answers():
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(400, 6))
+    stats = gaussian_stats(feats)
+    assert abs(frechet_distance(stats, stats)) < 1e-8
+    # Diagonal covariances: FD = |mu_a - mu_b|^2 + sum (sqrt(a_i) - sqrt(b_i))^2.
+    mu_a, mu_b = np.zeros(3), np.array([1.0, 2.0, 0.0])
+    var_a, var_b = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 9.0])
+    expected = 5.0 + 1.0 + 1.0
+    assert frechet_distance((mu_a, np.diag(var_a)), (mu_b, np.diag(var_b))) == pytest.approx(expected)
+    # A full covariance pair against scipy's matrix square root, where scipy is installed.
+    linalg = pytest.importorskip("scipy.linalg")
+    a, b = rng.normal(size=(6, 6)), rng.normal(size=(6, 6))
+    s_a, s_b = a @ a.T + 0.1 * np.eye(6), b @ b.T + 0.1 * np.eye(6)
+    mu = rng.normal(size=6)
+    ref = mu @ mu + np.trace(s_a + s_b - 2 * linalg.sqrtm(s_a @ s_b).real)
+    assert frechet_distance((mu, s_a), (np.zeros(6), s_b)) == pytest.approx(ref, rel=1e-6)

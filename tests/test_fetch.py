@@ -1,0 +1,236 @@
+"""`adm fetch` and the cache, against a loopback HTTP server (tests/http_server.py)."""
+
+import contextlib
+import hashlib
+import json
+import threading
+
+import pytest
+from typer.testing import CliRunner
+
+from adm_cli import cache, cli_weights, download  # noqa: F401 - cli_weights registers the commands
+from adm_cli.cache import cache_status, ensure_weights, fetch_entry, raw_path
+from adm_cli.cli import app
+from adm_cli.errors import ChecksumError, DownloadError, OfflineError
+from adm_cli.registry import load_registry
+from adm_cli.weights import load_model, read_metadata
+from http_server import FileServer
+from publishers import one_thread  # noqa: F401 - autouse fixture
+from publishers import inline_roles, reference_model, small, write_mmagic, write_openai
+
+DEAD = "http://127.0.0.1:9/origin/"  # the discard port: nothing answers, so only --mirror can work
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Checkpoints as published: an OpenAI .pt and an mmagic adm-g .pth (U-Net + classifier)."""
+    d = tmp_path_factory.mktemp("published")
+    unet, clf = reference_model(small("64x64")), reference_model(small("64x64_classifier"))
+    openai = write_openai(d / "tiny_64.pt", unet.state_dict()).read_bytes()
+    mmagic = write_mmagic(d / "g.pth", unet=unet.state_dict(), classifier=clf.state_dict()).read_bytes()
+    return {"tiny_64.pt": openai, "adm-g_tiny-64x64-%s.pth" % hashlib.sha256(mmagic).hexdigest()[:8]: mmagic}
+
+
+@pytest.fixture
+def server(files):
+    with FileServer(files) as s:
+        yield s
+
+
+def _registry(path, base: str, files: dict, *, sha: str | None = "published", default: bool = False) -> None:
+    """A registry of the test files: origin URLs under ``base``; sha256 published or not."""
+    (openai_name, openai), (mmagic_name, _) = files.items()
+    digest = {"published": f'sha256 = "{hashlib.sha256(openai).hexdigest()}"\n', None: ""}.get(sha, f'sha256 = "{sha}"\n')
+    path.write_text(
+        f'["tiny"]\npublisher = "openai"\nurls = ["{base}{openai_name}"]\n{digest}'
+        f'{inline_roles(unet="64x64")}\nnoise_schedule = "cosine"\nresolution = 32\nclass_cond = true\n'
+        f'classifier = "tiny-g"\nguidance = 1.0\nsampler = "ddpm"\nsteps = 250\ndefault = {str(default).lower()}\n\n'
+        f'["tiny-g"]\npublisher = "mmagic"\nurls = ["{base}{mmagic_name}"]\nsha256 = "{mmagic_name[-12:-4]}"\n'
+        f'{inline_roles(unet="64x64", classifier="64x64_classifier")}\nnoise_schedule = "cosine"\n')
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch, files):
+    """ADM_HOME and ADM_REGISTRY in tmp_path (origins dead: fetch through --mirror); fast retries."""
+    for var in ("ADM_MIRROR", "ADM_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("ADM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ADM_REGISTRY", str(tmp_path / "registry.toml"))
+    monkeypatch.setattr(download, "BACKOFF", 0.01)
+    monkeypatch.setattr(download, "TIMEOUT", 10.0)
+    _registry(tmp_path / "registry.toml", DEAD, files)
+    return tmp_path
+
+
+def _entry(name):
+    return load_registry().get(name)
+
+
+def _names(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_fetch_through_mirror_and_convert(env, server, files):
+    mmagic_name = list(files)[1]
+    clf = ensure_weights("tiny-g", "classifier", mirror=server.base, quiet=True)
+    unet = ensure_weights("tiny-g", "unet", mirror=server.base, quiet=True)
+    assert [r.name for r in server.requests] == [mmagic_name]  # one download serves both networks
+    assert load_model(clf).config == small("64x64_classifier") and load_model(unet).config == small("64x64")
+    meta = read_metadata(unet)
+    assert meta["adm_registry_name"] == "tiny-g"
+    assert meta["adm_source_sha256"] == hashlib.sha256(files[mmagic_name]).hexdigest()
+    raw = raw_path(_entry("tiny-g"))
+    assert raw.read_bytes() == files[mmagic_name]
+    assert json.loads(raw.with_name(raw.name + ".json").read_text())["sha256"] == meta["adm_source_sha256"]
+    assert cache_status(_entry("tiny-g")) == cache.CacheStatus(True, True)
+    assert ensure_weights("tiny-g", "unet", mirror=server.base) == unet and len(server.requests) == 1
+    assert sorted(p.name for p in raw.parent.iterdir()) == sorted(
+        [".lock", raw.name, raw.name + ".json", "unet.safetensors", "classifier.safetensors"])
+
+
+def test_mirror_from_environment(env, server, monkeypatch):
+    monkeypatch.setenv("ADM_MIRROR", server.base.rstrip("/"))
+    assert ensure_weights("tiny", quiet=True).name == "unet.safetensors"
+
+
+def test_broken_transfer_resumes_where_it_stopped(env, server, files):
+    _registry(env / "registry.toml", server.base, files)
+    server.modes["tiny_64.pt"] = "break"
+    raw, digest = fetch_entry(_entry("tiny"), quiet=True)
+    first, second = server.requests_for("tiny_64.pt")
+    assert first.range is None and 0 < first.sent < len(files["tiny_64.pt"])
+    assert second.range == f"bytes={first.sent}-" and second.status == 206
+    assert first.sent + second.sent == len(files["tiny_64.pt"])
+    assert raw.read_bytes() == files["tiny_64.pt"] and digest == hashlib.sha256(files["tiny_64.pt"]).hexdigest()
+
+
+def test_server_without_range_support_restarts_from_zero(env, server, files):
+    _registry(env / "registry.toml", server.base, files)
+    server.modes["tiny_64.pt"] = "norange"
+    raw = raw_path(_entry("tiny"))
+    raw.parent.mkdir(parents=True)
+    raw.with_name(raw.name + ".incomplete").write_bytes(b"x" * 1000)  # left by an interrupted run
+    fetch_entry(_entry("tiny"), quiet=True)
+    (only,) = server.requests_for("tiny_64.pt")
+    assert only.range == "bytes=1000-" and only.status == 200
+    assert raw.read_bytes() == files["tiny_64.pt"]
+    assert not list(raw.parent.glob("*.incomplete"))
+
+
+def test_interrupted_partial_is_resumed_by_the_next_run(env, server, files):
+    _registry(env / "registry.toml", server.base, files)
+    raw = raw_path(_entry("tiny"))
+    raw.parent.mkdir(parents=True)
+    raw.with_name(raw.name + ".incomplete").write_bytes(files["tiny_64.pt"][:5000])
+    fetch_entry(_entry("tiny"), quiet=True)
+    (only,) = server.requests_for("tiny_64.pt")
+    assert only.range == "bytes=5000-" and only.status == 206 and only.sent == len(files["tiny_64.pt"]) - 5000
+    assert raw.read_bytes() == files["tiny_64.pt"]
+
+
+def test_checksum_mismatch_deletes_the_download(env, server, files):
+    _registry(env / "registry.toml", server.base, files, sha="0" * 64)
+    actual = hashlib.sha256(files["tiny_64.pt"]).hexdigest()
+    with pytest.raises(ChecksumError, match=f"expected sha256 {'0' * 64}, got {actual}"):
+        ensure_weights("tiny", quiet=True)
+    assert _names(raw_path(_entry("tiny")).parent) == [".lock"]
+
+
+def test_first_download_checksum_is_recorded_and_enforced(env, server, files):
+    _registry(env / "registry.toml", server.base, files, sha=None)
+    raw, digest = fetch_entry(_entry("tiny"), quiet=True)
+    record = json.loads(raw.with_name(raw.name + ".json").read_text())
+    assert record["sha256"] == digest and record["published_checksum"] is False
+    raw.write_bytes(b"tampered" + raw.read_bytes()[8:])  # a damaged cache file is noticed ...
+    assert fetch_entry(_entry("tiny"), quiet=True)[1] == digest  # ... and fetched again
+    raw.unlink()
+    server.files["tiny_64.pt"] = b"different bytes under the same name"
+    with pytest.raises(ChecksumError, match="recorded at the first download"):
+        fetch_entry(_entry("tiny"), quiet=True)
+    assert not raw.exists()
+
+
+def test_404_fails_fast_naming_the_url(env, server, files):
+    _registry(env / "registry.toml", server.base + "missing/", files)
+    with pytest.raises(DownloadError, match=f"404.*{server.base}missing/tiny_64.pt"):
+        ensure_weights("tiny", quiet=True)
+    assert len(server.requests) == 1
+
+
+def test_server_errors_are_retried(env, server, files):
+    _registry(env / "registry.toml", server.base, files)
+    server.modes["tiny_64.pt"] = "flaky"
+    raw, _ = fetch_entry(_entry("tiny"), quiet=True)
+    assert [r.status for r in server.requests] == [500, 500, 200]
+    assert raw.read_bytes() == files["tiny_64.pt"]
+
+
+def _fetch_twice_at_once(env, server):
+    server.chunk_delay = 0.01
+    results, errors = [], []
+
+    def run():
+        try:
+            results.append(fetch_entry(_entry("tiny"), mirror=server.base, quiet=True))
+        except Exception as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors and len(results) == 2 and results[0] == results[1]
+    return results[0][0]
+
+
+def test_two_concurrent_fetches_download_once(env, server, files):
+    raw = _fetch_twice_at_once(env, server)
+    assert raw.read_bytes() == files["tiny_64.pt"]
+    assert len(server.requests_for("tiny_64.pt")) == 1  # the second waited on the lock, then reused
+
+
+def test_concurrent_fetches_stay_correct_without_the_lock(env, server, files, monkeypatch):
+    monkeypatch.setattr(cache, "file_lock", lambda *a, **k: contextlib.nullcontext())
+    raw = _fetch_twice_at_once(env, server)
+    assert len(server.requests_for("tiny_64.pt")) == 2  # duplicated work, never a corrupt file
+    assert raw.read_bytes() == files["tiny_64.pt"]
+    assert not list(raw.parent.glob("*.incomplete"))
+
+
+def test_offline_is_one_clear_line(env, server, monkeypatch):
+    with pytest.raises(OfflineError, match="run `adm fetch tiny` with network access"):
+        ensure_weights("tiny", offline=True, mirror=server.base)
+    monkeypatch.setenv("ADM_OFFLINE", "1")
+    result = CliRunner().invoke(app, ["fetch", "tiny", "--mirror", server.base])
+    assert result.exit_code == 1 and result.output.count("\n") == 1 and "adm fetch tiny" in result.output
+    assert server.requests == []
+
+
+def test_cli_fetch_res_then_models(env, server, files):
+    _registry(env / "registry.toml", DEAD, files, default=True)
+    runner = CliRunner()
+    result = runner.invoke(app, ["fetch", "--res", "32", "--mirror", server.base, "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert sorted(r.name for r in server.requests) == sorted(files)  # the model and its classifier
+    result = runner.invoke(app, ["models"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    rows = {line.split()[1]: line for line in result.output.splitlines() if "tiny" in line}
+    assert "converted" in rows["tiny"] and "converted" in rows["tiny-g"]
+    result = runner.invoke(app, ["fetch", "tiny", "--all"])
+    assert result.exit_code == 2 and "one of them" in result.output
+
+
+def test_cli_fetch_no_convert_with_progress(env, server):
+    result = CliRunner().invoke(app, ["fetch", "tiny", "--no-convert"], env={"ADM_MIRROR": server.base})
+    assert result.exit_code == 0, result.output
+    assert "tiny: " in result.output and "sha256" in result.output and "unet:" not in result.output
+    assert cache_status(_entry("tiny")) == cache.CacheStatus(fetched=True, converted=False)
+
+
+def test_fetch_help_documents_every_option():
+    result = CliRunner().invoke(app, ["fetch", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for option in ("--res", "--all", "--mirror", "--offline", "--no-convert", "--quiet", "ADM_MIRROR", "ADM_OFFLINE"):
+        assert option in result.output
+    assert result.output.count("default") >= 6
