@@ -54,7 +54,7 @@ def sample(
     upsample: bool = typer.Option(False, "--upsample", help="Two stages: ADM-G at 64 (128) then the 64->256 (128->512) upsampler, same classes. Off by default."),
     batch_size: str = typer.Option("auto", "--batch-size", help="Images per batch, or 'auto' (largest that fits free device memory)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16/float16 on GPU, float32 on CPU), float32, float16, bfloat16."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (float16 on CUDA, float32 elsewhere), float32, float16, bfloat16."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the networks (faster steps after a warm-up of tens of seconds). Off by default."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder. Default: a new timestamped folder under ./samples/."),
     nrow: Optional[int] = typer.Option(None, "--nrow", help="Images per grid row. Default: near-square."),
