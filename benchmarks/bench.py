@@ -20,7 +20,7 @@ plus the side's own weights (what a process running only that side would hold); 
 from __future__ import annotations
 
 import argparse
-import copy
+import gc
 import json
 import os
 import statistics
@@ -141,7 +141,10 @@ def make_case(case: Case, args, device: torch.device):
     if case.classifier:
         ccfg = PRESETS[case.classifier].replace(**case.small_clf) if small else PRESETS[case.classifier]
         ours_c, ref_c = build_pair(ccfg, reference_classifier, 1, device)
-    ours_u, ours_c = fast.prepare_models(ours_u, ours_c, device=device, dtype=args.dtype, compile=args.compile)
+    how = (args.compile_mode or True) if args.compile else False
+    layout = {"auto": None, "on": True, "off": False}[args.channels_last]
+    ours_u, ours_c = fast.prepare_models(ours_u, ours_c, device=device, dtype=args.dtype, compile=how,
+                                         channels_last=layout)
     if device.type == "cuda":  # the reference's own half-precision mode (what use_fp16 does)
         for m in (ref_u, ref_c):
             if m is not None:
@@ -241,6 +244,8 @@ def run_case(case: Case, args, device: torch.device) -> dict:
             side.timed(device)
         print(f"  repeat {r}: ours {ours.times[-1] * 1e3:.1f} ms, ref {ref.times[-1] * 1e3:.1f} ms per step",
               file=sys.stderr, flush=True)
+    if args.profile:
+        profile(ours, device, f"{args.profile}.{case.name}.txt")
     name, peak = device_peak(device)
     row = {"case": case.name, "device": name, "image_size": cfg.image_size, "batch": batch,
            "repeats": args.repeats, "steps_timed": ours.steps, "ours_warmup_s": round(warm_s, 2),
@@ -254,6 +259,21 @@ def run_case(case: Case, args, device: torch.device) -> dict:
                     f"{label}_tflops": tflops, f"{label}_peak_frac": None if peak is None else tflops / peak})
     row["speedup"] = row["ref_ms"] / row["ours_ms"]
     return row
+
+
+def profile(side: Side, device: torch.device, path: str) -> None:
+    """Where one timed run of ``side`` spends its time, by operator (torch.profiler), to a file."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    with torch_profile(activities=activities) as prof:
+        side.run()
+        sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=60))
 
 
 def fmt(v, spec: str) -> str:
@@ -288,6 +308,13 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default="auto", help="ours: auto, float32, bfloat16, float16")
     p.add_argument("--compile", action="store_true", help="ours with torch.compile (warm-up reported)")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode for --compile (e.g. max-autotune)")
+    p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
+                   help="ours: activation layout (auto: fast.prepare's choice for the device)")
+    p.add_argument("--gn-upcast", action="store_true", help="ours: GroupNorm through an explicit float32 "
+                   "copy, as the reference does (default on CUDA: the native half-precision kernel)")
+    p.add_argument("--profile", default=None, metavar="PREFIX", help="also profile one run of ours per case "
+                   "(torch.profiler) into PREFIX.<case>.txt")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the rows as JSON")
@@ -303,26 +330,37 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in CASES]
     if unknown:
         p.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    if args.gn_upcast:
+        from adm_cli import layers
+        layers.NATIVE_HALF_GROUPNORM = False
     torch.manual_seed(0)
-    rows = []
-    for n in names:
-        rows.append(run_case(CASES[n], args, device))
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
     dev, peak = device_peak(device)
     mode = "cpu-small" if args.cpu_small else "full"
+    ours_desc = (f"{fast.resolve_dtype(args.dtype, device)}".replace("torch.", "")
+                 + (f" + compile ({args.compile_mode or 'default'})" if args.compile else "")
+                 + (" + GroupNorm upcast" if args.gn_upcast else "")
+                 + ("" if args.channels_last == "auto" else f", channels_last {args.channels_last}"))
+    rows, failed = [], []
+    for n in names:
+        try:
+            rows.append(run_case(CASES[n], args, device))
+        except Exception as e:  # noqa: BLE001 - one broken case must not lose the others' numbers
+            failed.append(n)
+            print(f"{n}: FAILED: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        gc.collect()  # free this case's four networks before the next case builds its own
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if args.json:  # after every case, so a run cut short keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump({"device": dev, "peak_tflops": peak, "torch": torch.__version__, "mode": mode,
+                           "ours": ours_desc, "compile": args.compile, "rows": rows, "failed": failed}, f,
+                          indent=2)
     print(f"device: {dev} ({'peak ' + str(peak) + ' TFLOP/s bf16' if peak else 'peak unknown'}), "
-          f"torch {torch.__version__}, threads {torch.get_num_threads()}, mode {mode}, ours dtype "
-          f"{fast.resolve_dtype(args.dtype, device)}{' + compile' if args.compile else ''}, "
+          f"torch {torch.__version__}, threads {torch.get_num_threads()}, mode {mode}, ours {ours_desc}, "
           f"reference {'fp16' if device.type == 'cuda' else 'float32'}; medians of {args.repeats}, "
           f"{args.steps} steps per timed run; speedup = ref ms / ours ms")
     print(table(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": dev, "peak_tflops": peak, "torch": torch.__version__, "mode": mode,
-                       "dtype": str(fast.resolve_dtype(args.dtype, device)), "compile": args.compile,
-                       "rows": rows}, f, indent=2)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

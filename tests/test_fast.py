@@ -9,9 +9,14 @@ Measured with these tiny networks (CPU, torch 2.13; 3 weight seeds), float32 exa
   6-7 (1.0-1.5 levels on average over the 27-40% of pixels that are not clipped to 0 or 255).
   Random networks do not denoise (most pixels end clipped), so their trajectories are more
   sensitive than a trained model's. Bounds below leave ~1.5x headroom over the worst seen.
+- The trained demo model (``demo-digits``, 32x32, + its classifier), 8 images, DDIM 10 and 25
+  steps, unguided and guided at scale 2: float16 at most 1 level (mean 0.015-0.027), bfloat16 at
+  most 2-3 levels (mean 0.24-0.32, 99th percentile 1-2), float32 at most 1 (mean 0.000).
 """
 
 import copy
+import functools
+import importlib.resources
 
 import numpy as np
 import pytest
@@ -24,7 +29,7 @@ from adm_cli.guidance import classifier_grad
 from adm_cli.models import build_model, set_exact_attention
 from conftest import randomize
 
-TINY = {  # one per attention order, plus an upsampler (low_res input)
+TINY = {  # both attention orders, an upsampler (low_res input), Upsample/Downsample modules
     "new-order": get_preset("64x64_diffusion").replace(
         num_channels=32, num_res_blocks=1, image_size=16, channel_mult="1,2", attention_resolutions="8",
         num_head_channels=32, num_classes=10),
@@ -34,6 +39,10 @@ TINY = {  # one per attention order, plus an upsampler (low_res input)
     "upsampler": get_preset("64_256_upsampler").replace(
         num_channels=32, num_res_blocks=1, image_size=16, small_size=8, channel_mult="1,2",
         attention_resolutions="8", num_classes=10),
+    "conv-resampling": get_preset("256x256_diffusion").replace(
+        num_channels=32, num_res_blocks=1, image_size=16, channel_mult="1,2", attention_resolutions="8",
+        num_head_channels=32, num_classes=10, use_scale_shift_norm=False, resblock_updown=False,
+        learn_sigma=False),
 }
 TINY_CLF = ClassifierConfig(image_size=16, classifier_width=32, classifier_depth=1, channel_mult="1,2",
                             classifier_attention_resolutions="8", num_head_channels=32, num_classes=10,
@@ -68,7 +77,11 @@ def rel_norm(a, b):
 def test_resolve_dtype():
     assert fast.resolve_dtype("auto", "cpu") == torch.float32
     assert fast.resolve_dtype(None, "cpu") == torch.float32
-    assert fast.resolve_dtype("auto", "cuda") == fast.AUTO_CUDA_DTYPE  # no device needed to decide
+    assert fast.resolve_dtype("auto", "cuda") == fast.AUTO_CUDA_DTYPE == torch.float16  # no device needed
+    # the classifier's input gradient is far more accurate in bfloat16 (see fast.py)
+    assert fast.resolve_dtype("auto", "cuda", classifier=True) == torch.bfloat16
+    assert fast.resolve_dtype("fp16", "cuda", classifier=True) == torch.float16  # explicit wins
+    assert fast.resolve_dtype("auto", "cpu", classifier=True) == torch.float32
     assert fast.resolve_dtype("bf16", "cpu") == torch.bfloat16
     assert fast.resolve_dtype("Float16", "cuda") == torch.float16
     assert fast.resolve_dtype(torch.float32, "cuda") == torch.float32
@@ -131,20 +144,53 @@ def test_half_precision_model_output_error(dtype):
     assert rel_norm(a, b) <= OUTPUT_BOUNDS[dtype]
 
 
+@functools.lru_cache(maxsize=None)
+def short_ddim_run(guided: bool, dtype: str | None) -> np.ndarray:
+    """uint8 images of a 10-step DDIM run through the public API (dtype None: the exact path)."""
+    unet, clf = exact(TINY["new-order"]), exact(TINY_CLF, seed=4)
+    if dtype is not None:
+        unet, clf = fast.prepare_models(unet, clf, device="cpu", dtype=dtype)
+    settings = api.SamplerSettings("ddim", respacing="ddim10", guidance=2.0 if guided else 0.0)
+    out = api.generate(unet, classifier=clf, num_samples=4, seed=3, classes=[1, 2, 3, 4], settings=settings,
+                       batch_size=4)
+    return out.images.astype(int)
+
+
 @pytest.mark.parametrize("guided", [False, True], ids=["unguided", "guided"])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_short_ddim_run_uint8_levels(dtype, guided):
-    """10 DDIM steps through the public API: fast path vs the float32 exact path."""
-    unet, clf = exact(TINY["new-order"]), exact(TINY_CLF, seed=4)
-    settings = api.SamplerSettings("ddim", respacing="ddim10", guidance=2.0 if guided else 0.0)
-    run = dict(num_samples=4, seed=3, classes=[1, 2, 3, 4], settings=settings, batch_size=4)
-    want = api.generate(unet, classifier=clf, **run).images.astype(int)
-    fu, fc = fast.prepare_models(copy.deepcopy(unet), copy.deepcopy(clf), device="cpu", dtype=dtype)
-    got = api.generate(fu, classifier=fc, **run).images.astype(int)
+    """10 DDIM steps: fast path vs the float32 exact path, as uint8 images."""
+    want, got = short_ddim_run(guided, None), short_ddim_run(guided, dtype)
     diff = np.abs(got - want)
     max_levels, mean_levels = UINT8_BOUNDS[dtype]
     assert diff.max() <= max_levels, (diff.max(), diff.mean())
     assert diff.mean() <= mean_levels, (diff.max(), diff.mean())
+
+
+DEMO = importlib.resources.files("adm_cli") / "demo"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (DEMO / "demo-digits.safetensors").is_file(), reason="demo weights not built")
+@pytest.mark.parametrize("dtype,max_levels,mean_levels", [("float16", 2, 0.06), ("bfloat16", 5, 0.5)])
+def test_trained_demo_model_uint8_levels(dtype, max_levels, mean_levels):
+    """The same check on trained weights (the bundled digits demo), guided: a few levels at most."""
+    diff = np.abs(demo_run(dtype) - demo_run(None))
+    assert diff.max() <= max_levels and diff.mean() <= mean_levels, (diff.max(), diff.mean())
+
+
+@functools.lru_cache(maxsize=None)
+def demo_run(dtype: str | None) -> np.ndarray:
+    from adm_cli.weights import load_model
+
+    unet = set_exact_attention(load_model(DEMO / "demo-digits.safetensors"), True)
+    clf = set_exact_attention(load_model(DEMO / "demo-digits-classifier.safetensors"), True)
+    if dtype is not None:
+        unet, clf = fast.prepare_models(unet, clf, device="cpu", dtype=dtype)
+    settings = api.SamplerSettings("ddim", respacing="ddim10", guidance=2.0)
+    out = api.generate(unet, classifier=clf, num_samples=4, seed=0, classes=[0, 1, 2, 3], batch_size=4,
+                       settings=settings)
+    return out.images.astype(int)
 
 
 def test_auto_batch_size_on_cpu(monkeypatch):
@@ -196,9 +242,9 @@ def test_gpu_guided_sampling_never_synchronises():
     cfg = TINY["new-order"]
     unet, clf = fast.prepare_models(exact(cfg), exact(TINY_CLF, seed=4), device="cuda", dtype="auto")
     sched = Schedule.create(cfg.noise_schedule, cfg.diffusion_steps, "5")
-    sched.tables("cuda")  # the tables are copied to the device once, before the loop
     noise = SampleNoise([0, 1], "cuda")
     x = noise.initial((3, 16, 16))
+    sched.tables(x.device)  # copied to the device once, before the loop (keyed by "cuda:0")
     y = torch.tensor([1, 2], device="cuda")
     fn = classifier_guidance(Denoiser(unet, sched, y=y), clf, sched, y, 1.0)
     torch.cuda.synchronize()

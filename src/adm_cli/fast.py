@@ -8,14 +8,26 @@ into its fast form *in place* (parameter names and shapes stay OpenAI's, so ``st
   kernels on GPU, the flash kernel on CPU) instead of an explicit T x T matrix;
 - fp16 (or bf16) convolution and linear weights and activations on GPU, with the GroupNorm
   parameters, the timestep/class embeddings and GroupNorm statistics kept in float32, as the
-  reference's own fp16 mode does; the samplers' arithmetic stays float32;
-- channels_last (NHWC) weights and activations: oneDNN (CPU) and cuDNN (tensor cores) run their
-  fastest convolutions in it, and the attention blocks read NHWC as [N, T, C] tokens for free;
+  reference's own fp16 mode does; the samplers' arithmetic stays float32. "auto" gives the U-Net
+  float16 and the classifier bfloat16 (see ``AUTO_CUDA_CLASSIFIER_DTYPE``);
+- on GPU, GroupNorm called on the half-precision tensor (CUDA's kernel accumulates in float32)
+  rather than through a float32 copy: measured 345 vs 403 ms per guided 512x512 step;
+- layout: channels_last (NHWC) on CPU, where oneDNN runs its fastest convolutions in it and the
+  attention blocks read NHWC as [N, T, C] tokens for free; NCHW for eager CUDA, whose GroupNorm
+  kernel reads NCHW only (NHWC cost 41% of the GPU time in layout copies: 345 -> 234 ms per
+  guided 512x512 step on an H200 when removed); NHWC again under ``torch.compile``;
+- cuDNN autotuning (``cudnn.benchmark``) on CUDA: shapes are fixed for a whole run;
 - parameters frozen (``requires_grad`` False): the classifier's input gradient then skips every
   weight-gradient computation and the activations kept only for them;
+- on CPU (float32), U-Net convolutions with their weights reordered for oneDNN once
+  (``PrepackedConv2d``) instead of on every call;
 - optional ``torch.compile`` (``compile=True``): fuses GroupNorm + SiLU + the AdaGN scale-shift
-  and the residual adds into the convolutions' neighbours. Its warm-up is paid on the first call
-  of each new batch shape: about a minute per network on a GPU, several minutes on a CPU.
+  and the residual adds. Its warm-up is paid on the first call of each new batch shape (and
+  again for a smaller last batch). Measured on an H200 (512x512 model + classifier, batch 8):
+  147 s of warm-up, then 148 ms per guided step against 234 ms eager -- worth it from about
+  1,700 steps on (7 batches of 250 steps: ~55 images at batch 8). On this project's 2-core
+  CPU: ~70 s for a tiny U-Net, ~280 s for the full 64x64 U-Net, with no faster steps
+  afterwards. So it is off by default (``adm sample --compile`` turns it on).
   ``compile="reduce-overhead"`` also replays CUDA graphs (GPU only; ignored on CPU).
 
 ``exact=True`` keeps the reference's arithmetic (einsum attention, float32) for bit-level
@@ -28,6 +40,7 @@ import os
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import UsageError
@@ -42,21 +55,32 @@ _DTYPES = {
 
 
 # What "auto" picks on CUDA. float16, not bfloat16: the same tensor-core rate on every GPU that
-# has both, and 3 more mantissa bits. Measured on random weights (tests/test_fast.py): model
-# output error 0.2% (fp16) vs 1.7% (bf16) of float32; after a 10-step DDIM run the uint8 images
-# differ by at most 2 levels (fp16) vs up to ~20 (bf16). ADM was trained and sampled by OpenAI in
-# float16 (``--use_fp16 True``), so its activations fit fp16's range; GroupNorm statistics,
-# the embeddings and the samplers' arithmetic stay float32 either way.
+# has both, and 3 more mantissa bits. Measured on CPU (tests/test_fast.py): model output error
+# 0.2% (fp16) vs 1.5% (bf16) of float32; uint8 images after 10-25 DDIM steps of the trained demo
+# model differ by at most 1 level (fp16, mean 0.02) vs 3 (bf16, mean 0.3), and on random weights
+# by 2 vs ~17. ADM was trained and sampled by OpenAI in float16 (``--use_fp16 True``), so its
+# activations fit fp16's range; GroupNorm statistics, the embeddings and the samplers'
+# arithmetic stay float32 either way. Set this to torch.bfloat16 to prefer range over precision.
 AUTO_CUDA_DTYPE = torch.float16
+# ... but the classifier's *input gradient* came out far worse in float16 than in bfloat16 on an
+# H200 (benchmarks/accuracy.py, random weights, relative error vs float32: 512x512 classifier
+# 22% fp16 vs 4.4% bf16; 64x64 7.3% vs 3.0%; loss scaling and float32 GroupNorm did not change
+# the fp16 figure, so it is not underflow in the backward). Both run at the same tensor-core
+# rate, so "auto" gives the classifier bfloat16.
+AUTO_CUDA_CLASSIFIER_DTYPE = torch.bfloat16
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str, *,
+                  classifier: bool = False) -> torch.dtype:
     """The weight/activation dtype for ``device``: "auto" (or None) picks ``AUTO_CUDA_DTYPE`` on
-    CUDA and float32 elsewhere (CPU, MPS: their half-precision convolutions are emulated or
-    partial, slower than float32). Explicit names: float32/fp32, bfloat16/bf16, float16/fp16."""
+    CUDA (``AUTO_CUDA_CLASSIFIER_DTYPE`` for a classifier) and float32 elsewhere (CPU, MPS: their
+    half-precision convolutions are emulated or partial, slower than float32). Explicit names:
+    float32/fp32, bfloat16/bf16, float16/fp16."""
     device = torch.device(device)
     if dtype is None or dtype == "auto":
-        return AUTO_CUDA_DTYPE if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        return AUTO_CUDA_CLASSIFIER_DTYPE if classifier else AUTO_CUDA_DTYPE
     if isinstance(dtype, torch.dtype):
         if dtype not in _DTYPES.values():
             raise UsageError(f"unsupported dtype {dtype} (choose float32, bfloat16 or float16)")
@@ -84,8 +108,8 @@ def prepare(model: nn.Module, *, device: torch.device | str | None = None, dtype
     """Make ``model`` (a UNet or Classifier) fast for inference, in place; returns it.
 
     ``device``: where to run (default: where the model is). ``dtype``: "auto", "float32",
-    "bfloat16" or "float16" (see ``resolve_dtype``). ``channels_last``: default on (measured
-    faster on CPU with oneDNN and the usual choice for tensor cores). ``compile``: False, True, or
+    "bfloat16" or "float16" (see ``resolve_dtype``). ``channels_last``: default on for CPU and for
+    compiled models, off for eager CUDA (see the comment below; measured both ways on an H200). ``compile``: False, True, or
     a torch.compile mode such as "max-autotune" / "reduce-overhead" (the latter replays CUDA
     graphs; CPU falls back to the default mode). ``exact``: the reference's attention arithmetic
     (for comparisons; slower). ``prepack``: CPU float32 only, default on for a U-Net without
@@ -94,7 +118,7 @@ def prepare(model: nn.Module, *, device: torch.device | str | None = None, dtype
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
-    dt = resolve_dtype(dtype, device)
+    dt = resolve_dtype(dtype, device, classifier=isinstance(model, Classifier))
     model.eval().requires_grad_(False)
     if dt != torch.float32:  # cast before the move: half the bytes cross to the device
         model.to(dtype=dt)
@@ -102,7 +126,11 @@ def prepare(model: nn.Module, *, device: torch.device | str | None = None, dtype
             m.float()
     model.to(device=device)
     if channels_last is None:
-        channels_last = True
+        # CPU: oneDNN's convolutions are fastest in NHWC. CUDA eager: no, because CUDA's
+        # GroupNorm kernel only reads NCHW, so every norm would copy NHWC -> NCHW and the next
+        # conv copy back (measured on an H200, 512x512 guided step: 41% of GPU time in those
+        # copies). Under torch.compile the norms are generated kernels and NHWC costs nothing.
+        channels_last = device.type != "cuda" or bool(compile)
     if channels_last:
         model.to(memory_format=torch.channels_last)  # 4-D weights only; models.py follows the input conv
     set_exact_attention(model, exact)
@@ -113,6 +141,10 @@ def prepare(model: nn.Module, *, device: torch.device | str | None = None, dtype
             if type(m) is nn.Conv2d and m.padding_mode == "zeros" and isinstance(m.padding, tuple):
                 m.__class__ = PrepackedConv2d
                 m._packed = m._packed_key = None
+    if device.type == "cuda":
+        # Fixed shapes for a whole run: let cuDNN time its convolution algorithms once per shape
+        # and keep the fastest (a process-wide switch; it costs a few ms on each new shape).
+        torch.backends.cudnn.benchmark = True
     if compile:
         _compile(model, device, compile)
     return model
@@ -122,19 +154,22 @@ class PrepackedConv2d(nn.Conv2d):
     """A CPU Conv2d that reorders its weight into oneDNN's blocked layout once, not every call.
 
     Eager PyTorch hands oneDNN the plain OIHW weight and oneDNN reorders it on every call: for the
-    64x64 U-Net that is ~1.1 GB of weights rewritten per forward. This keeps the reordered copy
+    64x64 U-Net that is 0.87 GiB of weights rewritten per forward (1.7 GiB for 512x512), and the
+    packed copy costs that much RAM once. This keeps the reordered copy
     (keyed by input shape and weight version, so a new batch size or a reloaded state_dict
     repacks) and calls the same oneDNN convolution that torch.compile's CPU backend uses. Same
-    parameters and state_dict; bit-identical outputs. Used only when no autograd graph is being
-    recorded (the op has no backward) -- otherwise it is an ordinary Conv2d.
+    parameters and state_dict; bit-identical outputs (measured: the 64x64 U-Net forward at batch 4
+    equal to the last bit), ~10% faster forwards on 2 cores. Used only when no autograd graph is
+    being recorded (the op has no backward) -- otherwise it is an ordinary Conv2d.
     """
 
     _packed: torch.Tensor | None
     _packed_key: tuple | None
+    _bias4: torch.Tensor | None = None
 
     def __getstate__(self):  # copies and pickles drop the cache (oneDNN tensors do not copy)
         state = super().__getstate__()
-        return {**state, "_packed": None, "_packed_key": None}
+        return {**state, "_packed": None, "_packed_key": None, "_bias4": None}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
@@ -149,6 +184,49 @@ class PrepackedConv2d(nn.Conv2d):
         return torch.ops.mkldnn._convolution_pointwise(
             x, self._packed, self.bias, list(self.padding), list(self.stride), list(self.dilation), self.groups,
             "none", [], "")
+
+    def upsampled(self, x: torch.Tensor) -> torch.Tensor:
+        """self(nearest 2x upsample of x) without the upsample (``layers.upsample_conv``).
+
+        Output pixel (2i + a, 2j + b) of a 3x3 conv over the upsampled image sees only 2x2
+        distinct input pixels; summing the kernel taps that land on the same pixel gives four
+        2x2 kernels (one per parity a, b), computed as one conv with 4x the output channels at
+        the low resolution: 16/36 of the multiply-adds. Equal to the upsample-then-conv result
+        up to float rounding (the taps are summed first), ~3e-6 relative.
+        """
+        w = self.weight
+        if (torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32
+                or self.kernel_size != (3, 3) or self.stride != (1, 1) or self.padding != (1, 1)
+                or self.dilation != (1, 1) or self.groups != 1):
+            return self(F.interpolate(x, scale_factor=2, mode="nearest"))
+        key = ("up", tuple(x.shape), w._version, w.data_ptr())
+        if self._packed_key != key:
+            folded = _fold_for_upsample(w.detach())
+            self._packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                folded.to_mkldnn(), [1, 1], [1, 1], [1, 1], 1, list(x.shape))
+            self._bias4 = None if self.bias is None else self.bias.detach().repeat(4)
+            self._packed_key = key
+        n, _, h, wd = x.shape
+        o = w.shape[0]
+        y = torch.ops.mkldnn._convolution_pointwise(x, self._packed, self._bias4, [1, 1], [1, 1], [1, 1], 1,
+                                                    "none", [], "")  # [N, 4O, h + 1, w + 1]
+        out = torch.empty(n, o, 2 * h, 2 * wd, dtype=y.dtype, memory_format=torch.channels_last)
+        for k, (a, b) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+            out[:, :, a::2, b::2] = y[:, k * o:(k + 1) * o, a:a + h, b:b + wd]
+        return out
+
+
+def _fold_for_upsample(w: torch.Tensor) -> torch.Tensor:
+    """[O, I, 3, 3] -> [4O, I, 2, 2]: per output parity (a, b), the taps that read the same
+    low-resolution pixel, summed. Parity 0 reads rows (i-1, i) with taps (0, 1+2); parity 1
+    reads rows (i, i+1) with taps (0+1, 2); a 2x2 conv with padding 1 gives both."""
+    groups = (((0,), (1, 2)), ((0, 1), (2,)))
+    kernels = []
+    for a, b in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        rows = [w[:, :, list(r)].sum(2) for r in groups[a]]  # each [O, I, 3]
+        kernels.append(torch.stack([torch.stack([r[:, :, list(c)].sum(2) for c in groups[b]], -1)
+                                    for r in rows], -2))  # [O, I, 2, 2]
+    return torch.cat(kernels).contiguous(memory_format=torch.channels_last)
 
 
 _PREPACK_OK: bool | None = None

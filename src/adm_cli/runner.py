@@ -267,7 +267,7 @@ def _load(stage: Stage, plan: RunPlan):
     from . import fast
     from .weights import load_model
 
-    dtype = fast.resolve_dtype(plan.dtype, plan.device)
+    dtype = plan.dtype  # "auto" is resolved per network (the classifier may get another half type)
     unet = fast.prepare(load_model(stage.unet_path), device=plan.device, dtype=dtype, compile=plan.compile)
     clf = None
     if stage.classifier_path is not None:
@@ -315,6 +315,9 @@ def execute(plan: RunPlan, *, indices: list[int] | None = None,
         base = writer
     seconds = time.perf_counter() - start
     dtype = str(fast.resolve_dtype(plan.dtype, plan.device)).replace("torch.", "")
+    clf_dtype = str(fast.resolve_dtype(plan.dtype, plan.device, classifier=True)).replace("torch.", "")
+    if clf_dtype != dtype and any(s.classifier_path is not None for s in plan.stages):
+        dtype += f" (classifier {clf_dtype})"
     run_info = {**info, "seconds": round(seconds, 3), "torch": torch.__version__,
                 "python": platform.python_version(), "resolved_dtype": dtype,
                 "processes": team.world_size, "computed": computed}

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One lent-GPU session: GPU tests, accuracy of the fast path, and the speed tables, in one call.
+#   bash benchmarks/gpu_session.sh OUTDIR
+# Needs guided_diffusion importable (the device machine has no registry: carry a copy of the
+# package in .gd/ and it is put on PYTHONPATH). Each step has its own time limit, so one that
+# hangs or breaks cannot cost the others their numbers; results land in OUTDIR as they come.
+OUT=${1:-${OUT:-/tmp/adm-gpu}}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD/src:$PWD/tests:$PWD/.gd${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+LOG=$OUT/session.log
+step() { local limit=$1; shift; echo "=== $* (limit ${limit}s) $(date +%T)" | tee -a "$LOG"
+         timeout "$limit" "$@" 2>&1 | tee -a "$LOG"; echo "=== exit ${PIPESTATUS[0]} $(date +%T)" | tee -a "$LOG"; }
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2>&1 | tee -a "$LOG"
+python3 -c "import torch, guided_diffusion; print('torch', torch.__version__, torch.cuda.get_device_name())" 2>&1 | tee -a "$LOG"
+CASES=ddpm-512-guided,ddpm-64-guided,ddim-256
+if [ "${ADM_GPU_QUICK:-0}" = 0 ]; then
+  step 60 python3 -m pytest -v -p no:cacheprovider -m gpu tests/test_fast.py
+fi
+step 50 python3 benchmarks/accuracy.py --json "$OUT/accuracy.json"
+step 25 python3 benchmarks/accuracy.py --models 512 --dtypes float16 --gn-upcast --json "$OUT/accuracy-upcast.json"
+step 80 python3 benchmarks/bench.py --device cuda --cases $CASES --repeats 5 --json "$OUT/eager.json"
+step 170 python3 benchmarks/bench.py --device cuda --cases ddpm-512-guided,ddpm-64-guided --repeats 5 \
+    --no-flops --compile --channels-last off --json "$OUT/compile-nchw.json"
+if [ "${ADM_GPU_QUICK:-0}" = 0 ]; then
+  step 200 python3 benchmarks/bench.py --device cuda --cases $CASES --repeats 5 --no-flops --compile \
+      --json "$OUT/compile.json"
+fi
