@@ -9,9 +9,10 @@ Measured with these tiny networks (CPU, torch 2.13; 3 weight seeds), float32 exa
   6-7 (1.0-1.5 levels on average over the 27-40% of pixels that are not clipped to 0 or 255).
   Random networks do not denoise (most pixels end clipped), so their trajectories are more
   sensitive than a trained model's. Bounds below leave ~1.5x headroom over the worst seen.
-- The trained demo model (``demo-digits``, 32x32, + its classifier), 8 images, DDIM 10 and 25
-  steps, unguided and guided at scale 2: float16 at most 1 level (mean 0.015-0.027), bfloat16 at
-  most 2-3 levels (mean 0.24-0.32, 99th percentile 1-2), float32 at most 1 (mean 0.000).
+- The first trained demo model (3-channel, since replaced), 8 images, DDIM 10 and 25 steps,
+  unguided and guided at scale 2: float16 at most 1 level (mean 0.015-0.027), bfloat16 at most
+  2-3 levels (mean 0.24-0.32), float32 at most 1 (mean 0.000). The bundled grey model, 4 guided
+  images, DDIM 10: bfloat16 at most 7 levels (mean 0.31).
 """
 
 import copy
@@ -172,7 +173,9 @@ DEMO = importlib.resources.files("adm_cli") / "demo"
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (DEMO / "demo-digits.safetensors").is_file(), reason="demo weights not built")
-@pytest.mark.parametrize("dtype,max_levels,mean_levels", [("float16", 2, 0.06), ("bfloat16", 5, 0.5)])
+# Measured with the bundled weights (grey model, 2,500 steps): bfloat16 at most 7 levels (mean
+# 0.31); float16 within the bound below. Bounds leave ~1.4x headroom.
+@pytest.mark.parametrize("dtype,max_levels,mean_levels", [("float16", 2, 0.06), ("bfloat16", 10, 0.5)])
 def test_trained_demo_model_uint8_levels(dtype, max_levels, mean_levels):
     """The same check on trained weights (the bundled digits demo), guided: a few levels at most."""
     diff = np.abs(demo_run(dtype) - demo_run(None))

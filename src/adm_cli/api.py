@@ -79,7 +79,12 @@ class Samples:
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """[-1, 1] NCHW float -> uint8 NHWC, truncating as OpenAI's scripts do (their npz layout)."""
+    """[-1, 1] NCHW float -> uint8 NHWC, truncating as OpenAI's scripts do (their npz layout).
+
+    A one-channel (grey) model's images are replicated to RGB, so every model writes the same
+    [N, H, W, 3] layout and exactly grey pixels."""
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
     return ((x.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
