@@ -30,6 +30,7 @@ import bench  # noqa: E402  (also puts src/ and tests/ on the path)
 
 from adm_cli import api, fast  # noqa: E402
 from adm_cli.config import PRESETS  # noqa: E402
+from adm_cli.guidance import classifier_grad  # noqa: E402
 from adm_cli.models import set_exact_attention  # noqa: E402
 from reference import reference_classifier, reference_unet  # noqa: E402
 
@@ -80,11 +81,7 @@ def check(name: str, args, device: torch.device) -> list[dict]:
 
 
 def grad_of(clf, x, t, y) -> torch.Tensor:
-    with torch.enable_grad():
-        x_in = x.detach().float().requires_grad_(True)
-        logp = torch.log_softmax(clf(x_in, t).float(), dim=-1)
-        (grad,) = torch.autograd.grad(logp[torch.arange(len(y)), y].sum(), x_in)
-    return grad
+    return classifier_grad(clf, x.float(), t, y, 1.0)
 
 
 def main(argv=None) -> int:

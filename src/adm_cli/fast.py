@@ -6,8 +6,8 @@ into its fast form *in place* (parameter names and shapes stay OpenAI's, so ``st
 
 - attention through one fused ``scaled_dot_product_attention`` call (flash / memory-efficient
   kernels on GPU, the flash kernel on CPU) instead of an explicit T x T matrix;
-- fp16 (or bf16) convolution and linear weights and activations on GPU, with the GroupNorm
-  parameters, the timestep/class embeddings and GroupNorm statistics kept in float32, as the
+- fp16 (or bf16) convolution and linear weights and activations on GPU, with the
+  timestep/class embeddings and GroupNorm statistics kept in float32, as the
   reference's own fp16 mode does; the samplers' arithmetic stays float32. "auto" gives the U-Net
   float16 and the classifier bfloat16 (see ``AUTO_CUDA_CLASSIFIER_DTYPE``);
 - on GPU, GroupNorm called on the half-precision tensor (CUDA's kernel accumulates in float32)
@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UsageError
+from . import layers
 from .layers import GroupNorm32
 from .models import Classifier, UNet, set_exact_attention
 
@@ -91,11 +92,13 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str, *
         raise UsageError(f"unknown dtype {dtype!r} (choose auto, float32, bfloat16 or float16)") from None
 
 
-def _keep_float32(model: nn.Module) -> list[nn.Module]:
+def _keep_float32(model: nn.Module, device: torch.device) -> list[nn.Module]:
     """The small modules that stay float32 in half precision (as in the reference's fp16 mode):
-    every GroupNorm (its affine parameters; the statistics are float32 anyway) and the timestep
-    and class embeddings, whose sinusoids need the mantissa."""
-    keep = [m for m in model.modules() if isinstance(m, GroupNorm32)]
+    the timestep and class embeddings, whose sinusoids need the mantissa, and every GroupNorm's
+    affine parameters -- except on CUDA, where GroupNorm runs on the half tensor
+    (``layers.NATIVE_HALF_GROUPNORM``) and would otherwise cast them on every call."""
+    native = device.type == "cuda" and layers.NATIVE_HALF_GROUPNORM
+    keep = [] if native else [m for m in model.modules() if isinstance(m, GroupNorm32)]
     for name in ("time_embed", "label_emb"):
         if hasattr(model, name):
             keep.append(getattr(model, name))
@@ -122,7 +125,7 @@ def prepare(model: nn.Module, *, device: torch.device | str | None = None, dtype
     model.eval().requires_grad_(False)
     if dt != torch.float32:  # cast before the move: half the bytes cross to the device
         model.to(dtype=dt)
-        for m in _keep_float32(model):
+        for m in _keep_float32(model, device):
             m.float()
     model.to(device=device)
     if channels_last is None:
