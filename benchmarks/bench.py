@@ -6,8 +6,8 @@
     python benchmarks/bench.py --compile --json out.json
 
 Each case builds both networks with the same random weights (never zeros: zero-initialised output
-convs hide work). Ours goes through ``fast.prepare`` (bf16 + channels_last + SDPA on GPU, float32 +
-channels_last + SDPA on CPU) and the public ``api.sample_batch``; the reference runs its own
+convs hide work). Ours goes through ``fast.prepare`` (fp16 U-Net / bf16 classifier + channels_last +
+fused GroupNorm kernels + SDPA on GPU, float32 + channels_last + SDPA on CPU) and the public ``api.sample_batch``; the reference runs its own
 sampling loop (``p_sample_loop`` / ``ddim_sample_loop`` of a ``SpacedDiffusion``) with its fp16
 mode on GPU (``convert_to_fp16`` + ``dtype = float16``, as ``use_fp16`` sets it) and float32 on CPU.
 A "step" is one respaced step: a run of ``--steps`` steps, divided. Ours and the reference
@@ -143,8 +143,9 @@ def make_case(case: Case, args, device: torch.device):
         ours_c, ref_c = build_pair(ccfg, reference_classifier, 1, device)
     how = (args.compile_mode or True) if args.compile else False
     layout = {"auto": None, "on": True, "off": False}[args.channels_last]
+    fused_kernels = {"auto": None, "on": True, "off": False}[args.fused]
     ours_u, ours_c = fast.prepare_models(ours_u, ours_c, device=device, dtype=args.dtype, compile=how,
-                                         channels_last=layout)
+                                         channels_last=layout, fused_kernels=fused_kernels)
     if device.type == "cuda":  # the reference's own half-precision mode (what use_fp16 does)
         for m in (ref_u, ref_c):
             if m is not None:
@@ -311,6 +312,8 @@ def main(argv=None) -> int:
     p.add_argument("--compile-mode", default=None, help="torch.compile mode for --compile (e.g. max-autotune)")
     p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
                    help="ours: activation layout (auto: fast.prepare's choice for the device)")
+    p.add_argument("--fused", default="auto", choices=["auto", "on", "off"],
+                   help="ours: the fused Triton GroupNorm kernels (auto: on for eager CUDA when Triton is there)")
     p.add_argument("--gn-upcast", action="store_true", help="ours: GroupNorm through an explicit float32 "
                    "copy, as the reference does (default on CUDA: the native half-precision kernel)")
     p.add_argument("--profile", default=None, metavar="PREFIX", help="also profile one run of ours per case "
@@ -339,6 +342,8 @@ def main(argv=None) -> int:
     ours_desc = (f"{fast.resolve_dtype(args.dtype, device)}".replace("torch.", "")
                  + (f" + compile ({args.compile_mode or 'default'})" if args.compile else "")
                  + (" + GroupNorm upcast" if args.gn_upcast else "")
+                 + (" + fused GroupNorm" if (args.fused == "on" or args.fused == "auto"
+                                              and fast.use_fused_kernels(device, compile=args.compile)) else "")
                  + ("" if args.channels_last == "auto" else f", channels_last {args.channels_last}"))
     rows, failed = [], []
     for n in names:

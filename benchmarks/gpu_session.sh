@@ -15,14 +15,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2
 python3 -c "import torch, guided_diffusion; print('torch', torch.__version__, torch.cuda.get_device_name())" 2>&1 | tee -a "$LOG"
 CASES=ddpm-512-guided,ddpm-64-guided,ddim-256
 if [ "${ADM_GPU_QUICK:-0}" = 0 ]; then
-  step 60 python3 -m pytest -v -p no:cacheprovider -m gpu tests/test_fast.py
+  step 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_fused.py tests/test_fast.py
 fi
-step 50 python3 benchmarks/accuracy.py --json "$OUT/accuracy.json"
-step 25 python3 benchmarks/accuracy.py --models 512 --dtypes float16 --gn-upcast --json "$OUT/accuracy-upcast.json"
-step 80 python3 benchmarks/bench.py --device cuda --cases $CASES --repeats 5 --json "$OUT/eager.json"
-step 170 python3 benchmarks/bench.py --device cuda --cases ddpm-512-guided,ddpm-64-guided --repeats 5 \
-    --no-flops --compile --channels-last off --json "$OUT/compile-nchw.json"
+step 70 python3 benchmarks/accuracy.py --dtypes auto --json "$OUT/accuracy.json"
+step 150 python3 benchmarks/bench.py --device cuda --cases $CASES --repeats 5 --profile "$OUT/prof" \
+    --json "$OUT/eager.json"
+step 60 python3 benchmarks/bench.py --device cuda --cases ddpm-512-guided,ddpm-64-guided --repeats 3 --no-flops \
+    --fused off --json "$OUT/unfused.json"
 if [ "${ADM_GPU_QUICK:-0}" = 0 ]; then
-  step 200 python3 benchmarks/bench.py --device cuda --cases $CASES --repeats 5 --no-flops --compile \
-      --json "$OUT/compile.json"
+  step 200 python3 benchmarks/bench.py --device cuda --cases ddim-256,ddpm-64-guided --repeats 3 --no-flops \
+      --compile --json "$OUT/compile.json"
 fi

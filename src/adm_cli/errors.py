@@ -57,3 +57,7 @@ class OutputError(AdmError):
 
 class DistributedError(AdmError):
     """A multi-process run that failed in another rank or could not start."""
+
+
+class KernelError(AdmError):
+    """A fused GPU kernel (fused.py) failed to compile or launch on this machine."""

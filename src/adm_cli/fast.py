@@ -10,24 +10,31 @@ into its fast form *in place* (parameter names and shapes stay OpenAI's, so ``st
   timestep/class embeddings and GroupNorm statistics kept in float32, as the
   reference's own fp16 mode does; the samplers' arithmetic stays float32. "auto" gives the U-Net
   float16 and the classifier bfloat16 (see ``AUTO_CUDA_CLASSIFIER_DTYPE``);
-- on GPU, GroupNorm called on the half-precision tensor (CUDA's kernel accumulates in float32)
-  rather than through a float32 copy: measured 345 vs 403 ms per guided 512x512 step;
-- layout: channels_last (NHWC) on CPU, where oneDNN runs its fastest convolutions in it and the
-  attention blocks read NHWC as [N, T, C] tokens for free; NCHW for eager CUDA, whose GroupNorm
-  kernel reads NCHW only (NHWC cost 41% of the GPU time in layout copies: 345 -> 234 ms per
-  guided 512x512 step on an H200 when removed); NHWC again under ``torch.compile``;
+- on CUDA (compute capability 8.0+, Triton present, no ``compile``): the fused kernels of
+  ``fused.py`` -- GroupNorm + AdaGN scale-shift + SiLU + the conv bias in one pass, the residual
+  add with the next conv's bias and the BigGAN up/down resampling in another -- on channels_last
+  activations, where cuDNN runs its fastest half-precision convolutions. Measured on an H200
+  (random weights, medians of 5): guided 512x512 step 234 -> 104 ms (2.96x the reference's
+  307 ms), DDIM 256x256 145 -> 79 ms. ``ADM_FUSED=0`` turns them off;
+- without them on GPU, GroupNorm called on the half-precision tensor (CUDA's kernel accumulates
+  in float32) rather than through a float32 copy (345 vs 403 ms per guided 512x512 step), and
+  NCHW activations, because that kernel reads NCHW only (NHWC cost 41% of the GPU time in layout
+  copies: 345 -> 234 ms per guided 512x512 step when removed);
+- channels_last (NHWC) on CPU too, where oneDNN runs its fastest convolutions in it, and under
+  ``torch.compile``; the attention blocks read NHWC as [N, T, C] tokens for free;
 - cuDNN autotuning (``cudnn.benchmark``) on CUDA: shapes are fixed for a whole run;
 - parameters frozen (``requires_grad`` False): the classifier's input gradient then skips every
   weight-gradient computation and the activations kept only for them;
 - on CPU (float32), U-Net convolutions with their weights reordered for oneDNN once
   (``PrepackedConv2d``) instead of on every call;
-- optional ``torch.compile`` (``compile=True``): fuses GroupNorm + SiLU + the AdaGN scale-shift
-  and the residual adds. Its warm-up is paid on the first call of each new batch shape (and
-  again for a smaller last batch). Measured on an H200 (512x512 model + classifier, batch 8):
-  147 s of warm-up, then 148 ms per guided step against 234 ms eager -- worth it from about
-  1,700 steps on (7 batches of 250 steps: ~55 images at batch 8). On this project's 2-core
-  CPU: ~70 s for a tiny U-Net, ~280 s for the full 64x64 U-Net, with no faster steps
-  afterwards. So it is off by default (``adm sample --compile`` turns it on).
+- optional ``torch.compile`` (``compile=True``, instead of the fused kernels): inductor fuses
+  the same elementwise work with its own kernels. Its warm-up is paid on the first call of each
+  new batch shape (and again for a smaller last batch). Measured on an H200: 64x64 + classifier
+  at batch 64, 90 s of warm-up, then 61 ms per guided step (2.98x the reference; eager with the
+  fused kernels is host-bound there, 90-136 ms); DDIM 256x256 at batch 16, 45 s, then 88 ms
+  (eager fused: 79 ms); 512x512 + classifier at batch 8 (an earlier build), 147 s, then 148 ms.
+  On this project's 2-core CPU: ~70 s for a tiny U-Net, ~280 s for the full 64x64 U-Net, with
+  no faster steps afterwards. So it is off by default (``adm sample --compile`` turns it on).
   ``compile="reduce-overhead"`` also replays CUDA graphs (GPU only; ignored on CPU).
 
 ``exact=True`` keeps the reference's arithmetic (einsum attention, float32) for bit-level
@@ -44,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UsageError
-from . import layers
+from . import fused, layers
 from .layers import GroupNorm32
 from .models import Classifier, UNet, set_exact_attention
 
@@ -92,12 +99,13 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str, *
         raise UsageError(f"unknown dtype {dtype!r} (choose auto, float32, bfloat16 or float16)") from None
 
 
-def _keep_float32(model: nn.Module, device: torch.device) -> list[nn.Module]:
+def _keep_float32(model: nn.Module, device: torch.device, use_fused: bool) -> list[nn.Module]:
     """The small modules that stay float32 in half precision (as in the reference's fp16 mode):
     the timestep and class embeddings, whose sinusoids need the mantissa, and every GroupNorm's
-    affine parameters -- except on CUDA, where GroupNorm runs on the half tensor
-    (``layers.NATIVE_HALF_GROUPNORM``) and would otherwise cast them on every call."""
-    native = device.type == "cuda" and layers.NATIVE_HALF_GROUPNORM
+    affine parameters (read once per call by the fused kernels) -- except for the unfused CUDA
+    GroupNorm, which runs on the half tensor (``layers.NATIVE_HALF_GROUPNORM``) and would
+    otherwise cast them on every call."""
+    native = device.type == "cuda" and layers.NATIVE_HALF_GROUPNORM and not use_fused
     keep = [] if native else [m for m in model.modules() if isinstance(m, GroupNorm32)]
     for name in ("time_embed", "label_emb"):
         if hasattr(model, name):
@@ -105,9 +113,22 @@ def _keep_float32(model: nn.Module, device: torch.device) -> list[nn.Module]:
     return keep
 
 
+def use_fused_kernels(device: torch.device | str, *, compile: bool | str = False, exact: bool = False) -> bool:
+    """Whether ``prepare`` turns the fused GroupNorm kernels on by default: a CUDA GPU of compute
+    capability 8.0 or newer (measured on Hopper; Triton's support of older chips is partial),
+    Triton present, neither the exact path nor torch.compile (which generates its own fused
+    kernels). ``ADM_FUSED=0`` turns them off (to compare, or to work around a Triton problem)."""
+    if os.environ.get("ADM_FUSED", "1") == "0":
+        return False
+    device = torch.device(device)
+    if device.type != "cuda" or compile or exact or not fused.available():
+        return False
+    return not torch.cuda.is_available() or torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def prepare(model: nn.Module, *, device: torch.device | str | None = None, dtype: Any = "auto",
             channels_last: bool | None = None, compile: bool | str = False, exact: bool = False,
-            prepack: bool | None = None) -> nn.Module:
+            prepack: bool | None = None, fused_kernels: bool | None = None) -> nn.Module:
     """Make ``model`` (a UNet or Classifier) fast for inference, in place; returns it.
 
     ``device``: where to run (default: where the model is). ``dtype``: "auto", "float32",
@@ -117,23 +138,36 @@ def prepare(model: nn.Module, *, device: torch.device | str | None = None, dtype
     graphs; CPU falls back to the default mode). ``exact``: the reference's attention arithmetic
     (for comparisons; slower). ``prepack``: CPU float32 only, default on for a U-Net without
     ``compile``: see ``PrepackedConv2d`` (costs a second copy of the conv weights in RAM).
+    ``fused_kernels``: the Triton GroupNorm(+scale-shift)(+SiLU) kernels of ``fused.py`` on
+    channels_last activations (default: ``use_fused_kernels``).
     """
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
     dt = resolve_dtype(dtype, device, classifier=isinstance(model, Classifier))
+    use_fused = use_fused_kernels(device, compile=compile, exact=exact) if fused_kernels is None \
+        else bool(fused_kernels) and not exact
+    if use_fused and not fused.available():
+        raise UsageError("fused kernels need Triton (it comes with PyTorch's CUDA builds)")
     model.eval().requires_grad_(False)
     if dt != torch.float32:  # cast before the move: half the bytes cross to the device
         model.to(dtype=dt)
-        for m in _keep_float32(model, device):
+        for m in _keep_float32(model, device, use_fused):
             m.float()
     model.to(device=device)
+    for m in model.modules():
+        if isinstance(m, GroupNorm32):
+            m.fused = use_fused
     if channels_last is None:
-        # CPU: oneDNN's convolutions are fastest in NHWC. CUDA eager: no, because CUDA's
-        # GroupNorm kernel only reads NCHW, so every norm would copy NHWC -> NCHW and the next
-        # conv copy back (measured on an H200, 512x512 guided step: 41% of GPU time in those
-        # copies). Under torch.compile the norms are generated kernels and NHWC costs nothing.
-        channels_last = device.type != "cuda" or bool(compile)
+        # CPU: oneDNN's convolutions are fastest in NHWC. CUDA with the fused kernels: NHWC too
+        # (cuDNN's fastest half-precision convolutions; the kernels read NHWC). Plain eager
+        # CUDA: no, because CUDA's own GroupNorm kernel reads NCHW only, so every norm would
+        # copy NHWC -> NCHW and the next conv copy back (measured on an H200, 512x512 guided
+        # step: 41% of GPU time in those copies). Under torch.compile the norms are generated
+        # kernels and NHWC costs nothing.
+        channels_last = device.type != "cuda" or bool(compile) or use_fused
+    if use_fused and not channels_last:
+        raise UsageError("the fused kernels work on channels_last activations")
     if channels_last:
         model.to(memory_format=torch.channels_last)  # 4-D weights only; models.py follows the input conv
     set_exact_attention(model, exact)
@@ -351,5 +385,6 @@ def describe(model: nn.Module) -> str:
     packed = any(isinstance(m, PrepackedConv2d) for m in model.modules())
     return (f"{type(model).__name__}: {str(conv.dtype).replace('torch.', '')}, {layout}, "
             f"{'exact' if exact else 'sdpa'} attention{', prepacked convs' if packed else ''}"
+            f"{', fused GroupNorm' if any(getattr(m, 'fused', False) for m in model.modules()) else ''}"
             f"{', compiled' if is_compiled(model) else ''}")
 

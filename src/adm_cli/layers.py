@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused
+
 
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm over 32 groups whose statistics are always taken in float32.
@@ -23,6 +25,14 @@ class GroupNorm32(nn.GroupNorm):
 
     def __init__(self, channels: int):
         super().__init__(32, channels)
+        self.fused = False  # set by fast.prepare on CUDA: the Triton kernels of fused.py
+
+    def act(self, x: torch.Tensor, act: bool = True, **affine) -> torch.Tensor:
+        """SiLU(self(x)) (``act``) or self(x), through the fused kernel when ``fused`` is set.
+        ``affine`` (fused only): in_bias / scale / shift / resample, see ``fused.group_norm_act``."""
+        if self.fused:
+            return fused.group_norm_act(x, self.weight, self.bias, self.eps, act=act, **affine)
+        return F.silu(self(x)) if act else self(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and x.dtype != torch.float32 and NATIVE_HALF_GROUPNORM:
@@ -120,6 +130,8 @@ class ResBlock(nn.Module):
         return F.avg_pool2d(x, 2)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if self.in_layers[0].fused:
+            return self._forward_fused(x, emb)
         norm, act, conv = self.in_layers
         h = act(norm(x))
         if self.resample == "up":
@@ -136,6 +148,31 @@ class ResBlock(nn.Module):
         else:
             h = norm(h + e)
         return self.skip_connection(x) + conv(drop(act(h)))
+
+    def _forward_fused(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """The same block on the GPU fast path: both convs run without their bias, which the
+        fused norm after the first and the closing residual add of the second take in, so
+        between the two convolutions there is one fused op (stats read, one read + one write)."""
+        norm, _, conv = self.in_layers
+        h = fused.conv_nobias(conv, norm.act(x, resample=self.resample))  # norm's output written resampled
+        e = self.emb_layers(emb).float()
+        norm, _, _, conv = self.out_layers
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = norm.act(h, in_bias=conv_bias(self.in_layers[2], h), scale=scale, shift=shift)
+        else:
+            h = norm.act(h, in_bias=e + conv_bias(self.in_layers[2], h).float())
+        h = fused.conv_nobias(conv, h)
+        bias = conv_bias(conv, h)
+        if isinstance(self.skip_connection, nn.Conv2d):  # never with up/down (same channels)
+            bias = bias + conv_bias(self.skip_connection, h)
+            x = fused.conv_nobias(self.skip_connection, x)
+        return fused.add_bias(h, x, bias, resample=self.resample)  # the skip resampled on the fly
+
+
+def conv_bias(conv: nn.Conv2d, like: torch.Tensor) -> torch.Tensor:
+    """A conv's bias (zeros if it has none), for the fused ops that take it in."""
+    return conv.bias if conv.bias is not None else torch.zeros(conv.out_channels, device=like.device)
 
 
 def qkv_attention(qkv: torch.Tensor, heads: int, legacy_order: bool, exact: bool) -> torch.Tensor:
@@ -201,7 +238,7 @@ class AttentionBlock(nn.Module):
             flat = x.reshape(n, c, hh * ww)
             h = qkv_attention(self.qkv(self.norm(flat)), self.heads, self.legacy_order, exact=True)
             return (flat + self.proj_out(h)).reshape(n, c, hh, ww)
-        tokens = self.norm(x).flatten(2).transpose(1, 2)  # [N, T, C]
+        tokens = self.norm.act(x, act=False).flatten(2).transpose(1, 2)  # [N, T, C]
         q, k, v = _split_heads(_linear(tokens, self.qkv), self.heads, self.legacy_order)
         h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, hh * ww, c)
         # [N, T, C] -> [N, C, h, w]: a view, channels_last-strided, so the add keeps that layout.

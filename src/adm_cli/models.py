@@ -74,7 +74,7 @@ class UNet(nn.Module):
         for block in self.output_blocks:
             h = block(torch.cat([h, hs.pop()], dim=1), emb)
         # Back to plain NCHW: the samplers' arithmetic and callers see the usual layout.
-        out = self.out(h).to(x.dtype if x.dtype.is_floating_point else torch.float32)
+        out = _head(self.out, h).to(x.dtype if x.dtype.is_floating_point else torch.float32)
         return out.contiguous()
 
 
@@ -106,7 +106,12 @@ class Classifier(nn.Module):
         for block in self.input_blocks:
             h = block(h, emb)
         h = self.middle_block(h, emb)
-        return self.out(h).float()
+        return _head(self.out, h).float()
+
+
+def _head(out: nn.Sequential, h: torch.Tensor) -> torch.Tensor:
+    """out = Sequential(GroupNorm, SiLU, layer): the norm and SiLU as one op (fused on GPU)."""
+    return out[2](out[0].act(h))
 
 
 def _embedding_in(time_embed: nn.Sequential, t: torch.Tensor, dim: int) -> torch.Tensor:

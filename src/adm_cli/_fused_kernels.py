@@ -1,0 +1,263 @@
+"""The Triton kernels behind fused.py (imported on first use, so TRITON_INTERPRET set before that
+runs them on CPU). All activations are channels_last: sample n is an [HW, C] matrix of rows
+(pixels) with unit channel stride. RESAMPLE: 0 none, 1 nearest 2x upsample, 2 2x2 average pool
+(BigGAN-style up/down residual blocks), applied to the output of ``apply`` and to the residual of
+``residual_add``; W_IN / W_OUT are the widths before and after.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _source_row(rows, W_IN, W_OUT, RESAMPLE: tl.constexpr, a: tl.constexpr, b: tl.constexpr):
+    """Input row read for output row ``rows``: the same (0), the parent pixel (1), or child (a, b) (2)."""
+    if RESAMPLE == 0:
+        return rows
+    oi = rows // W_OUT
+    oj = rows % W_OUT
+    if RESAMPLE == 1:
+        return (oi // 2) * W_IN + oj // 2
+    return (2 * oi + a) * W_IN + 2 * oj + b
+
+
+@triton.jit
+def stats(X, IB, IB_SN, MEAN, M2, HW, C, RPP, HAS_IB: tl.constexpr, BLOCK_R: tl.constexpr,
+          BLOCK_C: tl.constexpr):
+    # Program (blk, n): per-channel mean and M2 over rows [blk * RPP, (blk + 1) * RPP). Sums of
+    # x - K with K the first chunk's mean (close to the block's mean, so the shifted sum of
+    # squares loses nothing to cancellation), accumulated elementwise in registers and reduced
+    # once at the end.
+    blk = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    nblk = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    base = X + n * HW * C
+    ib = tl.zeros([BLOCK_C], tl.float32)
+    if HAS_IB:
+        ib = tl.load(IB + n * IB_SN + cols, mask=cmask, other=0.0).to(tl.float32)
+    start = blk * RPP
+    rows0 = start + tl.arange(0, BLOCK_R)
+    rmask0 = rows0 < HW
+    mask0 = rmask0[:, None] & cmask[None, :]
+    x0 = tl.load(base + rows0[:, None].to(tl.int64) * C + cols[None, :], mask=mask0, other=0.0)
+    x0 = tl.where(mask0, x0.to(tl.float32) + ib[None, :], 0.0)
+    k = tl.sum(x0, axis=0) / tl.sum(rmask0.to(tl.float32), axis=0)
+    shift = k - ib  # subtracted from the raw x
+    acc1 = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    acc2 = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    for r0 in range(0, RPP, BLOCK_R):  # the last program's tail chunks may be empty
+        rows = start + r0 + tl.arange(0, BLOCK_R)
+        mask = (rows < HW)[:, None] & cmask[None, :]
+        xv = tl.load(base + rows[:, None].to(tl.int64) * C + cols[None, :], mask=mask, other=0.0)
+        d = tl.where(mask, xv.to(tl.float32) - shift[None, :], 0.0)
+        acc1 += d
+        acc2 += d * d
+    cnt = tl.minimum(RPP, HW - start).to(tl.float32)
+    s1 = tl.sum(acc1, axis=0)
+    out = (n * nblk + blk) * C + cols
+    tl.store(MEAN + out, k + s1 / cnt, mask=cmask)
+    tl.store(M2 + out, tl.maximum(tl.sum(acc2, axis=0) - s1 * s1 / cnt, 0.0), mask=cmask)
+
+
+@triton.jit
+def _partials(n, b0, cols, cmask, NBLK, HW, C, RPP, BLOCK_B: tl.constexpr):
+    """Offsets, mask and row counts ([BLOCK_B, 1, 1]) of stats' blocks b0 .. b0 + BLOCK_B for the
+    [GPP, BLOCK_G] channel tile ``cols``."""
+    bs = b0 + tl.arange(0, BLOCK_B)
+    bmask = bs < NBLK
+    cnt = tl.where(bmask, tl.minimum(RPP, HW - bs * RPP), 0).to(tl.float32)
+    idx = (n * NBLK + bs[:, None, None]) * C + cols[None, :, :]
+    return idx, bmask[:, None, None] & cmask[None, :, :], cnt[:, None, None]
+
+
+@triton.jit
+def finalize(MEAN, M2, GAMMA, BETA, IB, IB_SN, SCALE, SHIFT, SS_SN, A, B, W, RS, XO,
+             NBLK, HW, C, CPG, RPP, eps, HAS_IB: tl.constexpr, HAS_SS: tl.constexpr,
+             BLOCK_B: tl.constexpr, GPP: tl.constexpr, BLOCK_G: tl.constexpr):
+    # Program (n, k): groups [k * GPP, (k + 1) * GPP) as a [GPP, BLOCK_G] tile of channels.
+    # Combine the blocks' (count, mean, M2) per group (Chan et al.), then fold norm, affine,
+    # scale-shift and the input bias into y = x A + B.
+    n = tl.program_id(0).to(tl.int64)
+    groups = tl.program_id(1) * GPP + tl.arange(0, GPP)
+    j = tl.arange(0, BLOCK_G)
+    cols = groups[:, None] * CPG + j[None, :]                       # [GPP, BLOCK_G]
+    cmask = (j < CPG)[None, :] & (groups < C // CPG)[:, None]
+    total = (HW * CPG) * 1.0
+    s = tl.zeros([GPP, BLOCK_G], tl.float32)
+    for b0 in range(0, NBLK, BLOCK_B):
+        idx, mask, cnt = _partials(n, b0, cols, cmask, NBLK, HW, C, RPP, BLOCK_B)
+        s += tl.sum(tl.load(MEAN + idx, mask=mask, other=0.0) * cnt, axis=0)
+    mean = tl.sum(s, axis=1) / total                               # [GPP]
+    q = tl.zeros([GPP, BLOCK_G], tl.float32)
+    for b0 in range(0, NBLK, BLOCK_B):
+        idx, mask, cnt = _partials(n, b0, cols, cmask, NBLK, HW, C, RPP, BLOCK_B)
+        m = tl.load(MEAN + idx, mask=mask, other=0.0)
+        v = tl.load(M2 + idx, mask=mask, other=0.0)
+        d = tl.where(mask, m - mean[None, :, None], 0.0)
+        q += tl.sum(v + cnt * d * d, axis=0)
+    rstd = (1.0 / tl.sqrt(tl.sum(q, axis=1) / total + eps))[:, None]  # [GPP, 1]
+    mean = mean[:, None]
+    gamma = tl.load(GAMMA + cols, mask=cmask, other=0.0).to(tl.float32)
+    beta = tl.load(BETA + cols, mask=cmask, other=0.0).to(tl.float32)
+    s1 = tl.full([GPP, BLOCK_G], 1.0, tl.float32)
+    sh = tl.zeros([GPP, BLOCK_G], tl.float32)
+    if HAS_SS:
+        s1 += tl.load(SCALE + n * SS_SN + cols, mask=cmask, other=0.0).to(tl.float32)
+        sh = tl.load(SHIFT + n * SS_SN + cols, mask=cmask, other=0.0).to(tl.float32)
+    ib = tl.zeros([GPP, BLOCK_G], tl.float32)
+    if HAS_IB:
+        ib = tl.load(IB + n * IB_SN + cols, mask=cmask, other=0.0).to(tl.float32)
+    w = gamma * s1                     # dz / dx^
+    a = rstd * w                       # dz / dx
+    bb = (beta - mean * rstd * gamma) * s1 + sh + ib * a
+    out = n * C + cols
+    tl.store(A + out, a, mask=cmask)
+    tl.store(B + out, bb, mask=cmask)
+    tl.store(W + out, w, mask=cmask)
+    tl.store(RS + out, tl.zeros([GPP, BLOCK_G], tl.float32) + rstd, mask=cmask)
+    tl.store(XO + out, (ib - mean) * rstd, mask=cmask)  # x^ = x rstd + XO
+
+
+@triton.jit
+def _act(z, ACT: tl.constexpr):
+    if ACT:
+        z = z * tl.sigmoid(z)
+    return z
+
+
+@triton.jit
+def _gather(base, rows, mask, a, b, W_IN, W_OUT, C, AFFINE: tl.constexpr, ACT: tl.constexpr,
+            RESAMPLE: tl.constexpr):
+    """Value at output rows ``rows`` of resample(f(x)), f = act(x a + b) (AFFINE) or identity:
+    the same row, the parent pixel (upsample), or the mean of the four children (average pool)."""
+    src = _source_row(rows, W_IN, W_OUT, RESAMPLE, 0, 0)
+    v = tl.load(base + src[:, None].to(tl.int64) * C, mask=mask, other=0.0).to(tl.float32)
+    if AFFINE:
+        v = _act(v * a + b, ACT)
+    if RESAMPLE == 2:
+        for ab in tl.static_range(1, 4):
+            src = _source_row(rows, W_IN, W_OUT, RESAMPLE, ab // 2, ab % 2)
+            u = tl.load(base + src[:, None].to(tl.int64) * C, mask=mask, other=0.0).to(tl.float32)
+            if AFFINE:
+                u = _act(u * a + b, ACT)
+            v += u
+        v = v * 0.25
+    return v
+
+
+@triton.jit
+def _tile(HW, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program (pid, n)'s rows, channels and mask over an [HW, C] sample."""
+    cols = tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask = (rows < HW)[:, None] & cmask[None, :]
+    return rows, cols, cmask, mask
+
+
+@triton.jit
+def apply(X, A, B, Y, HW_IN, HW_OUT, W_IN, W_OUT, C, ACT: tl.constexpr, RESAMPLE: tl.constexpr,
+          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # y = resample(act(x A + B)); rows are output pixels.
+    n = tl.program_id(1).to(tl.int64)
+    rows, cols, cmask, mask = _tile(HW_OUT, C, BLOCK_R, BLOCK_C)
+    a = tl.load(A + n * C + cols, mask=cmask, other=0.0)[None, :]
+    b = tl.load(B + n * C + cols, mask=cmask, other=0.0)[None, :]
+    z = _gather(X + n * HW_IN * C + cols[None, :], rows, mask, a, b, W_IN, W_OUT, C, True, ACT, RESAMPLE)
+    tl.store(Y + n * HW_OUT * C + rows[:, None].to(tl.int64) * C + cols[None, :], z.to(Y.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def _per_channel(A, B, W, RS, XO, n, C, cols, cmask):
+    """The [1, BLOCK_C] rows of sample n of the five per-channel vectors of ``fused._affine``."""
+    a = tl.load(A + n * C + cols, mask=cmask, other=0.0)[None, :]
+    b = tl.load(B + n * C + cols, mask=cmask, other=0.0)[None, :]
+    w = tl.load(W + n * C + cols, mask=cmask, other=0.0)[None, :]
+    rs = tl.load(RS + n * C + cols, mask=cmask, other=0.0)[None, :]
+    xo = tl.load(XO + n * C + cols, mask=cmask, other=0.0)[None, :]
+    return a, b, w, rs, xo
+
+
+@triton.jit
+def _grad_z(X, DY, n, rows, mask, cols, a, b, HW_IN, HW_OUT, W_IN, W_OUT, C, ACT: tl.constexpr,
+            RESAMPLE: tl.constexpr):
+    """x and dL/dz at input rows ``rows``: dL/dy is gathered back through the resampling (a
+    parent's gradient / 4 for the average pool, the sum of the four children for the upsample),
+    then times SiLU'(z)."""
+    x = tl.load(X + n * HW_IN * C + rows[:, None].to(tl.int64) * C + cols[None, :], mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    dyb = DY + n * HW_OUT * C + cols[None, :]
+    if RESAMPLE == 0:
+        dy = tl.load(dyb + rows[:, None].to(tl.int64) * C, mask=mask, other=0.0).to(tl.float32)
+    elif RESAMPLE == 2:  # forward: output (i, j) = mean of inputs (2i + a, 2j + b)
+        par = ((rows // W_IN) // 2) * W_OUT + (rows % W_IN) // 2
+        dy = tl.load(dyb + par[:, None].to(tl.int64) * C, mask=mask, other=0.0).to(tl.float32) * 0.25
+    else:  # forward: outputs (2i + a, 2j + b) = input (i, j)
+        i = rows // W_IN
+        jj = rows % W_IN
+        dy = tl.zeros(x.shape, tl.float32)
+        for ab in tl.static_range(4):
+            child = (2 * i + ab // 2) * W_OUT + 2 * jj + ab % 2
+            dy += tl.load(dyb + child[:, None].to(tl.int64) * C, mask=mask, other=0.0).to(tl.float32)
+    if ACT:
+        z = x * a + b
+        sig = tl.sigmoid(z)
+        dy = dy * sig * (1.0 + z * (1.0 - sig))  # SiLU'(z)
+    return x, dy
+
+
+@triton.jit
+def bwd_stats(X, DY, A, B, W, RS, XO, S1, S2, HW_IN, HW_OUT, W_IN, W_OUT, C, RPP, ACT: tl.constexpr,
+              RESAMPLE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # Program (blk, n): per-channel sums of g = dL/dz * w and g * x^ over the block's input rows.
+    blk = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    nblk = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    a, b, w, rs, xo = _per_channel(A, B, W, RS, XO, n, C, cols, cmask)
+    acc1 = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    acc2 = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    start = blk * RPP
+    for r0 in range(0, RPP, BLOCK_R):
+        rows = start + r0 + tl.arange(0, BLOCK_R)
+        mask = (rows < HW_IN)[:, None] & cmask[None, :]
+        x, dz = _grad_z(X, DY, n, rows, mask, cols, a, b, HW_IN, HW_OUT, W_IN, W_OUT, C, ACT, RESAMPLE)
+        g = dz * w
+        acc1 += g
+        acc2 += g * (x * rs + xo)
+    out = (n * nblk + blk) * C + cols
+    tl.store(S1 + out, tl.sum(acc1, axis=0), mask=cmask)
+    tl.store(S2 + out, tl.sum(acc2, axis=0), mask=cmask)
+
+
+@triton.jit
+def bwd_apply(X, DY, A, B, W, RS, XO, M1, M2, DX, HW_IN, HW_OUT, W_IN, W_OUT, C, ACT: tl.constexpr,
+              RESAMPLE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # dx = rstd (g - mean_G(g) - x^ mean_G(g x^)), rows are input pixels.
+    n = tl.program_id(1).to(tl.int64)
+    rows, cols, cmask, mask = _tile(HW_IN, C, BLOCK_R, BLOCK_C)
+    a, b, w, rs, xo = _per_channel(A, B, W, RS, XO, n, C, cols, cmask)
+    m1 = tl.load(M1 + n * C + cols, mask=cmask, other=0.0)[None, :]
+    m2 = tl.load(M2 + n * C + cols, mask=cmask, other=0.0)[None, :]
+    x, dz = _grad_z(X, DY, n, rows, mask, cols, a, b, HW_IN, HW_OUT, W_IN, W_OUT, C, ACT, RESAMPLE)
+    dx = rs * (dz * w - m1 - (x * rs + xo) * m2)
+    tl.store(DX + n * HW_IN * C + rows[:, None].to(tl.int64) * C + cols[None, :], dx.to(DX.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def residual_add(X, R, BIAS, Y, HW_OUT, HW_R, W_R, W_OUT, C, HAS_BIAS: tl.constexpr, RESAMPLE: tl.constexpr,
+                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # y = x + resample(r) + bias: a residual block's closing add, its skip resampled on the fly.
+    n = tl.program_id(1).to(tl.int64)
+    rows, cols, cmask, mask = _tile(HW_OUT, C, BLOCK_R, BLOCK_C)
+    off = n * HW_OUT * C + rows[:, None].to(tl.int64) * C + cols[None, :]
+    y = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
+    y += _gather(R + n * HW_R * C + cols[None, :], rows, mask, 0.0, 0.0, W_R, W_OUT, C, False, False, RESAMPLE)
+    if HAS_BIAS:
+        y += tl.load(BIAS + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + off, y.to(Y.dtype.element_ty), mask=mask)

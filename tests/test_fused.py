@@ -1,0 +1,261 @@
+"""The fused GroupNorm kernels (fused.py) against float64 PyTorch, and inside the networks.
+
+Without a GPU the kernels run in Triton's interpreter on CPU tensors (conftest sets
+TRITON_INTERPRET=1), so the same kernel code is checked here and on a GPU (``-m gpu`` runs the
+larger CUDA cases). Measured (interpreter, torch 2.13 CPU, Triton 3.9):
+- float32 kernels vs float64: 6e-8 to 1.5e-7 relative (forward and input gradient); 3e-6 when
+  the input's mean is 60 standard deviations from zero (float32 x A + B cancellation; PyTorch's
+  own float32 CPU GroupNorm is at 3.6e-4 on that input);
+- float16 storage: 1.9e-4 (forward), 2.9e-4 (gradient): the rounding of the output;
+- tiny U-Nets, fused vs the float32 exact path: 1.2e-6 to 1.4e-6 (float32), 1.3e-3 to 1.7e-3
+  (float16, about the unfused float16 path's 1.8e-3); classifier input gradient 2.2e-6 / 3.0e-3.
+"""
+
+import copy
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adm_cli import fast, fused
+from adm_cli.errors import UsageError
+from adm_cli.guidance import classifier_grad
+from test_fast import TINY, TINY_CLF, exact, inputs, rel_norm
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_device() -> str | None:
+    """Where the kernels can run here: "cuda", "cpu" (Triton's interpreter), or None."""
+    if not fused.available():
+        return None
+    if torch.cuda.is_available():
+        return "cuda"
+    if not fused.interpreted():
+        return None
+    try:  # Triton < 3.7's interpreter breaks on numpy >= 2.4 (int() of a 1-element array)
+        x = torch.ones(1, 32, 2, 2).contiguous(memory_format=torch.channels_last)
+        fused.add_bias(x, x, None)
+    except Exception:  # noqa: BLE001
+        return None
+    return "cpu"
+
+
+needs_kernels = pytest.mark.skipif(_kernel_device() is None, reason="no Triton (or no working interpreter)")
+
+
+def nhwc(t):
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+CASES = [  # (n, c, h, w, dtype, in_bias, scale-shift, act, offset, resample)
+    (2, 64, 4, 4, torch.float32, None, False, True, 0.0, None),
+    (2, 96, 3, 5, torch.float32, "c", True, True, 0.0, None),     # 3 channels per group, odd sizes
+    (3, 64, 8, 8, torch.float32, "nc", False, False, 0.0, None),  # embedding added before the norm
+    (2, 256, 20, 20, torch.float32, "c", True, True, 30.0, None),  # several programs per sample, far-off mean
+    (2, 64, 4, 4, torch.float16, "c", True, True, 0.0, None),
+    (2, 192, 4, 4, torch.bfloat16, "nc", False, False, 0.0, None),
+    (2, 64, 6, 4, torch.float32, None, False, True, 0.0, "up"),    # BigGAN up block: norm written at 2x
+    (2, 64, 6, 4, torch.float32, "c", True, True, 0.0, "down"),    # down block: 2x2 average of the output
+    (2, 96, 4, 4, torch.float16, None, False, True, 0.0, "down"),
+]
+BOUNDS = {torch.float32: 1e-5, torch.float16: 1.5e-3, torch.bfloat16: 1e-2}
+
+
+def _run_case(device, n, c, h, w, dtype, ib, ss, act, offset, resample=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = nhwc((torch.randn(n, c, h, w, generator=g) * 0.5 + offset).to(dtype)).to(device)
+    gamma = (1 + 0.2 * torch.randn(c, generator=g)).to(device)
+    beta = (0.1 * torch.randn(c, generator=g)).to(device)
+    in_bias = {None: None, "c": torch.randn(c, generator=g).to(dtype),
+               "nc": torch.randn(n, c, generator=g)}[ib]
+    in_bias = None if in_bias is None else in_bias.to(device)
+    scale = shift = None
+    if ss:
+        scale, shift = (0.3 * torch.randn(n, 2 * c, generator=g)).to(device).chunk(2, dim=1)  # strided views
+    xr = x.detach().double().requires_grad_(True)
+    want = fused.reference_group_norm_act(xr, gamma, beta, 1e-5, in_bias=in_bias, scale=scale, shift=shift, act=act,
+                                          resample=resample)
+    dy = torch.randn(want.shape, generator=g, dtype=torch.float64).to(device)
+    (want * dy).sum().backward()
+    xf = x.detach().requires_grad_(True)
+    got = fused.group_norm_act(xf, gamma, beta, 1e-5, in_bias=in_bias, scale=scale, shift=shift, act=act,
+                               resample=resample)
+    assert got.dtype == dtype and got.shape == want.shape
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    (got.double() * dy).sum().backward()
+    return rel_norm(want.detach(), got.double()), rel_norm(xr.grad, xf.grad.double())
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}x{c[3]}-{str(c[4])[6:]}-{c[5]}-"
+                         f"{'ss' if c[6] else 'noss'}-{'silu' if c[7] else 'id'}-{c[8]}-{c[9]}")
+def test_group_norm_act_matches_float64(case):
+    fwd, bwd = _run_case(_kernel_device(), *case)
+    assert fwd <= BOUNDS[case[4]], fwd
+    assert bwd <= 2 * BOUNDS[case[4]], bwd
+
+
+@needs_kernels
+def test_group_norm_act_rejects_other_layouts_by_copying():
+    """An NCHW input is copied to channels_last (never read with the wrong strides)."""
+    dev = _kernel_device()
+    x = torch.randn(2, 64, 4, 4, device=dev)  # NCHW
+    w, b = torch.ones(64, device=dev), torch.zeros(64, device=dev)
+    got = fused.group_norm_act(x, w, b, act=False)
+    want = fused.reference_group_norm_act(x, w, b, act=False)
+    assert rel_norm(want, got.double()) <= 1e-5
+
+
+@needs_kernels
+@pytest.mark.parametrize("resample", [None, "up", "down"])
+def test_add_bias_and_its_gradient(resample):
+    """x + resample(r) + bias, and the gradients of x and r (through the resampling)."""
+    dev = _kernel_device()
+    g = torch.Generator().manual_seed(2)
+    r_size = {None: (6, 4), "up": (3, 2), "down": (12, 8)}[resample]
+    a = nhwc(torch.randn(2, 96, 6, 4, generator=g)).to(dev).requires_grad_(True)
+    r = nhwc(torch.randn(2, 96, *r_size, generator=g)).to(dev).requires_grad_(True)
+    bias = torch.randn(96, generator=g).to(dev)
+    y = fused.add_bias(a, r, bias, resample=resample)
+    ar, rr = a.detach().double().requires_grad_(True), r.detach().double().requires_grad_(True)
+    rs = {None: rr, "up": F.interpolate(rr, scale_factor=2, mode="nearest"), "down": F.avg_pool2d(rr, 2)}[resample]
+    want = ar + rs + bias.double()[:, None, None]
+    assert rel_norm(want, y.double()) <= 1e-6
+    dy = torch.randn(want.shape, generator=g, dtype=torch.float64).to(dev)
+    (want * dy).sum().backward()
+    (y.double() * dy).sum().backward()
+    assert rel_norm(ar.grad, a.grad.double()) <= 1e-6 and rel_norm(rr.grad, r.grad.double()) <= 1e-6
+    with pytest.raises(ValueError, match="shapes differ"):
+        fused.add_bias(a, r[:, :, :2], None, resample=resample)
+
+
+@needs_kernels
+@pytest.mark.parametrize("family,dtype,bound", [("new-order", "float32", 1e-5), ("new-order", "float16", 4e-3),
+                                                ("conv-resampling", "float16", 4e-3)])
+def test_fused_unet_matches_exact(family, dtype, bound):
+    """The whole U-Net with fused norms (conv biases folded in) vs the float32 exact path."""
+    cfg = TINY[family]
+    ref = exact(cfg)
+    dev = _kernel_device()
+    ours = fast.prepare(copy.deepcopy(ref), device=dev, dtype=dtype, fused_kernels=True)
+    assert "fused GroupNorm" in fast.describe(ours)
+    assert ours.input_blocks[1][0].in_layers[0].weight.dtype == torch.float32  # read by the kernel
+    x, t, kw = inputs(cfg)
+    with torch.no_grad():
+        want = ref(x, t, **kw)
+        got = ours(x.to(dev), t.to(dev), **{k: v.to(dev) for k, v in kw.items()}).cpu()
+    assert got.dtype == torch.float32
+    assert rel_norm(want, got) <= bound
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype,bound", [("float32", 1e-5), ("float16", 1e-2)])
+def test_fused_classifier_gradient_matches_exact(dtype, bound):
+    ref = exact(TINY_CLF, seed=3)
+    dev = _kernel_device()
+    x, t, _ = inputs(TINY_CLF)
+    y = torch.tensor([0, 3, 7])
+    want = classifier_grad(ref, x, t, y, 2.0)
+    ours = fast.prepare(copy.deepcopy(ref), device=dev, dtype=dtype, fused_kernels=True)
+    got = classifier_grad(ours, x.to(dev), t.to(dev), y.to(dev), 2.0).cpu()
+    assert rel_norm(want, got) <= bound
+
+
+def test_fused_kernel_defaults(monkeypatch):
+    assert not fast.use_fused_kernels("cpu")  # CPU keeps its oneDNN path
+    assert not fast.use_fused_kernels("cuda", exact=True)
+    assert not fast.use_fused_kernels("cuda", compile=True)  # torch.compile fuses on its own
+    assert fast.use_fused_kernels("cuda") == fused.available()
+    monkeypatch.setenv("ADM_FUSED", "0")
+    assert not fast.use_fused_kernels("cuda")
+    model = fast.prepare(exact(TINY["new-order"]), device="cpu")
+    assert "fused" not in fast.describe(model)
+    assert not any(getattr(m, "fused", False) for m in model.modules())
+
+
+@needs_kernels
+def test_fused_needs_channels_last():
+    with pytest.raises(UsageError, match="channels_last"):
+        fast.prepare(exact(TINY["new-order"]), device=_kernel_device(), fused_kernels=True, channels_last=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_group_norm_act_large(dtype):
+    """Real sizes on a GPU: the 512x512 model's first level (128 channels, 4 per group) and a
+    768-channel level of the 64x64 model (24 per group, padded to 1,024 lanes)."""
+    for shape in ((4, 128, 256, 256), (16, 768, 8, 8)):
+        fwd, bwd = _run_case("cuda", *shape, dtype, "c", True, True, 0.5, "down")
+        assert fwd <= BOUNDS[dtype] and bwd <= 2 * BOUNDS[dtype], (shape, fwd, bwd)
+
+
+def test_kernels_compile_for_hopper():
+    """Every kernel variant the ops launch compiles for sm_90 (Triton's bundled ptxas, no GPU).
+
+    The interpreter above checks the arithmetic but not what only the compiler rejects (it once
+    let through a loop-carried variable whose dtype changed inside the loop)."""
+    triton = pytest.importorskip("triton")
+    import subprocess
+    import sys
+
+    code = r'''
+import itertools, os, warnings
+warnings.filterwarnings("ignore")
+import triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+from adm_cli import _fused_kernels as k
+def comp(fn, sig, const):
+    sig = dict(sig, **{c: "constexpr" for c in const})
+    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": 4})
+dt, i, f = "*fp16", "i32", "*fp32"
+geo = dict(HW_IN=i, HW_OUT=i, W_IN=i, W_OUT=i, C=i)
+comp(k.stats, dict(X=dt, IB=dt, IB_SN=i, MEAN=f, M2=f, HW=i, C=i, RPP=i), dict(HAS_IB=True, BLOCK_R=32, BLOCK_C=128))
+for ib, ss in itertools.product((True, False), repeat=2):
+    comp(k.finalize, dict(MEAN=f, M2=f, GAMMA=f, BETA=f, IB=dt, IB_SN=i, SCALE=f, SHIFT=f, SS_SN=i, A=f, B=f, W=f,
+                          RS=f, XO=f, NBLK=i, HW=i, C=i, CPG=i, RPP=i, eps="fp32"),
+         dict(HAS_IB=ib, HAS_SS=ss, BLOCK_B=16, GPP=32, BLOCK_G=4))
+for act, rs in itertools.product((True, False), (0, 1, 2)):
+    comp(k.apply, dict(X=dt, A=f, B=f, Y=dt, **geo), dict(ACT=act, RESAMPLE=rs, BLOCK_R=32, BLOCK_C=128))
+    comp(k.bwd_stats, dict(X=dt, DY=dt, A=f, B=f, W=f, RS=f, XO=f, S1=f, S2=f, **geo, RPP=i),
+         dict(ACT=act, RESAMPLE=rs, BLOCK_R=32, BLOCK_C=128))
+    comp(k.bwd_apply, dict(X=dt, DY=dt, A=f, B=f, W=f, RS=f, XO=f, M1=f, M2=f, DX=dt, **geo),
+         dict(ACT=act, RESAMPLE=rs, BLOCK_R=32, BLOCK_C=128))
+    comp(k.residual_add, dict(X=dt, R=dt, BIAS=dt, Y=dt, HW_OUT=i, HW_R=i, W_R=i, W_OUT=i, C=i),
+         dict(HAS_BIAS=act, RESAMPLE=rs, BLOCK_R=32, BLOCK_C=128))
+print("compiled")
+'''
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    try:
+        from triton.compiler import ASTSource  # noqa: F401
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+    except ImportError:
+        pytest.skip(f"Triton {triton.__version__} has no ASTSource/GPUTarget")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    if "ptxas" in done.stderr and "not found" in done.stderr.lower():
+        pytest.skip("this Triton build has no ptxas")
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
+def test_kernel_failure_is_one_clear_error(monkeypatch):
+    """A Triton failure (unsupported GPU, broken toolchain) surfaces as a KernelError that says
+    how to run without the kernels, not as a compiler traceback."""
+    from adm_cli.errors import KernelError
+
+    class Broken:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise RuntimeError("PTX .version 9.9 does not support .target sm_52\nmore detail")
+            return launch
+
+    class Kernels:
+        def __getattr__(self, name):
+            return Broken()
+
+    monkeypatch.setattr(fused, "_kernels", lambda: Kernels())
+    x = nhwc(torch.randn(2, 64, 4, 4))
+    with pytest.raises(KernelError, match=r"'stats' failed \(RuntimeError: more detail\); set ADM_FUSED=0"):
+        fused.group_norm_act(x, torch.ones(64), torch.zeros(64))
