@@ -181,7 +181,7 @@ def make_case(case: Case, args, device: torch.device):
 
     def ours_run():
         api.sample_batch(ours_u, list(range(batch)), seed=0, settings=settings, labels=labels,
-                         classifier=ours_c)
+                         classifier=ours_c, cuda_graph=args.cuda_graph)
 
     diffusion = reference_diffusion(cfg, respacing)
 
@@ -312,6 +312,8 @@ def main(argv=None) -> int:
     p.add_argument("--compile-mode", default=None, help="torch.compile mode for --compile (e.g. max-autotune)")
     p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
                    help="ours: activation layout (auto: fast.prepare's choice for the device)")
+    p.add_argument("--cuda-graph", action="store_true", help="ours: replay each step's network calls as CUDA "
+                   "graphs (graphs.py; captured during the warm-up run)")
     p.add_argument("--fused", default="auto", choices=["auto", "on", "off"],
                    help="ours: the fused Triton GroupNorm kernels (auto: on for eager CUDA when Triton is there)")
     p.add_argument("--gn-upcast", action="store_true", help="ours: GroupNorm through an explicit float32 "
@@ -342,6 +344,7 @@ def main(argv=None) -> int:
     ours_desc = (f"{fast.resolve_dtype(args.dtype, device)}".replace("torch.", "")
                  + (f" + compile ({args.compile_mode or 'default'})" if args.compile else "")
                  + (" + GroupNorm upcast" if args.gn_upcast else "")
+                 + (" + CUDA graphs" if args.cuda_graph else "")
                  + (" + fused GroupNorm" if (args.fused == "on" or args.fused == "auto"
                                               and fast.use_fused_kernels(device, compile=args.compile)) else "")
                  + ("" if args.channels_last == "auto" else f", channels_last {args.channels_last}"))

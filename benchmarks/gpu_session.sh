@@ -15,11 +15,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2
 python3 -c "import torch, guided_diffusion; print('torch', torch.__version__, torch.cuda.get_device_name())" 2>&1 | tee -a "$LOG"
 CASES=ddpm-512-guided,ddpm-64-guided,ddim-256
 if [ "${ADM_GPU_QUICK:-0}" = 0 ]; then
-  step 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_fused.py tests/test_fast.py
+  step 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_fused.py tests/test_graphs.py tests/test_fast.py
 fi
 step 70 python3 benchmarks/accuracy.py --dtypes auto --json "$OUT/accuracy.json"
 step 150 python3 benchmarks/bench.py --device cuda --cases $CASES --repeats 5 --profile "$OUT/prof" \
     --json "$OUT/eager.json"
+step 90 python3 benchmarks/bench.py --device cuda --cases ddpm-64-guided,ddim-256,ddpm-512-guided --repeats 5 \
+    --no-flops --cuda-graph --json "$OUT/graphs.json"
 step 60 python3 benchmarks/bench.py --device cuda --cases ddpm-512-guided,ddpm-64-guided --repeats 3 --no-flops \
     --fused off --json "$OUT/unfused.json"
 if [ "${ADM_GPU_QUICK:-0}" = 0 ]; then

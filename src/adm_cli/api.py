@@ -22,6 +22,7 @@ import torch
 from .config import UNetConfig
 from .denoiser import Denoiser
 from .errors import UsageError
+from .graphs import graphed_unet
 from .guidance import classifier_guidance
 from .models import Classifier, UNet
 from .noise import SampleNoise, seeds_for
@@ -104,19 +105,24 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 def sample_batch(unet: UNet, indices: Sequence[int], *, seed: int, settings: SamplerSettings,
                  labels: Sequence[int] | None = None, classifier: Classifier | None = None,
-                 low_res: torch.Tensor | None = None, progress: ProgressFn | None = None) -> torch.Tensor:
-    """Sample the images with these indices as one batch; returns x_0 in [-1, 1], float32 NCHW."""
+                 low_res: torch.Tensor | None = None, progress: ProgressFn | None = None,
+                 cuda_graph: bool = False) -> torch.Tensor:
+    """Sample the images with these indices as one batch; returns x_0 in [-1, 1], float32 NCHW.
+
+    ``cuda_graph`` (CUDA only, else ignored): replay the network calls of each step as CUDA
+    graphs (graphs.py; captured on the first batch of each shape). Not yet timed on a GPU."""
     cfg: UNetConfig = unet.config
     device = model_device(unet)
     schedule = Schedule.create(cfg.noise_schedule, cfg.diffusion_steps, settings.respacing_for(cfg.diffusion_steps))
     noise = SampleNoise(seeds_for(seed, indices), device)
     x = noise.initial((cfg.in_channels, cfg.image_size, cfg.image_size))
     y = None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.long, device=device)
-    fn = Denoiser(unet, schedule, y=y if cfg.class_cond else None, low_res=low_res)
+    graph = cuda_graph and device.type == "cuda"
+    fn = Denoiser(graphed_unet(unet) if graph else unet, schedule, y=y if cfg.class_cond else None, low_res=low_res)
     if settings.guidance > 0:
         if classifier is None or y is None:
             raise UsageError("classifier guidance needs a classifier and class labels")
-        fn = classifier_guidance(fn, classifier, schedule, y, settings.guidance)
+        fn = classifier_guidance(fn, classifier, schedule, y, settings.guidance, cuda_graph=graph)
     step = (lambda i, _x: progress(len(indices))) if progress else None
     with torch.inference_mode(settings.guidance == 0), torch.no_grad():
         return SAMPLERS[settings.sampler](fn, x, schedule, noise=noise, clip_x0=settings.clip_x0,
@@ -127,13 +133,14 @@ def generate(unet: UNet, *, num_samples: int | None = None, indices: Sequence[in
              seed: int = 0, classes: Sequence[int] | None = None, classifier: Classifier | None = None,
              settings: SamplerSettings = SamplerSettings(), batch_size: int = 8,
              low_res: np.ndarray | None = None, progress: ProgressFn | None = None,
-             on_batch: Callable[[Samples], None] | None = None) -> Samples:
+             on_batch: Callable[[Samples], None] | None = None, cuda_graph: bool = False) -> Samples:
     """Sample ``num_samples`` images (or exactly the sample ``indices``), in batches.
 
     ``classes``: one label per sample index 0..N-1 (``labels[k]`` for index k); None with a
     class-conditional model or guidance draws them from ``random_labels(seed, ...)``.
     ``low_res``: uint8 NHWC base images, one per index, for a super-resolution model.
     ``on_batch`` receives each finished batch (to write outputs as they complete).
+    ``cuda_graph``: see ``sample_batch``.
     """
     if indices is None:
         if num_samples is None or num_samples < 1:
@@ -158,7 +165,7 @@ def generate(unet: UNet, *, num_samples: int | None = None, indices: Sequence[in
         lab = None if label_arr is None else label_arr[chunk]
         lr = None if low_res is None else from_uint8(low_res[chunk], device)
         x = sample_batch(unet, chunk, seed=seed, settings=settings, labels=lab, classifier=classifier,
-                         low_res=lr, progress=progress)
+                         low_res=lr, progress=progress, cuda_graph=cuda_graph)
         batch = Samples(to_uint8(x), np.full(len(chunk), -1) if lab is None else lab, np.asarray(chunk))
         if on_batch is not None:
             on_batch(batch)

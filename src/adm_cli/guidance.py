@@ -40,13 +40,20 @@ GRAD_SCALE = 1024.0
 
 
 def classifier_guidance(model_fn: ModelFn, classifier: torch.nn.Module, schedule: Schedule,
-                        y: torch.Tensor, scale: float) -> ModelFn:
-    """Wrap ``model_fn`` so that each prediction carries the scaled classifier gradient."""
+                        y: torch.Tensor, scale: float, *, cuda_graph: bool = False) -> ModelFn:
+    """Wrap ``model_fn`` so that each prediction carries the scaled classifier gradient.
+    ``cuda_graph``: replay the gradient's forward and backward as one CUDA graph (graphs.py)."""
+    if cuda_graph:
+        from .graphs import graphed_classifier_grad
+
+        grad_fn = graphed_classifier_grad(classifier, scale)
+    else:
+        grad_fn = lambda x, t, y: classifier_grad(classifier, x, t, y, scale)  # noqa: E731
 
     def guided(x: torch.Tensor, i: int) -> Prediction:
         pred = model_fn(x, i)
         t = schedule.tables(x.device)["t"][i].expand(x.shape[0])
-        return pred.with_grad(classifier_grad(classifier, x, t, y, scale))
+        return pred.with_grad(grad_fn(x, t, y))
 
     return guided
 
