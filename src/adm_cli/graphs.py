@@ -29,7 +29,8 @@ class StepGraph:
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         if not args[0].is_cuda:
             return self.fn(*args)
-        key = tuple((tuple(a.shape), a.dtype, a.device) for a in args)
+        # Inference-mode buffers cannot be written outside inference mode: one capture per mode.
+        key = (torch.is_inference_mode_enabled(), *((tuple(a.shape), a.dtype, a.device) for a in args))
         entry = self._graphs.get(key)
         if entry is None:
             entry = self._graphs[key] = self._capture(args)
