@@ -198,6 +198,11 @@ class Group(Solo):
         if self._old_sigterm is not None:
             signal.signal(signal.SIGTERM, self._old_sigterm)
         try:
+            if exc[0] is None:
+                # Tear down together: a rank that destroys its gloo group and exits while another
+                # still talks to it can abort at exit ("terminate called without an active
+                # exception", seen once in CI on rank 0 after it had written everything).
+                dist.barrier()
             dist.destroy_process_group()
         except Exception:  # noqa: BLE001 - the group may be broken by the failure being reported
             pass
