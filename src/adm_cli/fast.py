@@ -132,12 +132,14 @@ def prepare(model: nn.Module, *, device: torch.device | str | None = None, dtype
     """Make ``model`` (a UNet or Classifier) fast for inference, in place; returns it.
 
     ``device``: where to run (default: where the model is). ``dtype``: "auto", "float32",
-    "bfloat16" or "float16" (see ``resolve_dtype``). ``channels_last``: default on for CPU and for
-    compiled models, off for eager CUDA (see the comment below; measured both ways on an H200). ``compile``: False, True, or
+    "bfloat16" or "float16" (see ``resolve_dtype``). ``channels_last``: default on for CPU, for
+    compiled models and with the fused kernels, off for plain eager CUDA (see the comment below;
+    measured both ways on an H200). ``compile``: False, True, or
     a torch.compile mode such as "max-autotune" / "reduce-overhead" (the latter replays CUDA
     graphs; CPU falls back to the default mode). ``exact``: the reference's attention arithmetic
     (for comparisons; slower). ``prepack``: CPU float32 only, default on for a U-Net without
-    ``compile``: see ``PrepackedConv2d`` (costs a second copy of the conv weights in RAM).
+    ``compile`` or fused kernels: see ``PrepackedConv2d`` (costs a second copy of the conv weights
+    in RAM).
     ``fused_kernels``: the Triton GroupNorm(+scale-shift)(+SiLU) kernels of ``fused.py`` on
     channels_last activations (default: ``use_fused_kernels``).
     """
@@ -172,7 +174,8 @@ def prepare(model: nn.Module, *, device: torch.device | str | None = None, dtype
         model.to(memory_format=torch.channels_last)  # 4-D weights only; models.py follows the input conv
     set_exact_attention(model, exact)
     if prepack is None:  # the classifier runs under autograd, where the packed path steps aside
-        prepack = isinstance(model, UNet) and not compile and channels_last
+        # (and the fused residual blocks call their convs' weights directly: no use for it)
+        prepack = isinstance(model, UNet) and not compile and channels_last and not use_fused
     if prepack and device.type == "cpu" and dt == torch.float32 and _prepack_works():
         for m in model.modules():
             if type(m) is nn.Conv2d and m.padding_mode == "zeros" and isinstance(m.padding, tuple):

@@ -71,9 +71,6 @@ class GraphedUNet:
             graph = self._graphs[kinds] = StepGraph(lambda x, t, *extra: self.unet(x, t, **dict(zip(kinds, extra))))
         return graph(x, t, *(v for _, v in named))
 
-    def parameters(self):
-        return self.unet.parameters()
-
 
 def graphed_unet(unet: torch.nn.Module) -> GraphedUNet:
     graphed = getattr(unet, "_adm_graphed", None)

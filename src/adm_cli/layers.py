@@ -155,13 +155,13 @@ class ResBlock(nn.Module):
         between the two convolutions there is one fused op (stats read, one read + one write)."""
         norm, _, conv = self.in_layers
         h = fused.conv_nobias(conv, norm.act(x, resample=self.resample))  # norm's output written resampled
-        e = self.emb_layers(emb).float()
+        e = self.emb_layers(emb)  # the kernels read it in its own dtype and compute in float32
         norm, _, _, conv = self.out_layers
         if self.scale_shift:
             scale, shift = e.chunk(2, dim=1)
             h = norm.act(h, in_bias=conv_bias(self.in_layers[2], h), scale=scale, shift=shift)
         else:
-            h = norm.act(h, in_bias=e + conv_bias(self.in_layers[2], h).float())
+            h = norm.act(h, in_bias=e.float() + conv_bias(self.in_layers[2], h).float())
         h = fused.conv_nobias(conv, h)
         bias = conv_bias(conv, h)
         if isinstance(self.skip_connection, nn.Conv2d):  # never with up/down (same channels)
