@@ -198,6 +198,39 @@ def test_concurrent_fetches_stay_correct_without_the_lock(env, server, files, mo
     assert not list(raw.parent.glob("*.incomplete"))
 
 
+def test_two_threads_writing_the_record_at_once(tmp_path, monkeypatch):
+    """Both writers have their temporary file on disk before either renames it: with one shared
+    temporary name (once the process id) the second rename found nothing (FileNotFoundError, seen
+    in the test above once in a while)."""
+    raw = tmp_path / "w.pt"
+    raw.write_bytes(b"weights")
+    both_written = threading.Barrier(2, timeout=10)
+    write_text = type(raw).write_text
+
+    def write_then_wait(self, *args, **kwargs):
+        n = write_text(self, *args, **kwargs)
+        both_written.wait()
+        return n
+
+    monkeypatch.setattr(type(raw), "write_text", write_then_wait)
+    errors = []
+
+    def run():
+        try:
+            cache._write_record(raw, "ab" * 32, False, "http://x/w.pt")
+        except Exception as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert not errors
+    assert json.loads(cache._record_path(raw).read_text())["sha256"] == "ab" * 32
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["w.pt", cache._record_path(raw).name])
+
+
 def test_offline_is_one_clear_line(env, server, monkeypatch):
     with pytest.raises(OfflineError, match="run `adm fetch tiny` with network access"):
         ensure_weights("tiny", offline=True, mirror=server.base)

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import sys
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -113,7 +114,9 @@ def _write_record(raw: Path, digest: str, published: bool, source: str | None) -
     st = raw.stat()
     record = {"sha256": digest, "size": st.st_size, "published_checksum": published,
               "source": source, "verified_stat": [st.st_size, st.st_mtime_ns]}
-    tmp = _record_path(raw).with_name(f".{raw.name}.json.{os.getpid()}.tmp")
+    # A name of its own per writer (threads of one process included): a shared one would let one
+    # writer's rename take the other's file away mid-write.
+    tmp = _record_path(raw).with_name(f".{raw.name}.json.{uuid.uuid4().hex[:12]}.tmp")
     tmp.write_text(json.dumps(record, indent=1), encoding="utf-8")
     os.replace(tmp, _record_path(raw))
 

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -33,7 +34,7 @@ PLAN_NAME = "run-plan.json"
 def _atomic_write(path: Path, data: bytes) -> None:
     if path.exists():
         raise OutputError(f"refusing to overwrite existing file {path}")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.incomplete")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.incomplete")  # one per writer, threads too
     try:
         with open(tmp, "wb") as f:
             f.write(data)
