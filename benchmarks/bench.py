@@ -318,6 +318,8 @@ def main(argv=None) -> int:
                    help="ours: the fused Triton GroupNorm kernels (auto: on for eager CUDA when Triton is there)")
     p.add_argument("--gn-upcast", action="store_true", help="ours: GroupNorm through an explicit float32 "
                    "copy, as the reference does (default on CUDA: the native half-precision kernel)")
+    p.add_argument("--concat", action="store_true", help="ours, fused: the decoder blocks concatenate h and "
+                   "the skip (torch.cat) as before, instead of reading both in place")
     p.add_argument("--profile", default=None, metavar="PREFIX", help="also profile one run of ours per case "
                    "(torch.profiler) into PREFIX.<case>.txt")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -338,6 +340,9 @@ def main(argv=None) -> int:
     if args.gn_upcast:
         from adm_cli import layers
         layers.NATIVE_HALF_GROUPNORM = False
+    if args.concat:
+        from adm_cli import layers
+        layers.FUSED_CONCAT = False
     torch.manual_seed(0)
     dev, peak = device_peak(device)
     mode = "cpu-small" if args.cpu_small else "full"
@@ -345,6 +350,7 @@ def main(argv=None) -> int:
                  + (f" + compile ({args.compile_mode or 'default'})" if args.compile else "")
                  + (" + GroupNorm upcast" if args.gn_upcast else "")
                  + (" + CUDA graphs" if args.cuda_graph else "")
+                 + (" + torch.cat in the decoder" if args.concat else "")
                  + (" + fused GroupNorm" if (args.fused == "on" or args.fused == "auto"
                                               and fast.use_fused_kernels(device, compile=args.compile)) else "")
                  + ("" if args.channels_last == "auto" else f", channels_last {args.channels_last}"))

@@ -112,6 +112,72 @@ def test_group_norm_act_rejects_other_layouts_by_copying():
 
 
 @needs_kernels
+@pytest.mark.parametrize("c1,c2,dtype,ss", [(64, 32, torch.float32, True), (96, 64, torch.float32, False),
+                                             (160, 96, torch.float16, True), (32, 256, torch.bfloat16, True)])
+def test_group_norm_act_over_two_inputs(c1, c2, dtype, ss):
+    """The decoder's norm over cat([h, skip], 1) read in place from both tensors: groups and
+    channel tiles that straddle the boundary (96 + 64 channels: 5 per group), far-off means,
+    several programs per sample; and with gradients it falls back to one concatenated input."""
+    dev = _kernel_device()
+    g = torch.Generator().manual_seed(5)
+    n, h, w, c = 2, 12, 10, c1 + c2
+    x = nhwc((torch.randn(n, c1, h, w, generator=g) * 0.5 + 3.0).to(dtype)).to(dev)
+    x2 = nhwc((torch.randn(n, c2, h, w, generator=g) * 2.0 - 1.0).to(dtype)).to(dev)
+    gamma, beta = (1 + 0.2 * torch.randn(c, generator=g)).to(dev), (0.1 * torch.randn(c, generator=g)).to(dev)
+    scale = shift = None
+    if ss:
+        scale, shift = (0.3 * torch.randn(n, 2 * c, generator=g)).to(dev).chunk(2, dim=1)
+    want = fused.reference_group_norm_act(x, gamma, beta, scale=scale, shift=shift, x2=x2)
+    with torch.no_grad():
+        got = fused.group_norm_act(x, gamma, beta, scale=scale, shift=shift, x2=x2)
+    assert got.shape == (n, c, h, w) and got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
+    assert rel_norm(want, got.double()) <= BOUNDS[dtype]
+    # With autograd on, the same numbers and a gradient for both inputs.
+    xa, xb = x.detach().requires_grad_(True), x2.detach().requires_grad_(True)
+    y = fused.group_norm_act(xa, gamma, beta, scale=scale, shift=shift, x2=xb)
+    assert rel_norm(want, y.double()) <= BOUNDS[dtype]
+    y.float().square().sum().backward()
+    assert xa.grad.shape == x.shape and xb.grad.shape == x2.shape and xb.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="cannot follow"):
+        fused.group_norm_act(x, gamma, beta, x2=x2[:, :, :4])
+
+
+@needs_kernels
+def test_results_do_not_depend_on_the_launch_geometry(monkeypatch):
+    """Tile size, warps and reduction programs per multiprocessor (what benchmarks/kernels.py
+    sweeps) change only the order of float32 sums: the same output to ~1e-6."""
+    dev = _kernel_device()
+    g = torch.Generator().manual_seed(8)
+    x = nhwc(torch.randn(3, 96, 20, 12, generator=g) + 2.0).to(dev)
+    x2 = nhwc(torch.randn(3, 64, 20, 12, generator=g)).to(dev)
+    gamma, beta = (1 + 0.2 * torch.randn(160, generator=g)).to(dev), (0.1 * torch.randn(160, generator=g)).to(dev)
+    scale, shift = (0.3 * torch.randn(3, 320, generator=g)).to(dev).chunk(2, dim=1)
+    want = fused.reference_group_norm_act(x, gamma, beta, scale=scale, shift=shift, x2=x2)
+    for tile, warps, pps in ((4096, 4, 4), (512, 2, 1), (8192, 8, 16)):
+        monkeypatch.setattr(fused, "_TILE", tile)
+        monkeypatch.setattr(fused, "_WARPS", warps)
+        monkeypatch.setattr(fused, "_PROGRAMS_PER_SM", pps)
+        with torch.no_grad():
+            got = fused.group_norm_act(x, gamma, beta, scale=scale, shift=shift, x2=x2)
+            down = fused.group_norm_act(x, gamma[:96], beta[:96], resample="down")
+        assert rel_norm(want, got.double()) <= 1e-6, (tile, warps, pps)
+        assert rel_norm(fused.reference_group_norm_act(x, gamma[:96], beta[:96], resample="down"),
+                        down.double()) <= 1e-6
+
+
+def test_conv1x1_cat_matches_conv_of_the_concatenation():
+    """W [x; x2] = W_x x + W_x2 x2 (plain PyTorch GEMMs, no Triton needed)."""
+    g = torch.Generator().manual_seed(6)
+    conv = torch.nn.Conv2d(96 + 64, 48, 1)
+    x, x2 = nhwc(torch.randn(2, 96, 5, 7, generator=g)), nhwc(torch.randn(2, 64, 5, 7, generator=g))
+    conv = conv.to(memory_format=torch.channels_last)
+    want = F.conv2d(torch.cat([x, x2], 1).double(), conv.weight.double())
+    got = fused.conv1x1_cat(conv, x, x2)
+    assert got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last)
+    assert rel_norm(want, got.double()) <= 1e-6
+
+
+@needs_kernels
 @pytest.mark.parametrize("resample", [None, "up", "down"])
 def test_add_bias_and_its_gradient(resample):
     """x + resample(r) + bias, and the gradients of x and r (through the resampling)."""
@@ -138,20 +204,41 @@ def test_add_bias_and_its_gradient(resample):
 @pytest.mark.parametrize("family,dtype,bound", [("new-order", "float32", 1e-5), ("new-order", "float16", 4e-3),
                                                 ("legacy-order", "float16", 4e-3), ("upsampler", "float16", 4e-3),
                                                 ("conv-resampling", "float16", 4e-3)])
-def test_fused_unet_matches_exact(family, dtype, bound):
-    """The whole U-Net with fused norms (conv biases folded in) vs the float32 exact path."""
+def test_fused_unet_matches_exact(family, dtype, bound, monkeypatch):
+    """The whole U-Net with fused norms (conv biases folded in, the decoder's concatenation
+    never written) vs the float32 exact path."""
     cfg = TINY[family]
     ref = exact(cfg)
     dev = _kernel_device()
     ours = fast.prepare(copy.deepcopy(ref), device=dev, dtype=dtype, fused_kernels=True)
     assert "fused GroupNorm" in fast.describe(ours)
     assert ours.input_blocks[1][0].in_layers[0].weight.dtype == torch.float32  # read by the kernel
+    split = []
+    monkeypatch.setattr(fused, "conv1x1_cat", lambda *a, _f=fused.conv1x1_cat: split.append(1) or _f(*a))
     x, t, kw = inputs(cfg)
     with torch.no_grad():
         want = ref(x, t, **kw)
         got = ours(x.to(dev), t.to(dev), **{k: v.to(dev) for k, v in kw.items()}).cpu()
+    assert len(split) == len(ours.output_blocks)  # every decoder block read h and the skip in place
     assert got.dtype == torch.float32
     assert rel_norm(want, got) <= bound
+
+
+@needs_kernels
+def test_fused_unet_with_the_concatenation_switched_back(monkeypatch):
+    """``layers.FUSED_CONCAT = False`` (bench.py --concat): torch.cat again, same output."""
+    from adm_cli import layers
+
+    cfg = TINY["new-order"]
+    ref = exact(cfg)
+    ours = fast.prepare(copy.deepcopy(ref), device=_kernel_device(), dtype="float32", fused_kernels=True)
+    monkeypatch.setattr(layers, "FUSED_CONCAT", False)
+    monkeypatch.setattr(fused, "conv1x1_cat", lambda *a: pytest.fail("the split skip conv ran"))
+    x, t, kw = inputs(cfg)
+    with torch.no_grad():
+        want = ref(x, t, **kw)
+        got = ours(x.to(_kernel_device()), t, **kw).cpu()
+    assert rel_norm(want, got) <= 1e-5
 
 
 @needs_kernels
@@ -217,13 +304,17 @@ def comp(fn, sig, const):
                    options={"num_warps": 4})
 dt, i, f = "*fp16", "i32", "*fp32"
 geo = dict(HW_IN=i, HW_OUT=i, W_IN=i, W_OUT=i, C=i)
-comp(k.stats, dict(X=dt, IB=dt, IB_SN=i, MEAN=f, M2=f, HW=i, C=i, RPP=i), dict(HAS_IB=True, BLOCK_R=32, BLOCK_C=128))
+for ib, two in itertools.product((True, False), repeat=2):
+    comp(k.stats, dict(X=dt, X2=dt, IB=dt, IB_SN=i, MEAN=f, M2=f, HW=i, C=i, C1=i, RPP=i),
+         dict(HAS_IB=ib, TWO=two, BLOCK_R=32, BLOCK_C=128))
 for ib, ss in itertools.product((True, False), repeat=2):
     comp(k.finalize, dict(MEAN=f, M2=f, GAMMA=f, BETA=f, IB=dt, IB_SN=i, SCALE=f, SHIFT=f, SS_SN=i, A=f, B=f, W=f,
                           RS=f, XO=f, NBLK=i, HW=i, C=i, CPG=i, RPP=i, eps="fp32"),
          dict(HAS_IB=ib, HAS_SS=ss, BLOCK_B=16, GPP=32, BLOCK_G=4))
 for act, rs in itertools.product((True, False), (0, 1, 2)):
-    comp(k.apply, dict(X=dt, A=f, B=f, Y=dt, **geo), dict(ACT=act, RESAMPLE=rs, BLOCK_R=32, BLOCK_C=128))
+    for two in (False, True) if rs == 0 else (False,):
+        comp(k.apply, dict(X=dt, X2=dt, A=f, B=f, Y=dt, **geo, C1=i),
+             dict(ACT=act, RESAMPLE=rs, TWO=two, BLOCK_R=32, BLOCK_C=128))
     comp(k.bwd_stats, dict(X=dt, DY=dt, A=f, B=f, W=f, RS=f, XO=f, S1=f, S2=f, **geo, RPP=i),
          dict(ACT=act, RESAMPLE=rs, BLOCK_R=32, BLOCK_C=128))
     comp(k.bwd_apply, dict(X=dt, DY=dt, A=f, B=f, W=f, RS=f, XO=f, M1=f, M2=f, DX=dt, **geo),

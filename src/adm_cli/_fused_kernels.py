@@ -22,8 +22,23 @@ def _source_row(rows, W_IN, W_OUT, RESAMPLE: tl.constexpr, a: tl.constexpr, b: t
 
 
 @triton.jit
-def stats(X, IB, IB_SN, MEAN, M2, HW, C, RPP, HAS_IB: tl.constexpr, BLOCK_R: tl.constexpr,
-          BLOCK_C: tl.constexpr):
+def _rows(X, X2, n, rows, mask, cols, HW, C, C1, TWO: tl.constexpr):
+    """Rows ``rows`` ([BLOCK_R, BLOCK_C]) of sample n: of X ([HW, C]), or (TWO) of the channel
+    concatenation of X ([HW, C1]) and X2 ([HW, C - C1]) read in place (the U-Net decoder's
+    cat(h, skip) is never written)."""
+    r = rows[:, None].to(tl.int64)
+    if TWO:
+        c2 = C - C1
+        first = (cols < C1)[None, :]
+        a = tl.load(X + n * HW * C1 + r * C1 + cols[None, :], mask=mask & first, other=0.0)
+        b = tl.load(X2 + n * HW * c2 + r * c2 + (cols - C1)[None, :], mask=mask & (cols >= C1)[None, :], other=0.0)
+        return tl.where(first, a, b)
+    return tl.load(X + n * HW * C + r * C + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def stats(X, X2, IB, IB_SN, MEAN, M2, HW, C, C1, RPP, HAS_IB: tl.constexpr, TWO: tl.constexpr,
+          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     # Program (blk, n): per-channel mean and M2 over rows [blk * RPP, (blk + 1) * RPP). Sums of
     # x - K with K the first chunk's mean (close to the block's mean, so the shifted sum of
     # squares loses nothing to cancellation), accumulated elementwise in registers and reduced
@@ -33,7 +48,6 @@ def stats(X, IB, IB_SN, MEAN, M2, HW, C, RPP, HAS_IB: tl.constexpr, BLOCK_R: tl.
     nblk = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_C)
     cmask = cols < C
-    base = X + n * HW * C
     ib = tl.zeros([BLOCK_C], tl.float32)
     if HAS_IB:
         ib = tl.load(IB + n * IB_SN + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -41,7 +55,7 @@ def stats(X, IB, IB_SN, MEAN, M2, HW, C, RPP, HAS_IB: tl.constexpr, BLOCK_R: tl.
     rows0 = start + tl.arange(0, BLOCK_R)
     rmask0 = rows0 < HW
     mask0 = rmask0[:, None] & cmask[None, :]
-    x0 = tl.load(base + rows0[:, None].to(tl.int64) * C + cols[None, :], mask=mask0, other=0.0)
+    x0 = _rows(X, X2, n, rows0, mask0, cols, HW, C, C1, TWO)
     x0 = tl.where(mask0, x0.to(tl.float32) + ib[None, :], 0.0)
     k = tl.sum(x0, axis=0) / tl.sum(rmask0.to(tl.float32), axis=0)
     shift = k - ib  # subtracted from the raw x
@@ -50,7 +64,7 @@ def stats(X, IB, IB_SN, MEAN, M2, HW, C, RPP, HAS_IB: tl.constexpr, BLOCK_R: tl.
     for r0 in range(0, RPP, BLOCK_R):  # the last program's tail chunks may be empty
         rows = start + r0 + tl.arange(0, BLOCK_R)
         mask = (rows < HW)[:, None] & cmask[None, :]
-        xv = tl.load(base + rows[:, None].to(tl.int64) * C + cols[None, :], mask=mask, other=0.0)
+        xv = _rows(X, X2, n, rows, mask, cols, HW, C, C1, TWO)
         d = tl.where(mask, xv.to(tl.float32) - shift[None, :], 0.0)
         acc1 += d
         acc2 += d * d
@@ -158,14 +172,17 @@ def _tile(HW, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def apply(X, A, B, Y, HW_IN, HW_OUT, W_IN, W_OUT, C, ACT: tl.constexpr, RESAMPLE: tl.constexpr,
-          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    # y = resample(act(x A + B)); rows are output pixels.
+def apply(X, X2, A, B, Y, HW_IN, HW_OUT, W_IN, W_OUT, C, C1, ACT: tl.constexpr, RESAMPLE: tl.constexpr,
+          TWO: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # y = resample(act(x A + B)); rows are output pixels. TWO: x is cat(X, X2), never resampled.
     n = tl.program_id(1).to(tl.int64)
     rows, cols, cmask, mask = _tile(HW_OUT, C, BLOCK_R, BLOCK_C)
     a = tl.load(A + n * C + cols, mask=cmask, other=0.0)[None, :]
     b = tl.load(B + n * C + cols, mask=cmask, other=0.0)[None, :]
-    z = _gather(X + n * HW_IN * C + cols[None, :], rows, mask, a, b, W_IN, W_OUT, C, True, ACT, RESAMPLE)
+    if TWO:
+        z = _act(_rows(X, X2, n, rows, mask, cols, HW_OUT, C, C1, True).to(tl.float32) * a + b, ACT)
+    else:
+        z = _gather(X + n * HW_IN * C + cols[None, :], rows, mask, a, b, W_IN, W_OUT, C, True, ACT, RESAMPLE)
     tl.store(Y + n * HW_OUT * C + rows[:, None].to(tl.int64) * C + cols[None, :], z.to(Y.dtype.element_ty),
              mask=mask)
 

@@ -16,6 +16,13 @@ written directly at the new size and the skip is read through the resampling ins
 add, so no upsample or average-pool kernel runs (on an H200 those took 19 and 16 ms per two
 guided 512x512 steps, and the pool's backward 18 ms more).
 
+The decoder's blocks take cat([h, skip], 1). Its two readers are the first norm and the 1x1
+skip conv, so neither needs it written: the norm kernels read channels [0, C1) from h and the
+rest from the skip (``x2``), and the skip conv is two GEMMs over the channels_last pixels, the
+second accumulating into the first (``conv1x1_cat``: W [h; skip] = W_h h + W_s skip). On an
+H200 the concatenations took 5.8 ms of a 79 ms DDIM step at 256x256; the split GEMM costs one
+extra read and write of the block's (narrower) output instead.
+
 Statistics: each program sums x - K and (x - K)^2 per channel over its rows, K being its first
 rows' mean (shifted sums: no E[x^2] - E[x]^2 cancellation), and the per-group totals combine the
 programs' means and M2 with Chan et al.'s pairwise formula. Everything is accumulated and applied
@@ -42,7 +49,12 @@ import torch.nn.functional as F
 from .errors import KernelError
 
 GROUPS = 32
-_TILE = 4096  # elements per program tile (rows x padded channels)
+# Launch geometry (benchmarks/kernels.py times other values): elements per program tile (rows x
+# padded channels) of the elementwise kernels and of each step of the reductions, warps per
+# program, and reduction programs per multiprocessor (how many tiles are in flight at once).
+_TILE = 4096
+_WARPS = 4
+_PROGRAMS_PER_SM = 4
 
 
 @functools.lru_cache(maxsize=None)
@@ -98,11 +110,15 @@ def triton_next_pow2(n: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _programs_target(device_index: int | None) -> int:
-    """About four programs per multiprocessor for the reductions (enough to fill the chip)."""
+def _multiprocessors(device_index: int | None) -> int:
     if device_index is None or not torch.cuda.is_available():
-        return 8
-    return 4 * torch.cuda.get_device_properties(device_index).multi_processor_count
+        return 2
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _programs_target(device_index: int | None) -> int:
+    """Reduction programs to launch: a few per multiprocessor, enough to fill the chip."""
+    return _PROGRAMS_PER_SM * _multiprocessors(device_index)
 
 
 def _split(hw: int, n: int, block_r: int, device: torch.device) -> tuple[int, int]:
@@ -144,10 +160,12 @@ def _resampled(h: int, w: int, resample: str | None) -> tuple[int, int]:
 
 
 def _affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-            in_bias: torch.Tensor | None, scale: torch.Tensor | None, shift: torch.Tensor | None):
+            in_bias: torch.Tensor | None, scale: torch.Tensor | None, shift: torch.Tensor | None,
+            x2: torch.Tensor | None = None):
     """The float32 [N, C] vectors A, B (y = x A + B), W = gamma (1 + s), RS = rstd and XO
-    (x^ = x RS + XO) for a channels_last x."""
-    n, c, h, w = x.shape
+    (x^ = x RS + XO) for a channels_last x (or cat([x, x2], 1), see ``group_norm_act``)."""
+    n, c1, h, w = x.shape
+    c = c1 + (x2.shape[1] if x2 is not None else 0)
     hw = h * w
     if c % GROUPS:
         raise ValueError(f"GroupNorm over {GROUPS} groups needs a multiple of {GROUPS} channels, got {c}")
@@ -156,8 +174,9 @@ def _affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: floa
     f32 = dict(dtype=torch.float32, device=x.device)
     mean, m2 = torch.empty(2, n, nblk, c, **f32)  # one allocation: the host time counts (many small calls)
     ib, ib_sn = _row_vec(in_bias, n, c)
-    _launch("stats", (nblk, n), x, ib if ib is not None else x, ib_sn, mean, m2, hw, c, rpp,
-            HAS_IB=ib is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+    _launch("stats", (nblk, n), x, x2 if x2 is not None else x, ib if ib is not None else x, ib_sn, mean, m2,
+            hw, c, c1, rpp, HAS_IB=ib is not None, TWO=x2 is not None, BLOCK_R=block_r, BLOCK_C=block_c,
+            num_warps=_WARPS)
     outs = torch.empty(5, n, c, **f32)
     sc, ss_sn = _row_vec(scale, n, c)
     sh, sh_sn = _row_vec(shift, n, c)
@@ -170,8 +189,22 @@ def _affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: floa
     _launch("finalize", (n, GROUPS // gpp), mean, m2, weight, bias, ib if ib is not None else mean, ib_sn,
             sc if sc is not None else mean, sh if sh is not None else mean, ss_sn, *outs,
             nblk, hw, c, cpg, rpp, float(eps), HAS_IB=ib is not None, HAS_SS=sc is not None,
-            BLOCK_B=max(1, 2048 // (gpp * block_g)), GPP=gpp, BLOCK_G=block_g, num_warps=4)
+            BLOCK_B=max(1, 2048 // (gpp * block_g)), GPP=gpp, BLOCK_G=block_g, num_warps=_WARPS)
     return outs
+
+
+def _apply(x: torch.Tensor, x2: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, act: bool,
+           resample: str | None) -> torch.Tensor:
+    """y = resample(act(x A + B)), x being cat([x, x2], 1) when x2 is given (never resampled)."""
+    n, c1, h, wd = x.shape
+    c = c1 + (x2.shape[1] if x2 is not None else 0)
+    ho, wo = _resampled(h, wd, resample)
+    y = torch.empty((n, c, ho, wo), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    block_r, block_c = _blocks(c)
+    _launch("apply", (-(-ho * wo // block_r), n), x, x2 if x2 is not None else x, a, b, y, h * wd, ho * wo, wd, wo,
+            c, c1, ACT=act, RESAMPLE=_RESAMPLE[resample], TWO=x2 is not None, BLOCK_R=block_r, BLOCK_C=block_c,
+            num_warps=_WARPS)
+    return y
 
 
 class _NormAct(torch.autograd.Function):
@@ -179,12 +212,7 @@ class _NormAct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, a, b, w, rs, xo, act: bool, resample: str | None):
-        n, c, h, wd = x.shape
-        ho, wo = _resampled(h, wd, resample)
-        y = torch.empty((n, c, ho, wo), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-        block_r, block_c = _blocks(c)
-        _launch("apply", (-(-ho * wo // block_r), n), x, a, b, y, h * wd, ho * wo, wd, wo, c, ACT=act,
-                RESAMPLE=_RESAMPLE[resample], BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+        y = _apply(x, None, a, b, act, resample)
         if ctx is not None:
             if ctx.needs_input_grad[0]:
                 ctx.save_for_backward(x, a, b, w, rs, xo)
@@ -203,7 +231,7 @@ class _NormAct(torch.autograd.Function):
         s1 = torch.empty(n, nblk, c, dtype=torch.float32, device=x.device)
         s2 = torch.empty_like(s1)
         geometry = (hw, ho * wo, wd, wo, c)
-        mode = dict(ACT=ctx.act, RESAMPLE=_RESAMPLE[ctx.resample], BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+        mode = dict(ACT=ctx.act, RESAMPLE=_RESAMPLE[ctx.resample], BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_WARPS)
         _launch("bwd_stats", (nblk, n), x, dy, a, b, w, rs, xo, s1, s2, *geometry, rpp, **mode)
         cpg, count = c // GROUPS, hw * (c // GROUPS)
         m1, m2 = (s.sum(1).view(n, GROUPS, cpg).sum(-1, keepdim=True).div_(count).expand(n, GROUPS, cpg)
@@ -215,19 +243,30 @@ class _NormAct(torch.autograd.Function):
 
 def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5, *,
                    in_bias: torch.Tensor | None = None, scale: torch.Tensor | None = None,
-                   shift: torch.Tensor | None = None, act: bool = True, resample: str | None = None) -> torch.Tensor:
+                   shift: torch.Tensor | None = None, act: bool = True, resample: str | None = None,
+                   x2: torch.Tensor | None = None) -> torch.Tensor:
     """resample(act(GroupNorm_32(x + in_bias) * (1 + scale) + shift)), fused; channels_last out,
     x's dtype.
 
     ``in_bias``: [C] (a conv bias left out of the conv) or [N, C] (an embedding added before the
     norm). ``scale`` / ``shift``: [N, C] (AdaGN), both or neither. ``act``: SiLU or identity.
     ``resample``: None, "up" (nearest 2x) or "down" (2x2 average), written directly at the new
-    size. Differentiable in x only (the parameters must be frozen).
+    size. ``x2``: more channels, the norm running over cat([x, x2], 1) read in place from both
+    (the U-Net decoder's input, whose concatenation is then never written; not with resample).
+    Differentiable in x (and x2) only (the parameters must be frozen).
     """
     x = _nhwc(x)
     _resampled(*x.shape[-2:], resample)
+    if x2 is not None:
+        if x2.shape[0] != x.shape[0] or x2.shape[2:] != x.shape[2:] or x2.dtype != x.dtype or resample:
+            raise ValueError(f"group_norm_act: x2 {tuple(x2.shape)} {x2.dtype} cannot follow x {tuple(x.shape)} "
+                             f"{x.dtype} (same batch, size and dtype, no resample)")
+        x2 = _nhwc(x2)
+        if torch.is_grad_enabled() and (x.requires_grad or x2.requires_grad):  # backward: one input
+            x, x2 = torch.cat([x, x2], dim=1), None
     if not (torch.is_grad_enabled() and x.requires_grad):  # sampling: skip autograd's bookkeeping
-        return _NormAct.forward(None, x, *_affine(x, weight, bias, eps, in_bias, scale, shift), bool(act), resample)
+        a, b = _affine(x, weight, bias, eps, in_bias, scale, shift, x2)[:2]
+        return _apply(x, x2, a, b, bool(act), resample)
     with torch.no_grad():
         a, b, w, rs, xo = _affine(x, weight, bias, eps, in_bias, scale, shift)
     return _NormAct.apply(x, a, b, w, rs, xo, bool(act), resample)
@@ -243,7 +282,7 @@ class _AddBias(torch.autograd.Function):
         hr, wr = r.shape[-2:]
         _launch("residual_add", (-(-ho * wo // block_r), n), x, r, bias if bias is not None else x, y,
                 ho * wo, hr * wr, wr, wo, c, HAS_BIAS=bias is not None, RESAMPLE=_RESAMPLE[resample],
-                BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+                BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_WARPS)
         if ctx is not None:
             ctx.resample = resample
         return y
@@ -253,7 +292,7 @@ class _AddBias(torch.autograd.Function):
         if ctx.resample == "up":  # each residual pixel fed four outputs
             gr = F.avg_pool2d(g, 2) * 4
         elif ctx.resample == "down":  # each output averaged four residual pixels
-            gr = F.interpolate(g, scale_factor=2, mode="nearest") * 0.25
+            gr = F.interpolate(g * 0.25, scale_factor=2, mode="nearest")  # (scaled at 1/4 the size)
         else:
             gr = g
         return g, gr, None, None
@@ -277,9 +316,26 @@ def conv_nobias(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
+def conv1x1_cat(conv: torch.nn.Conv2d, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    """A 1x1 conv of cat([x, x2], 1) without its bias, as two GEMMs over the channels_last
+    pixels (the second accumulating into the first's output): W [x; x2] = W_x x + W_x2 x2, so the
+    concatenation is never written. Returns a channels_last [N, C_out, H, W] tensor."""
+    n, c1, h, w = x.shape
+    weight = conv.weight[:, :, 0, 0]  # [C_out, C1 + C2]
+
+    def pixels(t):  # [N, C, H, W] channels_last -> its [N H W, C] matrix, a view
+        return _nhwc(t).permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+    out = pixels(x) @ weight[:, :c1].t()
+    out.addmm_(pixels(x2), weight[:, c1:].t())
+    return out.view(n, h, w, -1).permute(0, 3, 1, 2)
+
+
 def reference_group_norm_act(x, weight, bias, eps=1e-5, *, in_bias=None, scale=None, shift=None, act=True,
-                             resample=None):
+                             resample=None, x2=None):
     """The same function in plain float64 PyTorch ops (the tests' truth, and a readable definition)."""
+    if x2 is not None:
+        x = torch.cat([x, x2], dim=1)
     n, c = x.shape[:2]
     z = x.double()
     if in_bias is not None:

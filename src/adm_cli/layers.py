@@ -44,6 +44,9 @@ class GroupNorm32(nn.GroupNorm):
 
 # Switch for benchmarks/bench.py (``--gn-upcast``): False restores the reference's explicit upcast.
 NATIVE_HALF_GROUPNORM = True
+# Switch for benchmarks/bench.py (``--concat``): False makes the fused decoder blocks concatenate
+# their input and skip again (torch.cat) instead of reading both in place.
+FUSED_CONCAT = True
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -58,11 +61,16 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 class EmbedSequential(nn.Sequential):
-    """A Sequential whose residual blocks also receive the embedding."""
+    """A Sequential whose residual blocks also receive the embedding; ``skip`` (the U-Net
+    decoder's skip connection) goes to the first block, which takes cat([x, skip], 1)."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        for layer in self:
-            x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
+    def forward(self, x: torch.Tensor, emb: torch.Tensor,  # type: ignore[override]
+                skip: torch.Tensor | None = None) -> torch.Tensor:
+        for i, layer in enumerate(self):
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb, skip if i == 0 else None)
+            else:
+                x = layer(x if i or skip is None else torch.cat([x, skip], dim=1))
         return x
 
 
@@ -129,9 +137,14 @@ class ResBlock(nn.Module):
             return F.interpolate(x, scale_factor=2, mode="nearest")
         return F.avg_pool2d(x, 2)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        if self.in_layers[0].fused:
-            return self._forward_fused(x, emb)
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        """``skip``: more input channels (the decoder's skip connection): the block's input is
+        cat([x, skip], 1), which the fused path never writes out."""
+        fused_path = self.in_layers[0].fused
+        if skip is not None and not (fused_path and FUSED_CONCAT and isinstance(self.skip_connection, nn.Conv2d)):
+            x, skip = torch.cat([x, skip], dim=1), None
+        if fused_path:
+            return self._forward_fused(x, emb, skip)
         norm, act, conv = self.in_layers
         h = act(norm(x))
         if self.resample == "up":
@@ -149,12 +162,14 @@ class ResBlock(nn.Module):
             h = norm(h + e)
         return self.skip_connection(x) + conv(drop(act(h)))
 
-    def _forward_fused(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def _forward_fused(self, x: torch.Tensor, emb: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         """The same block on the GPU fast path: both convs run without their bias, which the
         fused norm after the first and the closing residual add of the second take in, so
-        between the two convolutions there is one fused op (stats read, one read + one write)."""
+        between the two convolutions there is one fused op (stats read, one read + one write).
+        With ``skip`` the first norm and the 1x1 skip conv read x and skip in place (no concat)."""
         norm, _, conv = self.in_layers
-        h = fused.conv_nobias(conv, norm.act(x, resample=self.resample))  # norm's output written resampled
+        extra = {} if skip is None else {"x2": skip}
+        h = fused.conv_nobias(conv, norm.act(x, resample=self.resample, **extra))  # output written resampled
         e = self.emb_layers(emb)  # the kernels read it in its own dtype and compute in float32
         norm, _, _, conv = self.out_layers
         if self.scale_shift:
@@ -166,7 +181,10 @@ class ResBlock(nn.Module):
         bias = conv_bias(conv, h)
         if isinstance(self.skip_connection, nn.Conv2d):  # never with up/down (same channels)
             bias = bias + conv_bias(self.skip_connection, h)
-            x = fused.conv_nobias(self.skip_connection, x)
+            if skip is None:
+                x = fused.conv_nobias(self.skip_connection, x)
+            else:
+                x = fused.conv1x1_cat(self.skip_connection, x, skip)
         return fused.add_bias(h, x, bias, resample=self.resample)  # the skip resampled on the fly
 
 

@@ -72,7 +72,7 @@ class UNet(nn.Module):
             hs.append(h)
         h = self.middle_block(h, emb)
         for block in self.output_blocks:
-            h = block(torch.cat([h, hs.pop()], dim=1), emb)
+            h = block(h, emb, skip=hs.pop())  # on cat([h, skip], 1), concatenated only where needed
         # Back to plain NCHW: the samplers' arithmetic and callers see the usual layout.
         out = _head(self.out, h).to(x.dtype if x.dtype.is_floating_point else torch.float32)
         return out.contiguous()
