@@ -4,6 +4,7 @@
 # Needs guided_diffusion importable (the device machine has no registry: carry a copy of the
 # package in .gd/ and it is put on PYTHONPATH). Each step has its own time limit, so one that
 # hangs or breaks cannot cost the others their numbers; results land in OUTDIR as they come.
+# Most important first: if the call's own time limit cuts the tail, what ran is kept.
 OUT=${1:-${OUT:-/tmp/adm-gpu}}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
@@ -17,14 +18,18 @@ CASES=ddpm-512-guided,ddpm-64-guided,ddim-256
 if [ "${ADM_GPU_QUICK:-0}" = 0 ]; then
   step 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_fused.py tests/test_graphs.py tests/test_fast.py
 fi
-step 70 python3 benchmarks/accuracy.py --dtypes auto --json "$OUT/accuracy.json"
 step 150 python3 benchmarks/bench.py --device cuda --cases $CASES --repeats 5 --profile "$OUT/prof" \
     --json "$OUT/eager.json"
 step 90 python3 benchmarks/bench.py --device cuda --cases ddpm-64-guided,ddim-256,ddpm-512-guided --repeats 5 \
     --no-flops --cuda-graph --json "$OUT/graphs.json"
-step 60 python3 benchmarks/bench.py --device cuda --cases ddpm-512-guided,ddpm-64-guided --repeats 3 --no-flops \
-    --fused off --json "$OUT/unfused.json"
-if [ "${ADM_GPU_QUICK:-0}" = 0 ]; then
+step 60 python3 benchmarks/bench.py --device cuda --cases ddpm-512-guided,ddim-256 --repeats 3 --no-flops \
+    --concat --json "$OUT/concat.json"
+step 150 python3 benchmarks/kernels.py --cases ddim-256,ddpm-512-guided --repeats 3 \
+    --settings 4096:4:4,4096:4:8,4096:4:16,8192:8:8,2048:4:8 --json "$OUT/kernels.json"
+step 70 python3 benchmarks/accuracy.py --dtypes auto --json "$OUT/accuracy.json"
+if [ "${ADM_GPU_FULL:-0}" = 1 ]; then  # measured in session 3; their code has not changed since
+  step 60 python3 benchmarks/bench.py --device cuda --cases ddpm-512-guided,ddpm-64-guided --repeats 3 --no-flops \
+      --fused off --json "$OUT/unfused.json"
   step 200 python3 benchmarks/bench.py --device cuda --cases ddim-256,ddpm-64-guided --repeats 3 --no-flops \
       --compile --json "$OUT/compile.json"
 fi

@@ -42,3 +42,34 @@ def test_accuracy_script_small_cpu(tmp_path):
     assert 1e-4 < row["eps_rel"] < 3e-2 and row["clf_grad_rel"] < 6e-2, row
     assert row["uint8_p99"] <= 10, row
     assert "| 64x64_diffusion (small) | bfloat16 |" in proc.stdout
+
+
+def test_kernel_geometry_script_runs_and_restores_the_geometry(monkeypatch):
+    """benchmarks/kernels.py on a shrunk case in Triton's interpreter: a row per setting, and
+    the shipped launch geometry back in place afterwards (also after a bad setting)."""
+    import dataclasses
+
+    import pytest
+
+    from test_fused import _kernel_device
+
+    if _kernel_device() is None:
+        pytest.skip("no Triton (or no working interpreter)")
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import bench
+    import kernels
+
+    from adm_cli import fused
+
+    case = bench.CASES["ddim-256"]
+    tiny = dict(case.small, image_size=8, channel_mult="1", attention_resolutions="4")
+    monkeypatch.setitem(bench.CASES, "ddim-256", dataclasses.replace(case, small=tiny))
+    shipped = fused._TILE, fused._WARPS, fused._PROGRAMS_PER_SM
+    rows = kernels.main(["--cases", "ddim-256", "--batch", "1", "--repeats", "1", "--settings", "4096:4:4,1024:2:1"])
+    assert [(r["tile"], r["warps"], r["pps"]) for r in rows] == [(4096, 4, 4), (1024, 2, 1)]
+    assert all(r["ms"] > 0 and r["case"] == "ddim-256" for r in rows)
+    assert (fused._TILE, fused._WARPS, fused._PROGRAMS_PER_SM) == shipped
+    with pytest.raises(SystemExit, match="TILE:WARPS:PPS"):
+        kernels.main(["--settings", "4096:4"])
+    with pytest.raises(SystemExit, match="powers of two"):
+        kernels.main(["--settings", "3000:4:4"])
