@@ -4,11 +4,14 @@ several settings, with the GPU time of each kernel.
     python benchmarks/kernels.py --cases ddim-256,ddpm-512-guided     # on a GPU
     python benchmarks/kernels.py --cpu-small --repeats 1              # smoke run (Triton's interpreter)
 
-A setting is TILE:WARPS:PPS: elements per program tile, warps per program, and reduction
-programs per multiprocessor (``fused._TILE``, ``_WARPS``, ``_PROGRAMS_PER_SM``). Why these: the
+A setting is TILE:WARPS:PPS[:p]: elements per program tile, warps per program, reduction
+programs per multiprocessor, and (``:p``) the statistics kernel's prefetching loop
+(``fused._TILE``, ``_WARPS``, ``_PROGRAMS_PER_SM``, ``_STATS_PREFETCH``). Why these: the
 statistics kernel loops over its rows one tile at a time, so the bytes in flight per
-multiprocessor are about PPS x TILE x 2; on an H200 it read at roughly half the rate of the apply
-pass (4.9 vs 6.8 ms per 256x256 step for half the bytes). The networks and the step are
+multiprocessor are about (resident programs) x TILE x 2; on an H200 it read at roughly half the
+rate of the apply pass (4.9 vs 6.8 ms per 256x256 step for half the bytes, 7.4 vs 9.7 at 512).
+Its two float32 accumulators may cap the resident programs below PPS, which ``:p`` works around
+by keeping a second tile's load in flight per program. The networks and the step are
 bench.py's (ours only). Per setting: one warm-up run (Triton compiles the new variants), the
 timed runs (median ms per step), and one profiled run whose GPU time is summed per kernel.
 """
@@ -32,20 +35,28 @@ import bench  # noqa: E402
 from adm_cli import fused  # noqa: E402
 
 KERNELS = ("stats", "finalize", "apply", "residual_add", "bwd_stats", "bwd_apply")
-DEFAULT_SETTINGS = "4096:4:4,4096:4:8,4096:4:16,4096:4:2,8192:8:4,8192:8:8,2048:4:8"
+DEFAULT_SETTINGS = "4096:4:4,4096:4:4:p,4096:4:8,4096:4:16,4096:4:8:p,8192:8:8,2048:4:8"
 
 
-def parse_settings(text: str) -> list[tuple[int, int, int]]:
+def parse_settings(text: str) -> list[tuple[int, int, int, bool]]:
     out = []
     for item in text.split(","):
+        parts = item.split(":")
+        prefetch = parts[3:] == ["p"]
         try:
-            tile, warps, pps = (int(v) for v in item.split(":"))
+            if len(parts) != 3 + prefetch:
+                raise ValueError
+            tile, warps, pps = (int(v) for v in parts[:3])
         except ValueError:
-            raise SystemExit(f"error: setting {item!r} is not TILE:WARPS:PPS (three integers)") from None
+            raise SystemExit(f"error: setting {item!r} is not TILE:WARPS:PPS or TILE:WARPS:PPS:p") from None
         if tile & (tile - 1) or warps & (warps - 1) or min(tile, warps, pps) < 1:
             raise SystemExit(f"error: setting {item!r}: TILE and WARPS must be powers of two, PPS >= 1")
-        out.append((tile, warps, pps))
+        out.append((tile, warps, pps, prefetch))
     return out
+
+
+def _label(tile: int, warps: int, pps: int, prefetch: bool) -> str:
+    return f"{tile}:{warps}:{pps}" + (":p" if prefetch else "")
 
 
 def kernel_times(side: bench.Side, device: torch.device) -> dict[str, float]:
@@ -65,40 +76,40 @@ def kernel_times(side: bench.Side, device: torch.device) -> dict[str, float]:
     return totals
 
 
-def run(case_names: list[str], settings: list[tuple[int, int, int]], args) -> list[dict]:
+def run(case_names: list[str], settings: list[tuple[int, int, int, bool]], args) -> list[dict]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     opts = argparse.Namespace(cpu_small=args.cpu_small or device.type != "cuda", batch=args.batch, compile=False,
                               compile_mode=None, channels_last="auto", fused="on", dtype="auto", steps=args.steps,
                               cuda_graph=False)
-    saved = fused._TILE, fused._WARPS, fused._PROGRAMS_PER_SM
+    saved = fused._TILE, fused._WARPS, fused._PROGRAMS_PER_SM, fused._STATS_PREFETCH
     rows = []
     try:
         for name in case_names:
             _, batch, ours, ref, _ = bench.make_case(bench.CASES[name], opts, device)
             del ref  # only ours is timed here
-            for tile, warps, pps in settings:
-                fused._TILE, fused._WARPS, fused._PROGRAMS_PER_SM = tile, warps, pps
+            for setting in settings:
+                fused._TILE, fused._WARPS, fused._PROGRAMS_PER_SM, fused._STATS_PREFETCH = setting
                 ours.times.clear()
                 ours.run()  # warm-up: Triton compiles this geometry's variants
                 for _ in range(args.repeats):
                     ours.timed(device)
-                row = {"case": name, "batch": batch, "tile": tile, "warps": warps, "pps": pps,
+                row = {"case": name, "batch": batch, "setting": _label(*setting),
                        "ms": statistics.median(ours.times) * 1e3}
                 if device.type == "cuda":
                     row["kernels_ms"] = kernel_times(ours, device)
                 rows.append(row)
-                print(f"{name} {tile}:{warps}:{pps}: {row['ms']:.1f} ms/step", file=sys.stderr, flush=True)
+                print(f"{name} {row['setting']}: {row['ms']:.1f} ms/step", file=sys.stderr, flush=True)
     finally:
-        fused._TILE, fused._WARPS, fused._PROGRAMS_PER_SM = saved
+        fused._TILE, fused._WARPS, fused._PROGRAMS_PER_SM, fused._STATS_PREFETCH = saved
     return rows
 
 
 def table(rows: list[dict]) -> str:
     cols = [k for k in (*KERNELS, "other") if any(r.get("kernels_ms", {}).get(k) for r in rows)]
-    head = ("case", "TILE:WARPS:PPS", "ms/step", *(f"{k} ms" for k in cols))
+    head = ("case", "setting", "ms/step", *(f"{k} ms" for k in cols))
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["case"], f"{r['tile']}:{r['warps']}:{r['pps']}", f"{r['ms']:.1f}"]
+        cells = [r["case"], r["setting"], f"{r['ms']:.1f}"]
         cells += [f"{r['kernels_ms'][k]:.2f}" for k in cols]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -107,7 +118,7 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cases", default="ddim-256,ddpm-512-guided", help=f"from: {', '.join(bench.CASES)}")
-    p.add_argument("--settings", default=DEFAULT_SETTINGS, help="comma-separated TILE:WARPS:PPS "
+    p.add_argument("--settings", default=DEFAULT_SETTINGS, help="comma-separated TILE:WARPS:PPS[:p] "
                    f"(default {DEFAULT_SETTINGS}; the first is the shipped one)")
     p.add_argument("--device", default=None)
     p.add_argument("--cpu-small", action="store_true", help="bench.py's shrunk networks (automatic without CUDA)")

@@ -64,12 +64,13 @@ def test_kernel_geometry_script_runs_and_restores_the_geometry(monkeypatch):
     case = bench.CASES["ddim-256"]
     tiny = dict(case.small, image_size=8, channel_mult="1", attention_resolutions="4")
     monkeypatch.setitem(bench.CASES, "ddim-256", dataclasses.replace(case, small=tiny))
-    shipped = fused._TILE, fused._WARPS, fused._PROGRAMS_PER_SM
-    rows = kernels.main(["--cases", "ddim-256", "--batch", "1", "--repeats", "1", "--settings", "4096:4:4,1024:2:1"])
-    assert [(r["tile"], r["warps"], r["pps"]) for r in rows] == [(4096, 4, 4), (1024, 2, 1)]
+    shipped = fused._TILE, fused._WARPS, fused._PROGRAMS_PER_SM, fused._STATS_PREFETCH
+    rows = kernels.main(["--cases", "ddim-256", "--batch", "1", "--repeats", "1", "--settings", "4096:4:4,1024:2:1:p"])
+    assert [r["setting"] for r in rows] == ["4096:4:4", "1024:2:1:p"]
     assert all(r["ms"] > 0 and r["case"] == "ddim-256" for r in rows)
-    assert (fused._TILE, fused._WARPS, fused._PROGRAMS_PER_SM) == shipped
-    with pytest.raises(SystemExit, match="TILE:WARPS:PPS"):
-        kernels.main(["--settings", "4096:4"])
+    assert (fused._TILE, fused._WARPS, fused._PROGRAMS_PER_SM, fused._STATS_PREFETCH) == shipped
+    for bad in ("4096:4", "4096:4:4:q", "4096:4:4:p:p"):
+        with pytest.raises(SystemExit, match="TILE:WARPS:PPS"):
+            kernels.main(["--settings", bad])
     with pytest.raises(SystemExit, match="powers of two"):
         kernels.main(["--settings", "3000:4:4"])

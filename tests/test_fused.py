@@ -145,7 +145,8 @@ def test_group_norm_act_over_two_inputs(c1, c2, dtype, ss):
 @needs_kernels
 def test_results_do_not_depend_on_the_launch_geometry(monkeypatch):
     """Tile size, warps and reduction programs per multiprocessor (what benchmarks/kernels.py
-    sweeps) change only the order of float32 sums: the same output to ~1e-6."""
+    sweeps, with the statistics' prefetching loop or the plain one) change only the order of
+    float32 sums: the same output to ~1e-6."""
     dev = _kernel_device()
     g = torch.Generator().manual_seed(8)
     x = nhwc(torch.randn(3, 96, 20, 12, generator=g) + 2.0).to(dev)
@@ -153,14 +154,15 @@ def test_results_do_not_depend_on_the_launch_geometry(monkeypatch):
     gamma, beta = (1 + 0.2 * torch.randn(160, generator=g)).to(dev), (0.1 * torch.randn(160, generator=g)).to(dev)
     scale, shift = (0.3 * torch.randn(3, 320, generator=g)).to(dev).chunk(2, dim=1)
     want = fused.reference_group_norm_act(x, gamma, beta, scale=scale, shift=shift, x2=x2)
-    for tile, warps, pps in ((4096, 4, 4), (512, 2, 1), (8192, 8, 16)):
+    for tile, warps, pps, pre in ((4096, 4, 4, False), (512, 2, 1, True), (8192, 8, 16, False), (1024, 4, 2, True)):
         monkeypatch.setattr(fused, "_TILE", tile)
         monkeypatch.setattr(fused, "_WARPS", warps)
         monkeypatch.setattr(fused, "_PROGRAMS_PER_SM", pps)
+        monkeypatch.setattr(fused, "_STATS_PREFETCH", pre)
         with torch.no_grad():
             got = fused.group_norm_act(x, gamma, beta, scale=scale, shift=shift, x2=x2)
             down = fused.group_norm_act(x, gamma[:96], beta[:96], resample="down")
-        assert rel_norm(want, got.double()) <= 1e-6, (tile, warps, pps)
+        assert rel_norm(want, got.double()) <= 1e-6, (tile, warps, pps, pre)
         assert rel_norm(fused.reference_group_norm_act(x, gamma[:96], beta[:96], resample="down"),
                         down.double()) <= 1e-6
 
@@ -304,9 +306,9 @@ def comp(fn, sig, const):
                    options={"num_warps": 4})
 dt, i, f = "*fp16", "i32", "*fp32"
 geo = dict(HW_IN=i, HW_OUT=i, W_IN=i, W_OUT=i, C=i)
-for ib, two in itertools.product((True, False), repeat=2):
+for ib, two, pre in itertools.product((True, False), repeat=3):
     comp(k.stats, dict(X=dt, X2=dt, IB=dt, IB_SN=i, MEAN=f, M2=f, HW=i, C=i, C1=i, RPP=i),
-         dict(HAS_IB=ib, TWO=two, BLOCK_R=32, BLOCK_C=128))
+         dict(HAS_IB=ib, TWO=two, PREFETCH=pre, BLOCK_R=32, BLOCK_C=128))
 for ib, ss in itertools.product((True, False), repeat=2):
     comp(k.finalize, dict(MEAN=f, M2=f, GAMMA=f, BETA=f, IB=dt, IB_SN=i, SCALE=f, SHIFT=f, SS_SN=i, A=f, B=f, W=f,
                           RS=f, XO=f, NBLK=i, HW=i, C=i, CPG=i, RPP=i, eps="fp32"),

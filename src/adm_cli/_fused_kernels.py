@@ -38,11 +38,13 @@ def _rows(X, X2, n, rows, mask, cols, HW, C, C1, TWO: tl.constexpr):
 
 @triton.jit
 def stats(X, X2, IB, IB_SN, MEAN, M2, HW, C, C1, RPP, HAS_IB: tl.constexpr, TWO: tl.constexpr,
-          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+          PREFETCH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     # Program (blk, n): per-channel mean and M2 over rows [blk * RPP, (blk + 1) * RPP). Sums of
     # x - K with K the first chunk's mean (close to the block's mean, so the shifted sum of
     # squares loses nothing to cancellation), accumulated elementwise in registers and reduced
-    # once at the end.
+    # once at the end. PREFETCH: each chunk's load is issued before the previous chunk's
+    # arithmetic, two chunks in flight per program instead of one (the two accumulators leave
+    # room for only a few programs per multiprocessor, so the loads' latency shows).
     blk = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
     nblk = tl.num_programs(0)
@@ -61,13 +63,27 @@ def stats(X, X2, IB, IB_SN, MEAN, M2, HW, C, C1, RPP, HAS_IB: tl.constexpr, TWO:
     shift = k - ib  # subtracted from the raw x
     acc1 = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
     acc2 = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
-    for r0 in range(0, RPP, BLOCK_R):  # the last program's tail chunks may be empty
-        rows = start + r0 + tl.arange(0, BLOCK_R)
-        mask = (rows < HW)[:, None] & cmask[None, :]
-        xv = _rows(X, X2, n, rows, mask, cols, HW, C, C1, TWO)
-        d = tl.where(mask, xv.to(tl.float32) - shift[None, :], 0.0)
-        acc1 += d
-        acc2 += d * d
+    if PREFETCH:
+        end = tl.minimum(HW, start + RPP)
+        xv = _rows(X, X2, n, rows0, mask0, cols, HW, C, C1, TWO)
+        mask = mask0
+        for r0 in range(BLOCK_R, RPP + BLOCK_R, BLOCK_R):  # the last load is past RPP: masked off
+            rows = start + r0 + tl.arange(0, BLOCK_R)
+            nmask = (rows < end)[:, None] & cmask[None, :]
+            xn = _rows(X, X2, n, rows, nmask, cols, HW, C, C1, TWO)
+            d = tl.where(mask, xv.to(tl.float32) - shift[None, :], 0.0)
+            acc1 += d
+            acc2 += d * d
+            xv = xn
+            mask = nmask
+    else:
+        for r0 in range(0, RPP, BLOCK_R):  # the last program's tail chunks may be empty
+            rows = start + r0 + tl.arange(0, BLOCK_R)
+            mask = (rows < HW)[:, None] & cmask[None, :]
+            xv = _rows(X, X2, n, rows, mask, cols, HW, C, C1, TWO)
+            d = tl.where(mask, xv.to(tl.float32) - shift[None, :], 0.0)
+            acc1 += d
+            acc2 += d * d
     cnt = tl.minimum(RPP, HW - start).to(tl.float32)
     s1 = tl.sum(acc1, axis=0)
     out = (n * nblk + blk) * C + cols

@@ -51,10 +51,12 @@ from .errors import KernelError
 GROUPS = 32
 # Launch geometry (benchmarks/kernels.py times other values): elements per program tile (rows x
 # padded channels) of the elementwise kernels and of each step of the reductions, warps per
-# program, and reduction programs per multiprocessor (how many tiles are in flight at once).
+# program, reduction programs per multiprocessor, and whether the statistics kernel keeps two
+# tiles' loads in flight (its PREFETCH) rather than one.
 _TILE = 4096
 _WARPS = 4
 _PROGRAMS_PER_SM = 4
+_STATS_PREFETCH = False
 
 
 @functools.lru_cache(maxsize=None)
@@ -175,8 +177,8 @@ def _affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: floa
     mean, m2 = torch.empty(2, n, nblk, c, **f32)  # one allocation: the host time counts (many small calls)
     ib, ib_sn = _row_vec(in_bias, n, c)
     _launch("stats", (nblk, n), x, x2 if x2 is not None else x, ib if ib is not None else x, ib_sn, mean, m2,
-            hw, c, c1, rpp, HAS_IB=ib is not None, TWO=x2 is not None, BLOCK_R=block_r, BLOCK_C=block_c,
-            num_warps=_WARPS)
+            hw, c, c1, rpp, HAS_IB=ib is not None, TWO=x2 is not None, PREFETCH=_STATS_PREFETCH, BLOCK_R=block_r,
+            BLOCK_C=block_c, num_warps=_WARPS)
     outs = torch.empty(5, n, c, **f32)
     sc, ss_sn = _row_vec(scale, n, c)
     sh, sh_sn = _row_vec(shift, n, c)
