@@ -165,21 +165,27 @@ def test_server_errors_are_retried(env, server, files):
     assert raw.read_bytes() == files["tiny_64.pt"]
 
 
-def _fetch_twice_at_once(env, server):
-    server.chunk_delay = 0.01
+def _twice_at_once(fn, timeout=30):
+    """fn() in two threads at once: (results, errors)."""
     results, errors = [], []
 
     def run():
         try:
-            results.append(fetch_entry(_entry("tiny"), mirror=server.base, quiet=True))
-        except Exception as exc:  # reported by the assertion below
+            results.append(fn())
+        except Exception as exc:  # reported by the callers' assertions
             errors.append(exc)
 
     threads = [threading.Thread(target=run) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(30)
+        t.join(timeout)
+    return results, errors
+
+
+def _fetch_twice_at_once(env, server):
+    server.chunk_delay = 0.01
+    results, errors = _twice_at_once(lambda: fetch_entry(_entry("tiny"), mirror=server.base, quiet=True))
     assert not errors and len(results) == 2 and results[0] == results[1]
     return results[0][0]
 
@@ -213,19 +219,7 @@ def test_two_threads_writing_the_record_at_once(tmp_path, monkeypatch):
         return n
 
     monkeypatch.setattr(type(raw), "write_text", write_then_wait)
-    errors = []
-
-    def run():
-        try:
-            cache._write_record(raw, "ab" * 32, False, "http://x/w.pt")
-        except Exception as exc:  # reported by the assertion below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(20)
+    _, errors = _twice_at_once(lambda: cache._write_record(raw, "ab" * 32, False, "http://x/w.pt"))
     assert not errors
     assert json.loads(cache._record_path(raw).read_text())["sha256"] == "ab" * 32
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["w.pt", cache._record_path(raw).name])

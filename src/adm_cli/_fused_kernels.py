@@ -37,6 +37,12 @@ def _rows(X, X2, n, rows, mask, cols, HW, C, C1, TWO: tl.constexpr):
 
 
 @triton.jit
+def _shifted_sums(acc1, acc2, x, mask, shift):
+    d = tl.where(mask, x.to(tl.float32) - shift[None, :], 0.0)
+    return acc1 + d, acc2 + d * d
+
+
+@triton.jit
 def stats(X, X2, IB, IB_SN, MEAN, M2, HW, C, C1, RPP, HAS_IB: tl.constexpr, TWO: tl.constexpr,
           PREFETCH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     # Program (blk, n): per-channel mean and M2 over rows [blk * RPP, (blk + 1) * RPP). Sums of
@@ -71,19 +77,14 @@ def stats(X, X2, IB, IB_SN, MEAN, M2, HW, C, C1, RPP, HAS_IB: tl.constexpr, TWO:
             rows = start + r0 + tl.arange(0, BLOCK_R)
             nmask = (rows < end)[:, None] & cmask[None, :]
             xn = _rows(X, X2, n, rows, nmask, cols, HW, C, C1, TWO)
-            d = tl.where(mask, xv.to(tl.float32) - shift[None, :], 0.0)
-            acc1 += d
-            acc2 += d * d
+            acc1, acc2 = _shifted_sums(acc1, acc2, xv, mask, shift)
             xv = xn
             mask = nmask
     else:
         for r0 in range(0, RPP, BLOCK_R):  # the last program's tail chunks may be empty
             rows = start + r0 + tl.arange(0, BLOCK_R)
             mask = (rows < HW)[:, None] & cmask[None, :]
-            xv = _rows(X, X2, n, rows, mask, cols, HW, C, C1, TWO)
-            d = tl.where(mask, xv.to(tl.float32) - shift[None, :], 0.0)
-            acc1 += d
-            acc2 += d * d
+            acc1, acc2 = _shifted_sums(acc1, acc2, _rows(X, X2, n, rows, mask, cols, HW, C, C1, TWO), mask, shift)
     cnt = tl.minimum(RPP, HW - start).to(tl.float32)
     s1 = tl.sum(acc1, axis=0)
     out = (n * nblk + blk) * C + cols
