@@ -146,7 +146,8 @@ def test_group_norm_act_over_two_inputs(c1, c2, dtype, ss):
 def test_results_do_not_depend_on_the_launch_geometry(monkeypatch):
     """Tile size, warps and reduction programs per multiprocessor (what benchmarks/kernels.py
     sweeps, with the statistics' prefetching loop or the plain one) change only the order of
-    float32 sums: the same output to ~1e-6."""
+    float32 sums: the same output and input gradient to ~1e-6. 64 programs per multiprocessor
+    makes more partial blocks than one step of the per-group kernels reads (their loop runs twice)."""
     dev = _kernel_device()
     g = torch.Generator().manual_seed(8)
     x = nhwc(torch.randn(3, 96, 20, 12, generator=g) + 2.0).to(dev)
@@ -154,17 +155,25 @@ def test_results_do_not_depend_on_the_launch_geometry(monkeypatch):
     gamma, beta = (1 + 0.2 * torch.randn(160, generator=g)).to(dev), (0.1 * torch.randn(160, generator=g)).to(dev)
     scale, shift = (0.3 * torch.randn(3, 320, generator=g)).to(dev).chunk(2, dim=1)
     want = fused.reference_group_norm_act(x, gamma, beta, scale=scale, shift=shift, x2=x2)
-    for tile, warps, pps, pre in ((4096, 4, 4, False), (512, 2, 1, True), (8192, 8, 16, False), (1024, 4, 2, True)):
+    xr = x.double().requires_grad_(True)
+    want_down = fused.reference_group_norm_act(xr, gamma[:96], beta[:96], resample="down")
+    dy = torch.randn(want_down.shape, generator=g, dtype=torch.float64).to(dev)
+    (want_grad,) = torch.autograd.grad(want_down, xr, dy)
+    for tile, warps, pps, pre in ((4096, 4, 4, False), (512, 2, 1, True), (8192, 8, 16, False), (1024, 4, 2, True),
+                                  (512, 2, 64, False)):
         monkeypatch.setattr(fused, "_TILE", tile)
         monkeypatch.setattr(fused, "_WARPS", warps)
         monkeypatch.setattr(fused, "_PROGRAMS_PER_SM", pps)
         monkeypatch.setattr(fused, "_STATS_PREFETCH", pre)
         with torch.no_grad():
             got = fused.group_norm_act(x, gamma, beta, scale=scale, shift=shift, x2=x2)
-            down = fused.group_norm_act(x, gamma[:96], beta[:96], resample="down")
-        assert rel_norm(want, got.double()) <= 1e-6, (tile, warps, pps, pre)
-        assert rel_norm(fused.reference_group_norm_act(x, gamma[:96], beta[:96], resample="down"),
-                        down.double()) <= 1e-6
+        xf = x.detach().requires_grad_(True)
+        down = fused.group_norm_act(xf, gamma[:96], beta[:96], resample="down")
+        (grad,) = torch.autograd.grad(down, xf, dy.float())
+        setting = (tile, warps, pps, pre)
+        assert rel_norm(want, got.double()) <= 1e-6, setting
+        assert rel_norm(want_down.detach(), down.double()) <= 1e-6, setting
+        assert rel_norm(want_grad, grad.double()) <= 2e-6, setting
 
 
 def test_conv1x1_cat_matches_conv_of_the_concatenation():
@@ -309,6 +318,8 @@ geo = dict(HW_IN=i, HW_OUT=i, W_IN=i, W_OUT=i, C=i)
 for ib, two, pre in itertools.product((True, False), repeat=3):
     comp(k.stats, dict(X=dt, X2=dt, IB=dt, IB_SN=i, MEAN=f, M2=f, HW=i, C=i, C1=i, RPP=i),
          dict(HAS_IB=ib, TWO=two, PREFETCH=pre, BLOCK_R=32, BLOCK_C=128))
+comp(k.bwd_finalize, dict(S1=f, S2=f, M1=f, M2=f, NBLK=i, HW=i, C=i, CPG=i, RPP=i, inv_count="fp32"),
+     dict(BLOCK_B=16, GPP=32, BLOCK_G=4))
 for ib, ss in itertools.product((True, False), repeat=2):
     comp(k.finalize, dict(MEAN=f, M2=f, GAMMA=f, BETA=f, IB=dt, IB_SN=i, SCALE=f, SHIFT=f, SS_SN=i, A=f, B=f, W=f,
                           RS=f, XO=f, NBLK=i, HW=i, C=i, CPG=i, RPP=i, eps="fp32"),

@@ -269,6 +269,28 @@ def bwd_stats(X, DY, A, B, W, RS, XO, S1, S2, HW_IN, HW_OUT, W_IN, W_OUT, C, RPP
 
 
 @triton.jit
+def bwd_finalize(S1, S2, M1, M2, NBLK, HW, C, CPG, RPP, inv_count, BLOCK_B: tl.constexpr, GPP: tl.constexpr,
+                 BLOCK_G: tl.constexpr):
+    # Program (n, k): the group means of bwd_stats' two sums for groups [k * GPP, (k + 1) * GPP),
+    # written out per channel (what bwd_apply reads).
+    n = tl.program_id(0).to(tl.int64)
+    groups = tl.program_id(1) * GPP + tl.arange(0, GPP)
+    j = tl.arange(0, BLOCK_G)
+    cols = groups[:, None] * CPG + j[None, :]                       # [GPP, BLOCK_G]
+    cmask = (j < CPG)[None, :] & (groups < C // CPG)[:, None]
+    a = tl.zeros([GPP, BLOCK_G], tl.float32)
+    b = tl.zeros([GPP, BLOCK_G], tl.float32)
+    for b0 in range(0, NBLK, BLOCK_B):
+        idx, mask, _ = _partials(n, b0, cols, cmask, NBLK, HW, C, RPP, BLOCK_B)
+        a += tl.sum(tl.load(S1 + idx, mask=mask, other=0.0), axis=0)
+        b += tl.sum(tl.load(S2 + idx, mask=mask, other=0.0), axis=0)
+    zero = tl.zeros([GPP, BLOCK_G], tl.float32)
+    out = n * C + cols
+    tl.store(M1 + out, zero + (tl.sum(a, axis=1) * inv_count)[:, None], mask=cmask)
+    tl.store(M2 + out, zero + (tl.sum(b, axis=1) * inv_count)[:, None], mask=cmask)
+
+
+@triton.jit
 def bwd_apply(X, DY, A, B, W, RS, XO, M1, M2, DX, HW_IN, HW_OUT, W_IN, W_OUT, C, ACT: tl.constexpr,
               RESAMPLE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     # dx = rstd (g - mean_G(g) - x^ mean_G(g x^)), rows are input pixels.

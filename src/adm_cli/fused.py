@@ -185,14 +185,21 @@ def _affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: floa
     if sc is not None and ss_sn != sh_sn:
         sc, sh = sc.contiguous(), sh.contiguous()
         ss_sn = c
+    cpg, grid, tiles = _group_tiles(c)
+    _launch("finalize", (n, grid), mean, m2, weight, bias, ib if ib is not None else mean, ib_sn,
+            sc if sc is not None else mean, sh if sh is not None else mean, ss_sn, *outs,
+            nblk, hw, c, cpg, rpp, float(eps), HAS_IB=ib is not None, HAS_SS=sc is not None, **tiles)
+    return outs
+
+
+def _group_tiles(c: int) -> tuple[int, int, dict]:
+    """Channels per group, programs per sample and the tile sizes of the per-group kernels
+    (finalize, bwd_finalize): GPP groups per program, tiles of ~128 channels."""
     cpg = c // GROUPS
     block_g = triton_next_pow2(cpg)
-    gpp = max(1, min(GROUPS, 128 // block_g))  # groups per program: tiles of ~128 channels
-    _launch("finalize", (n, GROUPS // gpp), mean, m2, weight, bias, ib if ib is not None else mean, ib_sn,
-            sc if sc is not None else mean, sh if sh is not None else mean, ss_sn, *outs,
-            nblk, hw, c, cpg, rpp, float(eps), HAS_IB=ib is not None, HAS_SS=sc is not None,
-            BLOCK_B=max(1, 2048 // (gpp * block_g)), GPP=gpp, BLOCK_G=block_g, num_warps=_WARPS)
-    return outs
+    gpp = max(1, min(GROUPS, 128 // block_g))
+    return cpg, GROUPS // gpp, dict(BLOCK_B=max(1, 2048 // (gpp * block_g)), GPP=gpp, BLOCK_G=block_g,
+                                    num_warps=_WARPS)
 
 
 def _apply(x: torch.Tensor, x2: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, act: bool,
@@ -230,14 +237,13 @@ class _NormAct(torch.autograd.Function):
         hw = h * wd
         block_r, block_c = _blocks(c)
         rpp, nblk = _split(hw, n, block_r, x.device)
-        s1 = torch.empty(n, nblk, c, dtype=torch.float32, device=x.device)
-        s2 = torch.empty_like(s1)
+        s1, s2 = torch.empty(2, n, nblk, c, dtype=torch.float32, device=x.device)
         geometry = (hw, ho * wo, wd, wo, c)
         mode = dict(ACT=ctx.act, RESAMPLE=_RESAMPLE[ctx.resample], BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_WARPS)
         _launch("bwd_stats", (nblk, n), x, dy, a, b, w, rs, xo, s1, s2, *geometry, rpp, **mode)
-        cpg, count = c // GROUPS, hw * (c // GROUPS)
-        m1, m2 = (s.sum(1).view(n, GROUPS, cpg).sum(-1, keepdim=True).div_(count).expand(n, GROUPS, cpg)
-                  .reshape(n, c).contiguous() for s in (s1, s2))
+        m1, m2 = torch.empty(2, n, c, dtype=torch.float32, device=x.device)
+        cpg, grid, tiles = _group_tiles(c)
+        _launch("bwd_finalize", (n, grid), s1, s2, m1, m2, nblk, hw, c, cpg, rpp, 1.0 / (hw * cpg), **tiles)
         dx = torch.empty_like(x, memory_format=torch.channels_last)
         _launch("bwd_apply", (-(-hw // block_r), n), x, dy, a, b, w, rs, xo, m1, m2, dx, *geometry, **mode)
         return dx, None, None, None, None, None, None, None
