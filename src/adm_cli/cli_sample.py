@@ -83,12 +83,12 @@ def sample(
         if distributed.silent_here(team, exc):
             raise typer.Exit(130 if isinstance(exc, KeyboardInterrupt) else 1)
         raise
-    if not team.is_root:
-        return
-    rate = result.images / result.seconds if result.seconds > 0 else float("inf")
-    console.print(f"[green]done[/]: {result.images} images in {result.seconds:.1f} s ({rate:.2f} images/s) "
-                  f"on {result.device} ({result.dtype}) -> {result.out_dir}")
-    typer.echo(str(result.files["grid"]))
+    if team.is_root:
+        rate = result.images / result.seconds if result.seconds > 0 else float("inf")
+        console.print(f"[green]done[/]: {result.images} images in {result.seconds:.1f} s ({rate:.2f} images/s) "
+                      f"on {result.device} ({result.dtype}) -> {result.out_dir}")
+        typer.echo(str(result.files["grid"]))
+    team.leave()  # under torchrun: exits here (see distributed.Group.leave)
 
 
 def _run(team, request: SampleRequest, console: Console, quiet: bool):
