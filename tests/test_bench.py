@@ -74,3 +74,17 @@ def test_kernel_geometry_script_runs_and_restores_the_geometry(monkeypatch):
             kernels.main(["--settings", bad])
     with pytest.raises(SystemExit, match="powers of two"):
         kernels.main(["--settings", "3000:4:4"])
+
+
+def test_host_overhead_script_stubs_and_restores_the_launches(monkeypatch):
+    """benchmarks/host.py: one row per op, no kernel actually launched, launcher restored."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import host
+
+    from adm_cli import fused
+
+    launcher = fused._launch
+    rows = host.main(["--batch", "2", "--channels", "64"])
+    assert list(rows) == ["norm, sampling (no grad)", "norm, forward + input gradient", "residual add"]
+    assert all(0 < us < 1e5 for us in rows.values())
+    assert fused._launch is launcher
