@@ -176,6 +176,26 @@ def test_results_do_not_depend_on_the_launch_geometry(monkeypatch):
         assert rel_norm(want_grad, grad.double()) <= 2e-6, setting
 
 
+def test_closing_bias_is_summed_once_and_follows_the_parameters():
+    """A block with a 1x1 skip conv adds both convs' biases in its closing add: summed once, not
+    per step, and summed again after an in-place update or a new parameter."""
+    from adm_cli.layers import ResBlock
+
+    block = ResBlock(64, 32, 96).requires_grad_(False)
+    like = torch.zeros(1)
+    first = block._closing_bias(like)
+    assert torch.equal(first, block.out_layers[3].bias + block.skip_connection.bias)
+    assert block._closing_bias(like) is first  # kept
+    block.skip_connection.bias.add_(1.0)
+    second = block._closing_bias(like)
+    assert torch.allclose(second, first + 1.0)
+    block.out_layers[3].bias = torch.nn.Parameter(torch.zeros(96), requires_grad=False)
+    assert torch.equal(block._closing_bias(like), block.skip_connection.bias)
+    assert "_bias_sum" not in "".join(block.state_dict())
+    same = ResBlock(64, 32, 64)
+    assert same._closing_bias(like) is same.out_layers[3].bias  # no skip conv: nothing to sum
+
+
 def test_conv1x1_cat_matches_conv_of_the_concatenation():
     """W [x; x2] = W_x x + W_x2 x2 (plain PyTorch GEMMs, no Triton needed)."""
     g = torch.Generator().manual_seed(6)

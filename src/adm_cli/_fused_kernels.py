@@ -37,6 +37,25 @@ def _rows(X, X2, n, rows, mask, cols, HW, C, C1, TWO: tl.constexpr):
 
 
 @triton.jit
+def _block_of_rows(C, BLOCK_C: tl.constexpr):
+    """A row-block reduction program (blk, n): its block, sample, the number of blocks per
+    sample, and the channels with their mask."""
+    cols = tl.arange(0, BLOCK_C)
+    return tl.program_id(0), tl.program_id(1).to(tl.int64), tl.num_programs(0), cols, cols < C
+
+
+@triton.jit
+def _group_tile(C, CPG, GPP: tl.constexpr, BLOCK_G: tl.constexpr):
+    """A per-group program (n, k): its sample, and groups [k * GPP, (k + 1) * GPP) as a
+    [GPP, BLOCK_G] tile of channels with its mask."""
+    groups = tl.program_id(1) * GPP + tl.arange(0, GPP)
+    j = tl.arange(0, BLOCK_G)
+    cols = groups[:, None] * CPG + j[None, :]
+    cmask = (j < CPG)[None, :] & (groups < C // CPG)[:, None]
+    return tl.program_id(0).to(tl.int64), cols, cmask
+
+
+@triton.jit
 def _shifted_sums(acc1, acc2, x, mask, shift):
     d = tl.where(mask, x.to(tl.float32) - shift[None, :], 0.0)
     return acc1 + d, acc2 + d * d
@@ -51,11 +70,7 @@ def stats(X, X2, IB, IB_SN, MEAN, M2, HW, C, C1, RPP, HAS_IB: tl.constexpr, TWO:
     # once at the end. PREFETCH: each chunk's load is issued before the previous chunk's
     # arithmetic, two chunks in flight per program instead of one (the two accumulators leave
     # room for only a few programs per multiprocessor, so the loads' latency shows).
-    blk = tl.program_id(0)
-    n = tl.program_id(1).to(tl.int64)
-    nblk = tl.num_programs(0)
-    cols = tl.arange(0, BLOCK_C)
-    cmask = cols < C
+    blk, n, nblk, cols, cmask = _block_of_rows(C, BLOCK_C)
     ib = tl.zeros([BLOCK_C], tl.float32)
     if HAS_IB:
         ib = tl.load(IB + n * IB_SN + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -110,11 +125,7 @@ def finalize(MEAN, M2, GAMMA, BETA, IB, IB_SN, SCALE, SHIFT, SS_SN, A, B, W, RS,
     # Program (n, k): groups [k * GPP, (k + 1) * GPP) as a [GPP, BLOCK_G] tile of channels.
     # Combine the blocks' (count, mean, M2) per group (Chan et al.), then fold norm, affine,
     # scale-shift and the input bias into y = x A + B.
-    n = tl.program_id(0).to(tl.int64)
-    groups = tl.program_id(1) * GPP + tl.arange(0, GPP)
-    j = tl.arange(0, BLOCK_G)
-    cols = groups[:, None] * CPG + j[None, :]                       # [GPP, BLOCK_G]
-    cmask = (j < CPG)[None, :] & (groups < C // CPG)[:, None]
+    n, cols, cmask = _group_tile(C, CPG, GPP, BLOCK_G)  # cols: [GPP, BLOCK_G]
     total = (HW * CPG) * 1.0
     s = tl.zeros([GPP, BLOCK_G], tl.float32)
     for b0 in range(0, NBLK, BLOCK_B):
@@ -247,11 +258,7 @@ def _grad_z(X, DY, n, rows, mask, cols, a, b, HW_IN, HW_OUT, W_IN, W_OUT, C, ACT
 def bwd_stats(X, DY, A, B, W, RS, XO, S1, S2, HW_IN, HW_OUT, W_IN, W_OUT, C, RPP, ACT: tl.constexpr,
               RESAMPLE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     # Program (blk, n): per-channel sums of g = dL/dz * w and g * x^ over the block's input rows.
-    blk = tl.program_id(0)
-    n = tl.program_id(1).to(tl.int64)
-    nblk = tl.num_programs(0)
-    cols = tl.arange(0, BLOCK_C)
-    cmask = cols < C
+    blk, n, nblk, cols, cmask = _block_of_rows(C, BLOCK_C)
     a, b, w, rs, xo = _per_channel(A, B, W, RS, XO, n, C, cols, cmask)
     acc1 = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
     acc2 = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
@@ -273,11 +280,7 @@ def bwd_finalize(S1, S2, M1, M2, NBLK, HW, C, CPG, RPP, inv_count, BLOCK_B: tl.c
                  BLOCK_G: tl.constexpr):
     # Program (n, k): the group means of bwd_stats' two sums for groups [k * GPP, (k + 1) * GPP),
     # written out per channel (what bwd_apply reads).
-    n = tl.program_id(0).to(tl.int64)
-    groups = tl.program_id(1) * GPP + tl.arange(0, GPP)
-    j = tl.arange(0, BLOCK_G)
-    cols = groups[:, None] * CPG + j[None, :]                       # [GPP, BLOCK_G]
-    cmask = (j < CPG)[None, :] & (groups < C // CPG)[:, None]
+    n, cols, cmask = _group_tile(C, CPG, GPP, BLOCK_G)  # cols: [GPP, BLOCK_G]
     a = tl.zeros([GPP, BLOCK_G], tl.float32)
     b = tl.zeros([GPP, BLOCK_G], tl.float32)
     for b0 in range(0, NBLK, BLOCK_B):

@@ -204,9 +204,8 @@ class Group(Solo):
             signal.signal(signal.SIGTERM, self._old_sigterm)
         try:
             if exc[0] is None:
-                # Tear down together: a rank that destroys its gloo group and exits while another
-                # still talks to it can abort at exit ("terminate called without an active
-                # exception", seen once in CI on rank 0 after it had written everything).
+                # Tear down together, so that no rank destroys its group while another still
+                # sends to it. (This did not stop the rare abort at interpreter exit; see leave.)
                 dist.barrier()
             dist.destroy_process_group()
         except Exception:  # noqa: BLE001 - the group may be broken by the failure being reported

@@ -178,14 +178,26 @@ class ResBlock(nn.Module):
         else:
             h = norm.act(h, in_bias=e.float() + conv_bias(self.in_layers[2], h).float())
         h = fused.conv_nobias(conv, h)
-        bias = conv_bias(conv, h)
         if isinstance(self.skip_connection, nn.Conv2d):  # never with up/down (same channels)
-            bias = bias + conv_bias(self.skip_connection, h)
             if skip is None:
                 x = fused.conv_nobias(self.skip_connection, x)
             else:
                 x = fused.conv1x1_cat(self.skip_connection, x, skip)
-        return fused.add_bias(h, x, bias, resample=self.resample)  # the skip resampled on the fly
+        return fused.add_bias(h, x, self._closing_bias(h), resample=self.resample)  # skip resampled on the fly
+
+    def _closing_bias(self, like: torch.Tensor) -> torch.Tensor:
+        """The bias of the closing add: the second conv's, plus the 1x1 skip conv's if there is
+        one. That sum is taken once and kept, not on every step (the fast path's parameters are
+        frozen); it is taken again if either bias moves or is written in place."""
+        conv, skip = self.out_layers[3], self.skip_connection
+        if not isinstance(skip, nn.Conv2d):
+            return conv_bias(conv, like)
+        biases = (conv.bias, skip.bias)
+        key = tuple(None if b is None else (b.data_ptr(), b._version) for b in biases)
+        kept = self.__dict__.get("_bias_sum")  # (biases, key, sum): not a buffer, not in state_dict
+        if kept is None or any(a is not b for a, b in zip(kept[0], biases)) or kept[1] != key:
+            kept = self.__dict__["_bias_sum"] = (biases, key, conv_bias(conv, like) + conv_bias(skip, like))
+        return kept[2]
 
 
 def conv_bias(conv: nn.Conv2d, like: torch.Tensor) -> torch.Tensor:
