@@ -22,6 +22,11 @@ step 150 python3 benchmarks/bench.py --device cuda --cases $CASES --repeats 5 --
     --json "$OUT/eager.json"
 step 90 python3 benchmarks/bench.py --device cuda --cases ddpm-64-guided,ddim-256,ddpm-512-guided --repeats 5 \
     --no-flops --cuda-graph --json "$OUT/graphs.json"
+# Host cost: per fused op with real launches vs stubbed (Triton's launcher + driver), and a whole
+# guided 64x64 step with everything stubbed, on this machine's CPU (compare: the eager step time).
+step 30 python3 benchmarks/host.py --launch
+step 30 python3 benchmarks/host.py
+step 45 python3 benchmarks/host.py --step ddpm-64-guided --batch 1
 step 60 python3 benchmarks/bench.py --device cuda --cases ddpm-512-guided,ddim-256 --repeats 3 --no-flops \
     --concat --json "$OUT/concat.json"
 step 150 python3 benchmarks/kernels.py --cases ddim-256,ddpm-512-guided --repeats 3 \

@@ -1,12 +1,29 @@
-"""Host (Python + PyTorch dispatch) time of the fused ops, with every kernel launch stubbed out.
+"""Host (Python + PyTorch dispatch) time of the fused GPU path, with every kernel launch stubbed out.
 
-    python benchmarks/host.py
+    python benchmarks/host.py                       # each fused op alone, launches stubbed
+    python benchmarks/host.py --launch              # the same with real launches (CUDA)
+    python benchmarks/host.py --step ddpm-64-guided # a whole sampling step of a bench.py case
 
 Why: on an H200 the guided 64x64 step at batch 64 spent ~100 ms of host time against 52 ms of
-GPU work (a few hundred small launches), so what each fused op costs before its kernels even
-start is worth knowing, and it can be measured on any machine. The tensors are tiny (2x2
-pixels) so that the few real PyTorch ops left (allocations, views) cost what their dispatch
-costs. Medians over repeats of 200 calls.
+GPU work (several hundred small launches), so what the fused path costs before its kernels even
+start is worth knowing, and it can be measured on any machine.
+
+Ops alone: tiny tensors (2x2 pixels), so that the few real PyTorch ops left (allocations, views)
+cost what their dispatch costs. Medians over repeats of 200 calls. ``--launch`` keeps the real
+launches (on CUDA, tiny kernels, synchronised once per 200 calls): the difference to the stubbed
+rows is what Triton's launcher and the driver add per op.
+
+``--step``: the case's full-size networks (every block, channel count and attention layer) built
+for the smallest images they take (8x8 for 64x64 models, 32x32 at 256, 64x64 at 512; attention
+kept at the same depths), prepared as on a GPU (fused kernels,
+channels_last; float32 here), and sampled through ``api.sample_batch`` at the case's batch. The
+Triton launches are stubbed, and convolutions, linear layers (GEMMs) and attention are replaced
+by stand-ins that only shape their output (with the same autograd structure), so what remains is the host work
+that a GPU run also does, minus the CUDA driver's own launch cost and Triton's launcher (not
+measurable without a GPU). Reported: host ms per step, the best of 7 runs of 4 steps (the work
+is the same every run, so the spread is the machine's: on this project's shared 2-core VM the
+same process varies up to 1.7x between runs), and the Triton launches and convolution / linear
+calls per step.
 """
 
 from __future__ import annotations
@@ -18,19 +35,23 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
-from adm_cli import fused  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.join(os.path.dirname(HERE), "src"), HERE]
+from adm_cli import fast, fused  # noqa: E402
 
 
-def timed(fn, calls: int = 200, repeats: int = 7) -> float:
+def timed(fn, calls: int = 200, repeats: int = 7, sync=lambda: None) -> float:
     for _ in range(calls // 4):
         fn()
+    sync()
     runs = []
     for _ in range(repeats):
         start = time.perf_counter()
         for _ in range(calls):
             fn()
+        sync()
         runs.append((time.perf_counter() - start) / calls * 1e6)
     return statistics.median(runs)
 
@@ -39,15 +60,28 @@ def main(argv=None) -> dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--channels", type=int, default=384)
+    p.add_argument("--launch", action="store_true", help="ops alone, with their real kernel launches on CUDA "
+                   "(the Triton launcher's and the driver's share, which the stubbed rows leave out)")
+    p.add_argument("--step", default=None, metavar="CASE", help="time a whole sampling step of this bench.py case")
+    p.add_argument("--steps", type=int, default=4, help="--step: sampler steps per timed run")
+    p.add_argument("--repeats", type=int, default=7)
     args = p.parse_args(argv)
+    if args.step:
+        return step_host_time(args.step, args.batch if "--batch" in (argv or sys.argv) else None, args.steps,
+                              args.repeats)
+    if args.launch and not torch.cuda.is_available():
+        raise SystemExit("--launch needs CUDA")
+    device = torch.device("cuda" if args.launch else "cpu")
+    sync = torch.cuda.synchronize if args.launch else (lambda: None)
     launches = []
     saved = fused._launch
-    fused._launch = lambda name, *a, **k: launches.append(name)
+    if not args.launch:
+        fused._launch = lambda name, *a, **k: launches.append(name)
     try:
         n, c = args.batch, args.channels
-        x = torch.randn(n, c, 2, 2).contiguous(memory_format=torch.channels_last)
-        w, b = torch.ones(c), torch.zeros(c)
-        scale, shift = torch.randn(n, 2 * c).chunk(2, dim=1)
+        x = torch.randn(n, c, 2, 2, device=device).contiguous(memory_format=torch.channels_last)
+        w, b = torch.ones(c, device=device), torch.zeros(c, device=device)
+        scale, shift = torch.randn(n, 2 * c, device=device).chunk(2, dim=1)
         dy = torch.randn_like(x)
         xg = x.clone().requires_grad_(True)
 
@@ -67,12 +101,133 @@ def main(argv=None) -> dict[str, float]:
                          norm_with_gradient), ("residual add", residual_add)):
             launches.clear()
             fn()
-            count = len(launches)
-            rows[name] = timed(fn)
-            print(f"{name}: {rows[name]:.1f} us host, {count} launches", flush=True)
+            count = f"{len(launches)} launches (stubbed)" if not args.launch else "real launches"
+            rows[name] = timed(fn, sync=sync)
+            print(f"{name}: {rows[name]:.1f} us host, {count}", flush=True)
     finally:
         fused._launch = saved
     return rows
+
+
+class _ShapeOnly(torch.autograd.Function):
+    """Stands in for a convolution or linear layer: an output of the right shape and layout
+    (uninitialised), and a gradient of the input's shape, at the cost of one allocation each."""
+
+    @staticmethod
+    def forward(ctx, x, shape, channels_last):
+        ctx.like = (x.shape, channels_last)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+
+    @staticmethod
+    def backward(ctx, g):
+        shape, channels_last = ctx.like
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        return torch.empty(shape, dtype=g.dtype, device=g.device, memory_format=fmt), None, None
+
+
+class _AttentionShapeOnly(torch.autograd.Function):
+    """Stands in for scaled_dot_product_attention (q, k, v -> q's shape with v's last size)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        ctx.shapes = q.shape, k.shape, v.shape
+        return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+    @staticmethod
+    def backward(ctx, g):
+        return tuple(g.new_empty(shape) for shape in ctx.shapes)
+
+
+def _fake_attention(q, k, v, *args, **kwargs):
+    return _AttentionShapeOnly.apply(q, k, v)
+
+
+def _conv_out(x, w, stride, padding):
+    s = stride if isinstance(stride, int) else stride[0]
+    p_ = padding if isinstance(padding, int) else padding[0]
+    k = w.shape[-1]
+    return [(d + 2 * p_ - k) // s + 1 for d in x.shape[2:]]
+
+
+def _fake_conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
+    return _ShapeOnly.apply(x, (x.shape[0], w.shape[0], *_conv_out(x, w, stride, padding)),
+                            x.is_contiguous(memory_format=torch.channels_last))  # (bias: part of the conv)
+
+
+def _fake_linear(x, w, b=None):
+    return _ShapeOnly.apply(x, (*x.shape[:-1], w.shape[0]), False)
+
+
+def step_host_time(case_name: str, batch: int | None, steps: int, repeats: int) -> dict[str, float]:
+    import bench  # noqa: E402 - benchmarks/ is this script's folder
+    from adm_cli import api
+    from adm_cli.models import build_model
+
+    case = bench.CASES[case_name]
+    batch = batch or case.batch
+    cpu = torch.device("cpu")
+
+    names = [n for n in (case.unet, case.classifier) if n]
+    size = max(2 ** (len(bench.PRESETS[n].mults) - 1) for n in names)  # one pixel at the deepest level
+
+    def tiny(name, res_field):
+        cfg = bench.PRESETS[name]
+        ds = cfg.attention_ds  # keep attention at the same depths of the network
+        mults = ",".join(f"{m:g}" for m in cfg.mults)
+        return cfg.replace(image_size=size, channel_mult=mults, **{res_field: ",".join(str(size // d) for d in ds)})
+
+    unet = build_model(tiny(case.unet, "attention_resolutions"))
+    clf = build_model(tiny(case.classifier, "classifier_attention_resolutions")) if case.classifier else None
+    unet, clf = fast.prepare_models(unet, clf, device=cpu, dtype="float32", fused_kernels=True)
+    kind = {"ddpm-guided": ("ddpm", 1.0), "ddim": ("ddim", 0.0)}.get(case.kind)
+    if kind is None:
+        raise SystemExit(f"--step: {case_name} is not a sampling case")
+    settings = api.SamplerSettings(kind[0], respacing=f"ddim{steps}" if kind[0] == "ddim" else str(steps),
+                                   guidance=kind[1])
+    labels = [k % 1000 for k in range(batch)]
+    calls = {"launch": 0, "conv": 0, "linear": 0, "attention": 0}
+    saved = fused._launch, F.conv2d, F.linear, torch.Tensor.addmm_, F.scaled_dot_product_attention
+
+    def count(key, fn):
+        def wrapped(*a, **k):
+            calls[key] += 1
+            return fn(*a, **k)
+        return wrapped
+
+    fused._launch = count("launch", lambda name, *a, **k: None)
+    F.conv2d, F.linear = count("conv", _fake_conv2d), count("linear", _fake_linear)
+    torch.Tensor.addmm_ = count("linear", lambda self, *a, **k: self)  # fused.conv1x1_cat's second GEMM
+    F.scaled_dot_product_attention = count("attention", _fake_attention)
+    try:
+        def run():
+            api.sample_batch(unet, list(range(batch)), seed=0, settings=settings, labels=labels, classifier=clf)
+
+        run()
+        calls.update(launch=0, conv=0, linear=0, attention=0)
+        run()
+        per_step = {k: v / steps for k, v in calls.items()}
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            times.append((time.perf_counter() - start) / steps * 1e3)
+    finally:
+        fused._launch, F.conv2d, F.linear, torch.Tensor.addmm_, F.scaled_dot_product_attention = saved
+    from adm_cli.layers import GroupNorm32, ResBlock
+
+    def count_of(kind, *models):
+        return sum(isinstance(m, kind) for model in models if model is not None for m in model.modules())
+
+    row = {"host ms per step": min(times), "median": statistics.median(times),
+           **{f"{k} calls per step": v for k, v in per_step.items()},
+           "norms": count_of(GroupNorm32, unet, clf), "classifier norms": count_of(GroupNorm32, clf),
+           "residual blocks": count_of(ResBlock, unet, clf)}
+    print(f"{case_name}, batch {batch}: {min(times):.1f} ms host per step, best of {repeats} runs "
+          f"(median {row['median']:.1f}, max {max(times):.1f}); per step {per_step['launch']:.0f} Triton launches, "
+          f"{per_step['conv']:.0f} convolutions, {per_step['linear']:.0f} GEMMs, {per_step['attention']:.0f} attention calls",
+          flush=True)
+    return row
 
 
 if __name__ == "__main__":

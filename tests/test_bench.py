@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -88,3 +90,24 @@ def test_host_overhead_script_stubs_and_restores_the_launches(monkeypatch):
     assert list(rows) == ["norm, sampling (no grad)", "norm, forward + input gradient", "residual add"]
     assert all(0 < us < 1e5 for us in rows.values())
     assert fused._launch is launcher
+
+
+def test_host_step_script_runs_the_fused_path_everywhere_and_restores_what_it_stubs(monkeypatch):
+    """benchmarks/host.py --step: a whole guided 64x64 step (full-size networks, 8x8 images) on the
+    fused path with launches, convolutions, GEMMs and attention stubbed; every norm and every
+    closing residual add launched its kernels (no unfused fallback), and everything is restored."""
+    import torch.nn.functional as F
+
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import host
+
+    from adm_cli import fused
+
+    real = fused._launch, F.conv2d, F.linear, F.scaled_dot_product_attention, torch.Tensor.addmm_
+    row = host.main(["--step", "ddpm-64-guided", "--batch", "2", "--steps", "2", "--repeats", "1"])
+    assert (fused._launch, F.conv2d, F.linear, F.scaled_dot_product_attention, torch.Tensor.addmm_) == real
+    # Each norm: stats, finalize, apply; the classifier's again backward; each residual block: one add.
+    want = 3 * row["norms"] + 3 * row["classifier norms"] + row["residual blocks"]
+    assert row["launch calls per step"] == want
+    assert row["conv calls per step"] > 100 and row["attention calls per step"] > 0
+    assert 0 < row["host ms per step"] < 10_000

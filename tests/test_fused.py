@@ -336,21 +336,21 @@ def comp(fn, sig, const):
 dt, i, f = "*fp16", "i32", "*fp32"
 geo = dict(HW_IN=i, HW_OUT=i, W_IN=i, W_OUT=i, C=i)
 for ib, two, pre in itertools.product((True, False), repeat=3):
-    comp(k.stats, dict(X=dt, X2=dt, IB=dt, IB_SN=i, MEAN=f, M2=f, HW=i, C=i, C1=i, RPP=i),
+    comp(k.stats, dict(X=dt, X2=dt, IB=dt, IB_SN=i, PART=f, HW=i, C=i, C1=i, RPP=i),
          dict(HAS_IB=ib, TWO=two, PREFETCH=pre, BLOCK_R=32, BLOCK_C=128))
-comp(k.bwd_finalize, dict(S1=f, S2=f, M1=f, M2=f, NBLK=i, HW=i, C=i, CPG=i, RPP=i, inv_count="fp32"),
+comp(k.bwd_finalize, dict(PART=f, M=f, NBLK=i, HW=i, C=i, CPG=i, RPP=i, inv_count="fp32"),
      dict(BLOCK_B=16, GPP=32, BLOCK_G=4))
-for ib, ss in itertools.product((True, False), repeat=2):
-    comp(k.finalize, dict(MEAN=f, M2=f, GAMMA=f, BETA=f, IB=dt, IB_SN=i, SCALE=f, SHIFT=f, SS_SN=i, A=f, B=f, W=f,
-                          RS=f, XO=f, NBLK=i, HW=i, C=i, CPG=i, RPP=i, eps="fp32"),
-         dict(HAS_IB=ib, HAS_SS=ss, BLOCK_B=16, GPP=32, BLOCK_G=4))
+for ib, ss, grad in itertools.product((True, False), repeat=3):
+    comp(k.finalize, dict(PART=f, GAMMA=f, BETA=f, IB=dt, IB_SN=i, SCALE=f, SHIFT=f, SS_SN=i, AFF=f,
+                          NBLK=i, HW=i, C=i, CPG=i, RPP=i, eps="fp32"),
+         dict(HAS_IB=ib, HAS_SS=ss, GRAD=grad, BLOCK_B=16, GPP=32, BLOCK_G=4))
 for act, rs in itertools.product((True, False), (0, 1, 2)):
     for two in (False, True) if rs == 0 else (False,):
-        comp(k.apply, dict(X=dt, X2=dt, A=f, B=f, Y=dt, **geo, C1=i),
+        comp(k.apply, dict(X=dt, X2=dt, AFF=f, Y=dt, **geo, C1=i),
              dict(ACT=act, RESAMPLE=rs, TWO=two, BLOCK_R=32, BLOCK_C=128))
-    comp(k.bwd_stats, dict(X=dt, DY=dt, A=f, B=f, W=f, RS=f, XO=f, S1=f, S2=f, **geo, RPP=i),
+    comp(k.bwd_stats, dict(X=dt, DY=dt, AFF=f, PART=f, **geo, RPP=i),
          dict(ACT=act, RESAMPLE=rs, BLOCK_R=32, BLOCK_C=128))
-    comp(k.bwd_apply, dict(X=dt, DY=dt, A=f, B=f, W=f, RS=f, XO=f, M1=f, M2=f, DX=dt, **geo),
+    comp(k.bwd_apply, dict(X=dt, DY=dt, AFF=f, M=f, DX=dt, **geo),
          dict(ACT=act, RESAMPLE=rs, BLOCK_R=32, BLOCK_C=128))
     comp(k.residual_add, dict(X=dt, R=dt, BIAS=dt, Y=dt, HW_OUT=i, HW_R=i, W_R=i, W_OUT=i, C=i),
          dict(HAS_BIAS=act, RESAMPLE=rs, BLOCK_R=32, BLOCK_C=128))
@@ -380,11 +380,7 @@ def test_kernel_failure_is_one_clear_error(monkeypatch):
                 raise RuntimeError("PTX .version 9.9 does not support .target sm_52\nmore detail")
             return launch
 
-    class Kernels:
-        def __getattr__(self, name):
-            return Broken()
-
-    monkeypatch.setattr(fused, "_kernels", lambda: Kernels())
+    monkeypatch.setattr(fused, "_kernel", lambda name: Broken())
     x = nhwc(torch.randn(2, 64, 4, 4))
     with pytest.raises(KernelError, match=r"'stats' failed \(RuntimeError: more detail\); set ADM_FUSED=0"):
         fused.group_norm_act(x, torch.ones(64), torch.zeros(64))

@@ -3,6 +3,11 @@ runs them on CPU). All activations are channels_last: sample n is an [HW, C] mat
 (pixels) with unit channel stride. RESAMPLE: 0 none, 1 nearest 2x upsample, 2 2x2 average pool
 (BigGAN-style up/down residual blocks), applied to the output of ``apply`` and to the residual of
 ``residual_add``; W_IN / W_OUT are the widths before and after.
+
+Small per-sample results travel packed, one buffer each (one allocation, no views on the host):
+PART = [2, N, NBLK, C] (the statistics' per-block means and M2, or bwd_stats' two sums), AFF =
+[2 or 5, N, C] (finalize's A, B and, for a backward, W, RS, XO), M = [2, N, C] (bwd_finalize's
+group means). Each kernel finds the second and later planes from its grid (N is a grid axis).
 """
 
 import triton
@@ -62,7 +67,7 @@ def _shifted_sums(acc1, acc2, x, mask, shift):
 
 
 @triton.jit
-def stats(X, X2, IB, IB_SN, MEAN, M2, HW, C, C1, RPP, HAS_IB: tl.constexpr, TWO: tl.constexpr,
+def stats(X, X2, IB, IB_SN, PART, HW, C, C1, RPP, HAS_IB: tl.constexpr, TWO: tl.constexpr,
           PREFETCH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     # Program (blk, n): per-channel mean and M2 over rows [blk * RPP, (blk + 1) * RPP). Sums of
     # x - K with K the first chunk's mean (close to the block's mean, so the shifted sum of
@@ -103,8 +108,9 @@ def stats(X, X2, IB, IB_SN, MEAN, M2, HW, C, C1, RPP, HAS_IB: tl.constexpr, TWO:
     cnt = tl.minimum(RPP, HW - start).to(tl.float32)
     s1 = tl.sum(acc1, axis=0)
     out = (n * nblk + blk) * C + cols
-    tl.store(MEAN + out, k + s1 / cnt, mask=cmask)
-    tl.store(M2 + out, tl.maximum(tl.sum(acc2, axis=0) - s1 * s1 / cnt, 0.0), mask=cmask)
+    tl.store(PART + out, k + s1 / cnt, mask=cmask)  # plane 0: means, plane 1: M2
+    tl.store(PART + tl.num_programs(1) * nblk * C + out, tl.maximum(tl.sum(acc2, axis=0) - s1 * s1 / cnt, 0.0),
+             mask=cmask)
 
 
 @triton.jit
@@ -119,13 +125,15 @@ def _partials(n, b0, cols, cmask, NBLK, HW, C, RPP, BLOCK_B: tl.constexpr):
 
 
 @triton.jit
-def finalize(MEAN, M2, GAMMA, BETA, IB, IB_SN, SCALE, SHIFT, SS_SN, A, B, W, RS, XO,
-             NBLK, HW, C, CPG, RPP, eps, HAS_IB: tl.constexpr, HAS_SS: tl.constexpr,
-             BLOCK_B: tl.constexpr, GPP: tl.constexpr, BLOCK_G: tl.constexpr):
+def finalize(PART, GAMMA, BETA, IB, IB_SN, SCALE, SHIFT, SS_SN, AFF, NBLK, HW, C, CPG, RPP, eps,
+             HAS_IB: tl.constexpr, HAS_SS: tl.constexpr, GRAD: tl.constexpr, BLOCK_B: tl.constexpr,
+             GPP: tl.constexpr, BLOCK_G: tl.constexpr):
     # Program (n, k): groups [k * GPP, (k + 1) * GPP) as a [GPP, BLOCK_G] tile of channels.
     # Combine the blocks' (count, mean, M2) per group (Chan et al.), then fold norm, affine,
-    # scale-shift and the input bias into y = x A + B.
+    # scale-shift and the input bias into y = x A + B. GRAD: also W, RS, XO for the backward.
     n, cols, cmask = _group_tile(C, CPG, GPP, BLOCK_G)  # cols: [GPP, BLOCK_G]
+    MEAN = PART
+    M2 = PART + tl.num_programs(0) * NBLK * C
     total = (HW * CPG) * 1.0
     s = tl.zeros([GPP, BLOCK_G], tl.float32)
     for b0 in range(0, NBLK, BLOCK_B):
@@ -155,11 +163,13 @@ def finalize(MEAN, M2, GAMMA, BETA, IB, IB_SN, SCALE, SHIFT, SS_SN, A, B, W, RS,
     a = rstd * w                       # dz / dx
     bb = (beta - mean * rstd * gamma) * s1 + sh + ib * a
     out = n * C + cols
-    tl.store(A + out, a, mask=cmask)
-    tl.store(B + out, bb, mask=cmask)
-    tl.store(W + out, w, mask=cmask)
-    tl.store(RS + out, tl.zeros([GPP, BLOCK_G], tl.float32) + rstd, mask=cmask)
-    tl.store(XO + out, (ib - mean) * rstd, mask=cmask)  # x^ = x rstd + XO
+    nc = tl.num_programs(0) * C
+    tl.store(AFF + out, a, mask=cmask)
+    tl.store(AFF + nc + out, bb, mask=cmask)
+    if GRAD:
+        tl.store(AFF + 2 * nc + out, w, mask=cmask)
+        tl.store(AFF + 3 * nc + out, tl.zeros([GPP, BLOCK_G], tl.float32) + rstd, mask=cmask)
+        tl.store(AFF + 4 * nc + out, (ib - mean) * rstd, mask=cmask)  # x^ = x rstd + XO
 
 
 @triton.jit
@@ -200,13 +210,13 @@ def _tile(HW, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def apply(X, X2, A, B, Y, HW_IN, HW_OUT, W_IN, W_OUT, C, C1, ACT: tl.constexpr, RESAMPLE: tl.constexpr,
+def apply(X, X2, AFF, Y, HW_IN, HW_OUT, W_IN, W_OUT, C, C1, ACT: tl.constexpr, RESAMPLE: tl.constexpr,
           TWO: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     # y = resample(act(x A + B)); rows are output pixels. TWO: x is cat(X, X2), never resampled.
     n = tl.program_id(1).to(tl.int64)
     rows, cols, cmask, mask = _tile(HW_OUT, C, BLOCK_R, BLOCK_C)
-    a = tl.load(A + n * C + cols, mask=cmask, other=0.0)[None, :]
-    b = tl.load(B + n * C + cols, mask=cmask, other=0.0)[None, :]
+    a = tl.load(AFF + n * C + cols, mask=cmask, other=0.0)[None, :]
+    b = tl.load(AFF + tl.num_programs(1) * C + n * C + cols, mask=cmask, other=0.0)[None, :]
     if TWO:
         z = _act(_rows(X, X2, n, rows, mask, cols, HW_OUT, C, C1, True).to(tl.float32) * a + b, ACT)
     else:
@@ -216,13 +226,16 @@ def apply(X, X2, A, B, Y, HW_IN, HW_OUT, W_IN, W_OUT, C, C1, ACT: tl.constexpr, 
 
 
 @triton.jit
-def _per_channel(A, B, W, RS, XO, n, C, cols, cmask):
-    """The [1, BLOCK_C] rows of sample n of the five per-channel vectors of ``fused._affine``."""
-    a = tl.load(A + n * C + cols, mask=cmask, other=0.0)[None, :]
-    b = tl.load(B + n * C + cols, mask=cmask, other=0.0)[None, :]
-    w = tl.load(W + n * C + cols, mask=cmask, other=0.0)[None, :]
-    rs = tl.load(RS + n * C + cols, mask=cmask, other=0.0)[None, :]
-    xo = tl.load(XO + n * C + cols, mask=cmask, other=0.0)[None, :]
+def _per_channel(AFF, n, C, cols, cmask):
+    """The [1, BLOCK_C] rows of sample n of the five per-channel vectors (A, B, W, RS, XO) that
+    finalize packs into AFF for a backward (the grid's axis 1 runs over the N samples)."""
+    nc = tl.num_programs(1) * C
+    base = AFF + n * C + cols
+    a = tl.load(base, mask=cmask, other=0.0)[None, :]
+    b = tl.load(base + nc, mask=cmask, other=0.0)[None, :]
+    w = tl.load(base + 2 * nc, mask=cmask, other=0.0)[None, :]
+    rs = tl.load(base + 3 * nc, mask=cmask, other=0.0)[None, :]
+    xo = tl.load(base + 4 * nc, mask=cmask, other=0.0)[None, :]
     return a, b, w, rs, xo
 
 
@@ -255,11 +268,11 @@ def _grad_z(X, DY, n, rows, mask, cols, a, b, HW_IN, HW_OUT, W_IN, W_OUT, C, ACT
 
 
 @triton.jit
-def bwd_stats(X, DY, A, B, W, RS, XO, S1, S2, HW_IN, HW_OUT, W_IN, W_OUT, C, RPP, ACT: tl.constexpr,
+def bwd_stats(X, DY, AFF, PART, HW_IN, HW_OUT, W_IN, W_OUT, C, RPP, ACT: tl.constexpr,
               RESAMPLE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     # Program (blk, n): per-channel sums of g = dL/dz * w and g * x^ over the block's input rows.
     blk, n, nblk, cols, cmask = _block_of_rows(C, BLOCK_C)
-    a, b, w, rs, xo = _per_channel(A, B, W, RS, XO, n, C, cols, cmask)
+    a, b, w, rs, xo = _per_channel(AFF, n, C, cols, cmask)
     acc1 = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
     acc2 = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
     start = blk * RPP
@@ -271,16 +284,18 @@ def bwd_stats(X, DY, A, B, W, RS, XO, S1, S2, HW_IN, HW_OUT, W_IN, W_OUT, C, RPP
         acc1 += g
         acc2 += g * (x * rs + xo)
     out = (n * nblk + blk) * C + cols
-    tl.store(S1 + out, tl.sum(acc1, axis=0), mask=cmask)
-    tl.store(S2 + out, tl.sum(acc2, axis=0), mask=cmask)
+    tl.store(PART + out, tl.sum(acc1, axis=0), mask=cmask)
+    tl.store(PART + tl.num_programs(1) * nblk * C + out, tl.sum(acc2, axis=0), mask=cmask)
 
 
 @triton.jit
-def bwd_finalize(S1, S2, M1, M2, NBLK, HW, C, CPG, RPP, inv_count, BLOCK_B: tl.constexpr, GPP: tl.constexpr,
+def bwd_finalize(PART, M, NBLK, HW, C, CPG, RPP, inv_count, BLOCK_B: tl.constexpr, GPP: tl.constexpr,
                  BLOCK_G: tl.constexpr):
     # Program (n, k): the group means of bwd_stats' two sums for groups [k * GPP, (k + 1) * GPP),
     # written out per channel (what bwd_apply reads).
     n, cols, cmask = _group_tile(C, CPG, GPP, BLOCK_G)  # cols: [GPP, BLOCK_G]
+    S1 = PART
+    S2 = PART + tl.num_programs(0) * NBLK * C
     a = tl.zeros([GPP, BLOCK_G], tl.float32)
     b = tl.zeros([GPP, BLOCK_G], tl.float32)
     for b0 in range(0, NBLK, BLOCK_B):
@@ -289,19 +304,19 @@ def bwd_finalize(S1, S2, M1, M2, NBLK, HW, C, CPG, RPP, inv_count, BLOCK_B: tl.c
         b += tl.sum(tl.load(S2 + idx, mask=mask, other=0.0), axis=0)
     zero = tl.zeros([GPP, BLOCK_G], tl.float32)
     out = n * C + cols
-    tl.store(M1 + out, zero + (tl.sum(a, axis=1) * inv_count)[:, None], mask=cmask)
-    tl.store(M2 + out, zero + (tl.sum(b, axis=1) * inv_count)[:, None], mask=cmask)
+    tl.store(M + out, zero + (tl.sum(a, axis=1) * inv_count)[:, None], mask=cmask)
+    tl.store(M + tl.num_programs(0) * C + out, zero + (tl.sum(b, axis=1) * inv_count)[:, None], mask=cmask)
 
 
 @triton.jit
-def bwd_apply(X, DY, A, B, W, RS, XO, M1, M2, DX, HW_IN, HW_OUT, W_IN, W_OUT, C, ACT: tl.constexpr,
+def bwd_apply(X, DY, AFF, M, DX, HW_IN, HW_OUT, W_IN, W_OUT, C, ACT: tl.constexpr,
               RESAMPLE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     # dx = rstd (g - mean_G(g) - x^ mean_G(g x^)), rows are input pixels.
     n = tl.program_id(1).to(tl.int64)
     rows, cols, cmask, mask = _tile(HW_IN, C, BLOCK_R, BLOCK_C)
-    a, b, w, rs, xo = _per_channel(A, B, W, RS, XO, n, C, cols, cmask)
-    m1 = tl.load(M1 + n * C + cols, mask=cmask, other=0.0)[None, :]
-    m2 = tl.load(M2 + n * C + cols, mask=cmask, other=0.0)[None, :]
+    a, b, w, rs, xo = _per_channel(AFF, n, C, cols, cmask)
+    m1 = tl.load(M + n * C + cols, mask=cmask, other=0.0)[None, :]
+    m2 = tl.load(M + tl.num_programs(1) * C + n * C + cols, mask=cmask, other=0.0)[None, :]
     x, dz = _grad_z(X, DY, n, rows, mask, cols, a, b, HW_IN, HW_OUT, W_IN, W_OUT, C, ACT, RESAMPLE)
     dx = rs * (dz * w - m1 - (x * rs + xo) * m2)
     tl.store(DX + n * HW_IN * C + rows[:, None].to(tl.int64) * C + cols[None, :], dx.to(DX.dtype.element_ty),

@@ -74,19 +74,20 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _kernels():
-    """The kernel module, imported on first use (so TRITON_INTERPRET can be set before, and
-    importing this module never needs Triton)."""
+@functools.lru_cache(maxsize=None)
+def _kernel(name: str):
+    """Kernel ``name``, its module imported on first use (so TRITON_INTERPRET can be set before,
+    and importing this module never needs Triton)."""
     from . import _fused_kernels
 
-    return _fused_kernels
+    return getattr(_fused_kernels, name)
 
 
 def _launch(name: str, grid: tuple, *args, **meta) -> None:
     """Launch kernel ``name``; a Triton failure (an unsupported GPU, a broken toolchain) becomes
     one line that says how to run without the fused kernels."""
     try:
-        getattr(_kernels(), name)[grid](*args, **meta)
+        _kernel(name)[grid](*args, **meta)
     except Exception as exc:  # noqa: BLE001 - compile and launch errors come in many types
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
         raise KernelError(f"the fused GPU kernel '{name}' failed ({type(exc).__name__}: {first}); "
@@ -94,6 +95,9 @@ def _launch(name: str, grid: tuple, *args, **meta) -> None:
 
 
 # -- layout and launch geometry ----------------------------------------------------------------
+# Host time matters here: a guided 64x64 step at batch 64 makes ~150 norm calls, and on an H200
+# its GPU work (52 ms) was shorter than the host's. So the geometry is computed once per shape
+# (cached, keyed on the tunables too), and each op's small results come in one allocation.
 
 def _nhwc(x: torch.Tensor) -> torch.Tensor:
     """x as a channels_last-contiguous [N, C, H, W] tensor (a copy only if it is not one)."""
@@ -103,8 +107,14 @@ def _nhwc(x: torch.Tensor) -> torch.Tensor:
 
 
 def _blocks(c: int) -> tuple[int, int]:
+    """(rows, padded channels) of a program tile over C channels."""
+    return _tile_shape(c, _TILE)
+
+
+@functools.lru_cache(maxsize=None)
+def _tile_shape(c: int, tile: int) -> tuple[int, int]:
     block_c = triton_next_pow2(c)
-    return max(1, _TILE // block_c), block_c
+    return max(1, tile // block_c), block_c
 
 
 def triton_next_pow2(n: int) -> int:
@@ -118,14 +128,16 @@ def _multiprocessors(device_index: int | None) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _programs_target(device_index: int | None) -> int:
-    """Reduction programs to launch: a few per multiprocessor, enough to fill the chip."""
-    return _PROGRAMS_PER_SM * _multiprocessors(device_index)
-
-
 def _split(hw: int, n: int, block_r: int, device: torch.device) -> tuple[int, int]:
-    """(rows per program, programs per sample) for a reduction over hw rows."""
-    want = max(1, -(-_programs_target(device.index if device.type == "cuda" else None) // n))
+    """(rows per program, programs per sample) for a reduction over hw rows: a few programs per
+    multiprocessor in all, enough to fill the chip."""
+    return _split_for(hw, n, block_r, device, _PROGRAMS_PER_SM)
+
+
+@functools.lru_cache(maxsize=4096)
+def _split_for(hw: int, n: int, block_r: int, device: torch.device, per_sm: int) -> tuple[int, int]:
+    sms = _multiprocessors(device.index if device.type == "cuda" else None)
+    want = max(1, -(-(per_sm * sms) // n))
     nblk = max(1, min(-(-hw // block_r), want))
     rpp = -(-(-(-hw // nblk)) // block_r) * block_r
     return rpp, -(-hw // rpp)
@@ -163,9 +175,10 @@ def _resampled(h: int, w: int, resample: str | None) -> tuple[int, int]:
 
 def _affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
             in_bias: torch.Tensor | None, scale: torch.Tensor | None, shift: torch.Tensor | None,
-            x2: torch.Tensor | None = None):
-    """The float32 [N, C] vectors A, B (y = x A + B), W = gamma (1 + s), RS = rstd and XO
-    (x^ = x RS + XO) for a channels_last x (or cat([x, x2], 1), see ``group_norm_act``)."""
+            x2: torch.Tensor | None = None, grad: bool = False) -> torch.Tensor:
+    """AFF, float32 [2, N, C]: A and B (y = x A + B) for a channels_last x (or cat([x, x2], 1),
+    see ``group_norm_act``); with ``grad``, [5, N, C]: also W = gamma (1 + s), RS = rstd and XO
+    (x^ = x RS + XO), what the backward needs."""
     n, c1, h, w = x.shape
     c = c1 + (x2.shape[1] if x2 is not None else 0)
     hw = h * w
@@ -173,36 +186,40 @@ def _affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: floa
         raise ValueError(f"GroupNorm over {GROUPS} groups needs a multiple of {GROUPS} channels, got {c}")
     block_r, block_c = _blocks(c)
     rpp, nblk = _split(hw, n, block_r, x.device)
-    f32 = dict(dtype=torch.float32, device=x.device)
-    mean, m2 = torch.empty(2, n, nblk, c, **f32)  # one allocation: the host time counts (many small calls)
+    part = torch.empty((2, n, nblk, c), dtype=torch.float32, device=x.device)  # per-block means, M2
     ib, ib_sn = _row_vec(in_bias, n, c)
-    _launch("stats", (nblk, n), x, x2 if x2 is not None else x, ib if ib is not None else x, ib_sn, mean, m2,
+    _launch("stats", (nblk, n), x, x2 if x2 is not None else x, ib if ib is not None else x, ib_sn, part,
             hw, c, c1, rpp, HAS_IB=ib is not None, TWO=x2 is not None, PREFETCH=_STATS_PREFETCH, BLOCK_R=block_r,
             BLOCK_C=block_c, num_warps=_WARPS)
-    outs = torch.empty(5, n, c, **f32)
+    aff = torch.empty((5 if grad else 2, n, c), dtype=torch.float32, device=x.device)
     sc, ss_sn = _row_vec(scale, n, c)
     sh, sh_sn = _row_vec(shift, n, c)
     if sc is not None and ss_sn != sh_sn:
         sc, sh = sc.contiguous(), sh.contiguous()
         ss_sn = c
     cpg, grid, tiles = _group_tiles(c)
-    _launch("finalize", (n, grid), mean, m2, weight, bias, ib if ib is not None else mean, ib_sn,
-            sc if sc is not None else mean, sh if sh is not None else mean, ss_sn, *outs,
-            nblk, hw, c, cpg, rpp, float(eps), HAS_IB=ib is not None, HAS_SS=sc is not None, **tiles)
-    return outs
+    _launch("finalize", (n, grid), part, weight, bias, ib if ib is not None else part, ib_sn,
+            sc if sc is not None else part, sh if sh is not None else part, ss_sn, aff,
+            nblk, hw, c, cpg, rpp, float(eps), HAS_IB=ib is not None, HAS_SS=sc is not None, GRAD=grad, **tiles)
+    return aff
 
 
 def _group_tiles(c: int) -> tuple[int, int, dict]:
     """Channels per group, programs per sample and the tile sizes of the per-group kernels
     (finalize, bwd_finalize): GPP groups per program, tiles of ~128 channels."""
+    return _group_tiles_for(c, _WARPS)
+
+
+@functools.lru_cache(maxsize=None)
+def _group_tiles_for(c: int, warps: int) -> tuple[int, int, dict]:
     cpg = c // GROUPS
     block_g = triton_next_pow2(cpg)
     gpp = max(1, min(GROUPS, 128 // block_g))
     return cpg, GROUPS // gpp, dict(BLOCK_B=max(1, 2048 // (gpp * block_g)), GPP=gpp, BLOCK_G=block_g,
-                                    num_warps=_WARPS)
+                                    num_warps=warps)
 
 
-def _apply(x: torch.Tensor, x2: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, act: bool,
+def _apply(x: torch.Tensor, x2: torch.Tensor | None, aff: torch.Tensor, act: bool,
            resample: str | None) -> torch.Tensor:
     """y = resample(act(x A + B)), x being cat([x, x2], 1) when x2 is given (never resampled)."""
     n, c1, h, wd = x.shape
@@ -210,43 +227,43 @@ def _apply(x: torch.Tensor, x2: torch.Tensor | None, a: torch.Tensor, b: torch.T
     ho, wo = _resampled(h, wd, resample)
     y = torch.empty((n, c, ho, wo), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     block_r, block_c = _blocks(c)
-    _launch("apply", (-(-ho * wo // block_r), n), x, x2 if x2 is not None else x, a, b, y, h * wd, ho * wo, wd, wo,
+    _launch("apply", (-(-ho * wo // block_r), n), x, x2 if x2 is not None else x, aff, y, h * wd, ho * wo, wd, wo,
             c, c1, ACT=act, RESAMPLE=_RESAMPLE[resample], TWO=x2 is not None, BLOCK_R=block_r, BLOCK_C=block_c,
             num_warps=_WARPS)
     return y
 
 
 class _NormAct(torch.autograd.Function):
-    """y = resample(act(x A + B)) with the GroupNorm gradient for x (A, B, ... carry none)."""
+    """y = resample(act(x A + B)) with the GroupNorm gradient for x (AFF, the packed A, B, W, RS,
+    XO of ``_affine(..., grad=True)``, carries none)."""
 
     @staticmethod
-    def forward(ctx, x, a, b, w, rs, xo, act: bool, resample: str | None):
-        y = _apply(x, None, a, b, act, resample)
-        if ctx is not None:
-            if ctx.needs_input_grad[0]:
-                ctx.save_for_backward(x, a, b, w, rs, xo)
-            ctx.act, ctx.resample = act, resample
+    def forward(ctx, x, aff, act: bool, resample: str | None):
+        y = _apply(x, None, aff, act, resample)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(x, aff)
+        ctx.act, ctx.resample = act, resample
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, a, b, w, rs, xo = ctx.saved_tensors
+        x, aff = ctx.saved_tensors
         dy = _nhwc(dy)
         n, c, h, wd = x.shape
         ho, wo = dy.shape[-2:]
         hw = h * wd
         block_r, block_c = _blocks(c)
         rpp, nblk = _split(hw, n, block_r, x.device)
-        s1, s2 = torch.empty(2, n, nblk, c, dtype=torch.float32, device=x.device)
+        part = torch.empty((2, n, nblk, c), dtype=torch.float32, device=x.device)  # per-block sums
         geometry = (hw, ho * wo, wd, wo, c)
         mode = dict(ACT=ctx.act, RESAMPLE=_RESAMPLE[ctx.resample], BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_WARPS)
-        _launch("bwd_stats", (nblk, n), x, dy, a, b, w, rs, xo, s1, s2, *geometry, rpp, **mode)
-        m1, m2 = torch.empty(2, n, c, dtype=torch.float32, device=x.device)
+        _launch("bwd_stats", (nblk, n), x, dy, aff, part, *geometry, rpp, **mode)
+        means = torch.empty((2, n, c), dtype=torch.float32, device=x.device)  # their group means
         cpg, grid, tiles = _group_tiles(c)
-        _launch("bwd_finalize", (n, grid), s1, s2, m1, m2, nblk, hw, c, cpg, rpp, 1.0 / (hw * cpg), **tiles)
+        _launch("bwd_finalize", (n, grid), part, means, nblk, hw, c, cpg, rpp, 1.0 / (hw * cpg), **tiles)
         dx = torch.empty_like(x, memory_format=torch.channels_last)
-        _launch("bwd_apply", (-(-hw // block_r), n), x, dy, a, b, w, rs, xo, m1, m2, dx, *geometry, **mode)
-        return dx, None, None, None, None, None, None, None
+        _launch("bwd_apply", (-(-hw // block_r), n), x, dy, aff, means, dx, *geometry, **mode)
+        return dx, None, None, None
 
 
 def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5, *,
@@ -273,11 +290,10 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
         if torch.is_grad_enabled() and (x.requires_grad or x2.requires_grad):  # backward: one input
             x, x2 = torch.cat([x, x2], dim=1), None
     if not (torch.is_grad_enabled() and x.requires_grad):  # sampling: skip autograd's bookkeeping
-        a, b = _affine(x, weight, bias, eps, in_bias, scale, shift, x2)[:2]
-        return _apply(x, x2, a, b, bool(act), resample)
+        return _apply(x, x2, _affine(x, weight, bias, eps, in_bias, scale, shift, x2), bool(act), resample)
     with torch.no_grad():
-        a, b, w, rs, xo = _affine(x, weight, bias, eps, in_bias, scale, shift)
-    return _NormAct.apply(x, a, b, w, rs, xo, bool(act), resample)
+        aff = _affine(x, weight, bias, eps, in_bias, scale, shift, grad=True)
+    return _NormAct.apply(x, aff, bool(act), resample)
 
 
 class _AddBias(torch.autograd.Function):
@@ -334,7 +350,7 @@ def conv1x1_cat(conv: torch.nn.Conv2d, x: torch.Tensor, x2: torch.Tensor) -> tor
     def pixels(t):  # [N, C, H, W] channels_last -> its [N H W, C] matrix, a view
         return _nhwc(t).permute(0, 2, 3, 1).reshape(-1, t.shape[1])
 
-    out = pixels(x) @ weight[:, :c1].t()
+    out = F.linear(pixels(x), weight[:, :c1])
     out.addmm_(pixels(x2), weight[:, c1:].t())
     return out.view(n, h, w, -1).permute(0, 3, 1, 2)
 

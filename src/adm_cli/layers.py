@@ -167,16 +167,17 @@ class ResBlock(nn.Module):
         fused norm after the first and the closing residual add of the second take in, so
         between the two convolutions there is one fused op (stats read, one read + one write).
         With ``skip`` the first norm and the 1x1 skip conv read x and skip in place (no concat)."""
-        norm, _, conv = self.in_layers
+        norm, _, conv1 = self.in_layers
         extra = {} if skip is None else {"x2": skip}
-        h = fused.conv_nobias(conv, norm.act(x, resample=self.resample, **extra))  # output written resampled
-        e = self.emb_layers(emb)  # the kernels read it in its own dtype and compute in float32
+        h = fused.conv_nobias(conv1, norm.act(x, resample=self.resample, **extra))  # output written resampled
+        _, emb_linear = self.emb_layers  # (called directly: module calls are host time here)
+        e = F.linear(F.silu(emb), emb_linear.weight, emb_linear.bias)  # read by the kernels in its own dtype
         norm, _, _, conv = self.out_layers
         if self.scale_shift:
             scale, shift = e.chunk(2, dim=1)
-            h = norm.act(h, in_bias=conv_bias(self.in_layers[2], h), scale=scale, shift=shift)
+            h = norm.act(h, in_bias=conv_bias(conv1, h), scale=scale, shift=shift)
         else:
-            h = norm.act(h, in_bias=e.float() + conv_bias(self.in_layers[2], h).float())
+            h = norm.act(h, in_bias=e.float() + conv_bias(conv1, h).float())
         h = fused.conv_nobias(conv, h)
         if isinstance(self.skip_connection, nn.Conv2d):  # never with up/down (same channels)
             if skip is None:
