@@ -135,6 +135,7 @@ def test_unconditional_model_needs_a_classifier_for_class(tmp_path, files):
     (["--num-samples", "0"], "--num-samples must be at least 1"),
     (["--respacing", "ddim7x"], "respacing"),
     (["--batch-size", "zero"], "--batch-size"),
+    (["--cuda-graph", "--compile"], "--cuda-graph and --compile"),
 ])
 def test_bad_values_fail_with_one_line(tmp_path, files, args, message):
     res, out = _sample(tmp_path, files, *args)
@@ -157,6 +158,20 @@ def test_bad_model_choices_fail_with_one_line(tmp_path, files, monkeypatch):
         lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
         assert res.exit_code != 0 and len(lines) == 1 and message in lines[0], (args, res.output)
     assert not (tmp_path / "o").exists()
+
+
+def test_cuda_graph_flag_is_recorded_and_changes_no_image_off_cuda(tmp_path, files):
+    """--cuda-graph is only a way to replay the same GPU work: on CPU it is ignored, the images
+    are byte-identical to a run without it, and run.json records that it was asked for."""
+    extra = ["--sampler", "ddpm", "--steps", "3", "-n", "2", "--class", "207",
+             "--classifier-weights", str(files["classifier"]), "--guidance", "2"]
+    plain, out_plain = _sample(tmp_path, files, *extra, name="plain")
+    graphed, out_graphed = _sample(tmp_path, files, *extra, "--cuda-graph", name="graphed")
+    assert plain.exit_code == 0 and graphed.exit_code == 0, (plain.output, graphed.output)
+    with np.load(out_plain / "samples.npz") as a, np.load(out_graphed / "samples.npz") as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"])
+    assert json.loads((out_graphed / "run.json").read_text())["cuda_graph"] is True
+    assert json.loads((out_plain / "run.json").read_text())["cuda_graph"] is False
 
 
 def test_unwritable_output_folder(tmp_path, files):
@@ -183,7 +198,8 @@ def test_help_documents_every_option_with_default():
     text = res.output
     for opt in ["--res", "--model", "--class", "--num-samples", "--seed", "--sampler", "--steps", "--respacing",
                 "--eta", "--guidance", "--classifier", "--weights", "--classifier-weights", "--config",
-                "--upsample", "--batch-size", "--device", "--dtype", "--compile", "--out", "--nrow", "--resume",
+                "--upsample", "--batch-size", "--device", "--dtype", "--compile", "--cuda-graph", "--out", "--nrow",
+                "--resume",
                 "--offline", "--mirror", "--quiet"]:
         assert opt in text, opt
     assert "Default" in text and "auto" in text and "[default: 8]" in text.replace("  ", " ") or "default: 8" in text

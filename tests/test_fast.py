@@ -268,5 +268,7 @@ def test_gpu_auto_batch_size_and_compile():
     settings = api.SamplerSettings("ddpm", steps=2, guidance=1.0)
     n = fast.auto_batch_size(unet, clf, settings, "cuda", 10_000)
     assert 8 <= n <= 10_000
+    # With CUDA graphs both networks' memory is held at once: never a larger batch.
+    assert 1 <= fast.auto_batch_size(unet, clf, settings, "cuda", 10_000, cuda_graph=True) <= n
     out = api.generate(unet, classifier=clf, num_samples=2, classes=[1, 2], settings=settings, batch_size=2)
     assert out.images.shape == (2, 16, 16, 3)

@@ -333,32 +333,40 @@ def _probe_inputs(model: nn.Module, n: int, device: torch.device) -> tuple:
     return x, t, kw
 
 
-def _peak_bytes(unet: nn.Module, classifier: nn.Module | None, n: int, device: torch.device) -> int:
+def _peak_bytes(unet: nn.Module, classifier: nn.Module | None, n: int, device: torch.device,
+                held_together: bool = False) -> int:
     """Peak CUDA memory of one (guided) step at batch n, run eagerly (``.forward``: a compiled
-    module is not recompiled for the probe; eager peaks are the higher, so the estimate errs safe)."""
+    module is not recompiled for the probe; eager peaks are the higher, so the estimate errs safe).
+    ``held_together``: the U-Net's and the classifier's peaks add up, as with CUDA graphs, where
+    each captured network keeps its own memory pool; eagerly the two take turns."""
     from .guidance import classifier_grad
 
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
     x, t, kw = _probe_inputs(unet, n, device)
-    with torch.no_grad():
-        unet.forward(x, t, **kw)
+    runs = [lambda: unet.forward(x, t, **kw)]
     if classifier is not None:
         y = torch.zeros(n, dtype=torch.long, device=device)
-        classifier_grad(classifier.forward, x, t, y, 1.0)
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - base
+        runs.append(lambda: classifier_grad(classifier.forward, x, t, y, 1.0))
+    peaks = []
+    for run in runs:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        with torch.no_grad():  # (classifier_grad enables grad for its own backward)
+            run()
+        torch.cuda.synchronize(device)
+        peaks.append(torch.cuda.max_memory_allocated(device) - base)
+    return sum(peaks) if held_together else max(peaks)
 
 
 def auto_batch_size(unet: nn.Module, classifier: nn.Module | None, settings: Any, device: torch.device | str,
-                    num_samples: int) -> int:
+                    num_samples: int, cuda_graph: bool = False) -> int:
     """The largest batch (<= num_samples) whose step fits in the free device memory.
 
     CUDA: two eager probe steps (batch 1 and 2) give the memory per image; the batch is what
     fits in 85% of the free memory (plus what PyTorch already holds in its cache), rounded down
     to a multiple of 8 when above 8 (tensor-core friendly). ``settings.guidance`` > 0 counts the
-    classifier's forward and backward. CPU / MPS: ``CPU_BATCH`` (``ADM_CPU_BATCH`` overrides).
+    classifier's forward and backward; ``cuda_graph`` counts the two networks' memory as held at
+    once (see ``_peak_bytes``). CPU / MPS: ``CPU_BATCH`` (``ADM_CPU_BATCH`` overrides).
     """
     num_samples = max(1, int(num_samples))
     device = torch.device(device)
@@ -366,8 +374,8 @@ def auto_batch_size(unet: nn.Module, classifier: nn.Module | None, settings: Any
     if device.type != "cuda":
         return min(num_samples, int(os.environ.get("ADM_CPU_BATCH", CPU_BATCH)))
     clf = classifier if guided else None
-    one = _peak_bytes(unet, clf, 1, device)
-    two = _peak_bytes(unet, clf, 2, device)
+    one = _peak_bytes(unet, clf, 1, device, cuda_graph)
+    two = _peak_bytes(unet, clf, 2, device, cuda_graph)
     per_image = max(two - one, 1)
     fixed = max(one - per_image, 0)
     free, _ = torch.cuda.mem_get_info(device)

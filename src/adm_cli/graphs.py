@@ -3,8 +3,8 @@
 Why: on an H200 the guided 64x64 step at batch 64 with the fused kernels has 52 ms of GPU work
 but took 90-136 ms, because the host needed ~100 ms to issue its few hundred small launches
 (torch.profiler, ``benchmarks/bench.py --profile``). A replayed graph issues them all in one call.
-Not yet timed on a GPU (the session that wrote this had spent its device time): opt-in only,
-``api.generate(..., cuda_graph=True)`` / ``bench.py --cuda-graph``.
+Not yet timed on a GPU (no session since it was written had one): opt-in only,
+``adm sample --cuda-graph`` / ``api.generate(..., cuda_graph=True)`` / ``bench.py --cuda-graph``.
 
 ``StepGraph(fn)`` wraps a function of tensors that returns one tensor. The first call with new
 input shapes runs ``fn`` twice on a side stream (cuDNN autotuning, Triton compilation, the

@@ -54,6 +54,7 @@ class SampleRequest:
     offline: bool = False
     mirror: str | None = None
     compile: bool = False
+    cuda_graph: bool = False
     resume: bool = False
 
 
@@ -99,6 +100,7 @@ class RunPlan:
     nrow: int | None
     resume: bool
     extra: dict = field(default_factory=dict)
+    cuda_graph: bool = False
 
     def describe(self) -> dict[str, Any]:
         """The run's settings as plain data (run.json, PNG text chunks)."""
@@ -110,6 +112,7 @@ class RunPlan:
                        for s in self.stages],
             "num_samples": self.num_samples, "seed": self.seed, "classes": self.class_spec, "labels": self.labels,
             "device": self.device, "dtype": self.dtype, "batch_size": self.batch_size, "compile": self.compile,
+            "cuda_graph": self.cuda_graph,
         }
 
 
@@ -209,6 +212,8 @@ def _validate_numbers(req: SampleRequest) -> None:
         raise UsageError(f"--nrow must be at least 1, got {req.nrow}")
     if req.resume and req.out is None:
         raise UsageError("--resume needs --out DIR, the folder of the run to finish")
+    if req.cuda_graph and req.compile:
+        raise UsageError("--cuda-graph and --compile do not combine: choose one")
 
 
 def _labels(req: SampleRequest, stage: Stage, seed: int) -> list[int] | None:
@@ -250,7 +255,7 @@ def plan_run(req: SampleRequest) -> RunPlan:
     labels = _labels(req, stages[0], seed)
     out_dir = req.out if req.out is not None else default_out_dir()
     return RunPlan(stages, req.num_samples, seed, labels, req.classes, Path(out_dir), device, req.dtype,
-                   str(req.batch_size), req.compile, req.nrow, req.resume)
+                   str(req.batch_size), req.compile, req.nrow, req.resume, cuda_graph=req.cuda_graph)
 
 
 @dataclass
@@ -273,7 +278,7 @@ def _load(stage: Stage, plan: RunPlan):
     if stage.classifier_path is not None:
         clf = fast.prepare(load_model(stage.classifier_path), device=plan.device, dtype=dtype, compile=plan.compile)
     if plan.batch_size == "auto":
-        batch = fast.auto_batch_size(unet, clf, stage.settings, plan.device, plan.num_samples)
+        batch = fast.auto_batch_size(unet, clf, stage.settings, plan.device, plan.num_samples, plan.cuda_graph)
     else:
         batch = int(plan.batch_size)
     return unet, clf, batch, dtype
@@ -371,7 +376,7 @@ def _run_stage(plan: RunPlan, stage: Stage, wanted: list[int], todo: list[int], 
         for block in mine:
             api.generate(unet, indices=block, seed=plan.seed, classes=plan.labels, classifier=clf,
                          settings=stage.settings, batch_size=len(block), low_res=low_res,
-                         progress=step_progress, on_batch=on_batch)
+                         progress=step_progress, on_batch=on_batch, cuda_graph=plan.cuda_graph)
 
     team.sample(generate if mine else None, write, progress, stage.num_steps)
     return sum(map(len, blocks))
