@@ -13,16 +13,19 @@ cost what their dispatch costs. Medians over repeats of 200 calls. ``--launch`` 
 launches (on CUDA, tiny kernels, synchronised once per 200 calls): the difference to the stubbed
 rows is what Triton's launcher and the driver add per op.
 
-``--step``: the case's full-size networks (every block, channel count and attention layer) built
-for the smallest images they take (8x8 for 64x64 models, 32x32 at 256, 64x64 at 512; attention
-kept at the same depths), prepared as on a GPU (fused kernels,
-channels_last; float32 here), and sampled through ``api.sample_batch`` at the case's batch. The
-Triton launches are stubbed, and convolutions, linear layers (GEMMs) and attention are replaced
-by stand-ins that only shape their output (with the same autograd structure), so what remains is the host work
-that a GPU run also does, minus the CUDA driver's own launch cost and Triton's launcher (not
-measurable without a GPU). Reported: host ms per step, the best of 7 runs of 4 steps (the work
-is the same every run, so the spread is the machine's: on this project's shared 2-core VM the
-same process varies up to 1.7x between runs), and the Triton launches and convolution / linear
+``--step``: the case's full-size networks (every block, channel count and attention layer)
+built for the smallest images they take (8x8 for 64x64 models, 32x32 at 256, 64x64 at 512;
+attention kept at the same depths), prepared as on a GPU (fused kernels, channels_last; float32
+here), and sampled through ``api.sample_batch``. The Triton launches are stubbed, and
+convolutions, linear layers (GEMMs) and attention are replaced by stand-ins that only shape
+their output (with the same autograd structure), so what remains is the host work that a GPU
+run also does, minus the CUDA driver's launch cost and Triton's launcher (not measurable without
+a GPU). ``--batch 1`` is the cleaner measure: at the case's own batch the few real elementwise
+ops left (embeddings, sampler arithmetic) compute on the CPU what a GPU does in microseconds.
+Reported: host ms per step, the best of 7 runs of 4 steps (the work is the same every run, so
+the spread is the machine's: on this project's shared 2-core VM the same process varies up to
+1.7x between runs, so compare two builds with ``--against OTHER/src``: both in one process, runs
+alternating, and the ratio per pair), and the Triton launches, convolutions, GEMMs and attention
 calls per step.
 """
 
@@ -39,7 +42,7 @@ import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(os.path.dirname(HERE), "src"), HERE]
-from adm_cli import fast, fused  # noqa: E402
+from adm_cli import fused  # noqa: E402
 
 
 def timed(fn, calls: int = 200, repeats: int = 7, sync=lambda: None) -> float:
@@ -64,11 +67,13 @@ def main(argv=None) -> dict[str, float]:
                    "(the Triton launcher's and the driver's share, which the stubbed rows leave out)")
     p.add_argument("--step", default=None, metavar="CASE", help="time a whole sampling step of this bench.py case")
     p.add_argument("--steps", type=int, default=4, help="--step: sampler steps per timed run")
+    p.add_argument("--against", default=None, metavar="SRC", help="--step: also time the adm_cli package in "
+                   "folder SRC (e.g. another checkout's src/), alternating with this tree's, in one process")
     p.add_argument("--repeats", type=int, default=7)
     args = p.parse_args(argv)
     if args.step:
         return step_host_time(args.step, args.batch if "--batch" in (argv or sys.argv) else None, args.steps,
-                              args.repeats)
+                              args.repeats, args.against)
     if args.launch and not torch.cuda.is_available():
         raise SystemExit("--launch needs CUDA")
     device = torch.device("cuda" if args.launch else "cpu")
@@ -159,35 +164,74 @@ def _fake_linear(x, w, b=None):
     return _ShapeOnly.apply(x, (*x.shape[:-1], w.shape[0]), False)
 
 
-def step_host_time(case_name: str, batch: int | None, steps: int, repeats: int) -> dict[str, float]:
-    import bench  # noqa: E402 - benchmarks/ is this script's folder
-    from adm_cli import api
-    from adm_cli.models import build_model
+def _fake_matmul(a, b):
+    return _ShapeOnly.apply(a, (*a.shape[:-1], b.shape[-1]), False)
 
-    case = bench.CASES[case_name]
-    batch = batch or case.batch
-    cpu = torch.device("cpu")
 
+def _package(src: str | None):
+    """The ``adm_cli`` package to time: this tree's, or (``--against``) the one in the folder
+    ``src``, imported under another name from a temporary copy so that both live in one process
+    (its modules import each other relatively)."""
+    import importlib
+    import shutil
+    import tempfile
+
+    if src is None:
+        return "adm_cli"
+    found = os.path.join(src, "adm_cli")
+    if not os.path.isfile(os.path.join(found, "fused.py")):
+        raise SystemExit(f"--against: {src} holds no adm_cli package with a fused.py")
+    root = tempfile.mkdtemp(prefix="adm-host-")
+    shutil.copytree(found, os.path.join(root, "adm_cli_against"), ignore=shutil.ignore_patterns("__pycache__", "*.safetensors"))
+    sys.path.insert(0, root)
+    importlib.import_module("adm_cli_against")
+    return "adm_cli_against"
+
+
+def _step_runner(pkg: str, case, batch: int, steps: int):
+    """Build the case's networks with package ``pkg`` (see the module docstring) and return
+    (run one sampling call, the package's fused module, the networks)."""
+    import importlib
+
+    api, config, fast_, fused_, models = (importlib.import_module(f"{pkg}.{m}")
+                                          for m in ("api", "config", "fast", "fused", "models"))
     names = [n for n in (case.unet, case.classifier) if n]
-    size = max(2 ** (len(bench.PRESETS[n].mults) - 1) for n in names)  # one pixel at the deepest level
+    size = max(2 ** (len(config.PRESETS[n].mults) - 1) for n in names)  # one pixel at the deepest level
 
     def tiny(name, res_field):
-        cfg = bench.PRESETS[name]
+        cfg = config.PRESETS[name]
         ds = cfg.attention_ds  # keep attention at the same depths of the network
         mults = ",".join(f"{m:g}" for m in cfg.mults)
         return cfg.replace(image_size=size, channel_mult=mults, **{res_field: ",".join(str(size // d) for d in ds)})
 
-    unet = build_model(tiny(case.unet, "attention_resolutions"))
-    clf = build_model(tiny(case.classifier, "classifier_attention_resolutions")) if case.classifier else None
-    unet, clf = fast.prepare_models(unet, clf, device=cpu, dtype="float32", fused_kernels=True)
+    unet = models.build_model(tiny(case.unet, "attention_resolutions"))
+    clf = models.build_model(tiny(case.classifier, "classifier_attention_resolutions")) if case.classifier else None
+    unet, clf = fast_.prepare_models(unet, clf, device=torch.device("cpu"), dtype="float32", fused_kernels=True)
     kind = {"ddpm-guided": ("ddpm", 1.0), "ddim": ("ddim", 0.0)}.get(case.kind)
     if kind is None:
-        raise SystemExit(f"--step: {case_name} is not a sampling case")
+        raise SystemExit(f"--step: {case.name} is not a sampling case")
     settings = api.SamplerSettings(kind[0], respacing=f"ddim{steps}" if kind[0] == "ddim" else str(steps),
                                    guidance=kind[1])
     labels = [k % 1000 for k in range(batch)]
+
+    def run():
+        api.sample_batch(unet, list(range(batch)), seed=0, settings=settings, labels=labels, classifier=clf)
+
+    return run, fused_, (unet, clf)
+
+
+def step_host_time(case_name: str, batch: int | None, steps: int, repeats: int,
+                   against: str | None = None) -> dict[str, float]:
+    import bench  # noqa: E402 - benchmarks/ is this script's folder
+
+    case = bench.CASES[case_name]
+    batch = batch or case.batch
+    builds = {"this tree": _step_runner("adm_cli", case, batch, steps)}
+    if against:
+        builds[against] = _step_runner(_package(against), case, batch, steps)
     calls = {"launch": 0, "conv": 0, "linear": 0, "attention": 0}
-    saved = fused._launch, F.conv2d, F.linear, torch.Tensor.addmm_, F.scaled_dot_product_attention
+    saved = ([b[1]._launch for b in builds.values()], F.conv2d, F.linear, torch.Tensor.addmm_,
+             torch.Tensor.__matmul__, F.scaled_dot_product_attention)
 
     def count(key, fn):
         def wrapped(*a, **k):
@@ -195,38 +239,50 @@ def step_host_time(case_name: str, batch: int | None, steps: int, repeats: int) 
             return fn(*a, **k)
         return wrapped
 
-    fused._launch = count("launch", lambda name, *a, **k: None)
+    for _, fused_, _ in builds.values():
+        fused_._launch = count("launch", lambda name, *a, **k: None)
     F.conv2d, F.linear = count("conv", _fake_conv2d), count("linear", _fake_linear)
     torch.Tensor.addmm_ = count("linear", lambda self, *a, **k: self)  # fused.conv1x1_cat's second GEMM
+    torch.Tensor.__matmul__ = count("linear", _fake_matmul)
     F.scaled_dot_product_attention = count("attention", _fake_attention)
     try:
-        def run():
-            api.sample_batch(unet, list(range(batch)), seed=0, settings=settings, labels=labels, classifier=clf)
-
-        run()
-        calls.update(launch=0, conv=0, linear=0, attention=0)
-        run()
-        per_step = {k: v / steps for k, v in calls.items()}
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
+        per_step, times = {}, {name: [] for name in builds}
+        for name, (run, _, _) in builds.items():
             run()
-            times.append((time.perf_counter() - start) / steps * 1e3)
+            calls.update(launch=0, conv=0, linear=0, attention=0)
+            run()
+            per_step[name] = {k: v / steps for k, v in calls.items()}
+        for _ in range(repeats):  # the builds alternate, so that the machine's drift hits both alike
+            for name, (run, _, _) in builds.items():
+                start = time.perf_counter()
+                run()
+                times[name].append((time.perf_counter() - start) / steps * 1e3)
     finally:
-        fused._launch, F.conv2d, F.linear, torch.Tensor.addmm_, F.scaled_dot_product_attention = saved
+        for (_, fused_, _), launch in zip(builds.values(), saved[0]):
+            fused_._launch = launch
+        F.conv2d, F.linear, torch.Tensor.addmm_, torch.Tensor.__matmul__, F.scaled_dot_product_attention = saved[1:]
     from adm_cli.layers import GroupNorm32, ResBlock
 
     def count_of(kind, *models):
         return sum(isinstance(m, kind) for model in models if model is not None for m in model.modules())
 
-    row = {"host ms per step": min(times), "median": statistics.median(times),
-           **{f"{k} calls per step": v for k, v in per_step.items()},
+    unet, clf = builds["this tree"][2]
+    ours, mine = times["this tree"], per_step["this tree"]
+    row = {"host ms per step": min(ours), "median": statistics.median(ours),
+           **{f"{k} calls per step": v for k, v in mine.items()},
            "norms": count_of(GroupNorm32, unet, clf), "classifier norms": count_of(GroupNorm32, clf),
            "residual blocks": count_of(ResBlock, unet, clf)}
-    print(f"{case_name}, batch {batch}: {min(times):.1f} ms host per step, best of {repeats} runs "
-          f"(median {row['median']:.1f}, max {max(times):.1f}); per step {per_step['launch']:.0f} Triton launches, "
-          f"{per_step['conv']:.0f} convolutions, {per_step['linear']:.0f} GEMMs, {per_step['attention']:.0f} attention calls",
-          flush=True)
+    for name, t in times.items():
+        n = per_step[name]
+        print(f"{case_name}, batch {batch}, {name}: {min(t):.1f} ms host per step, best of {repeats} runs "
+              f"(median {statistics.median(t):.1f}, max {max(t):.1f}); per step {n['launch']:.0f} Triton launches, "
+              f"{n['conv']:.0f} convolutions, {n['linear']:.0f} GEMMs, {n['attention']:.0f} attention calls", flush=True)
+    if against:
+        ratios = [a / b for a, b in zip(times[against], ours)]
+        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+        row["against / this tree"] = statistics.median(ratios)
+        print(f"host time, {against} / this tree, per alternating pair: median {row['against / this tree']:.3f} "
+              f"(quartiles {q[0]:.3f}-{q[2]:.3f}, {len(ratios)} pairs)", flush=True)
     return row
 
 

@@ -103,11 +103,30 @@ def test_host_step_script_runs_the_fused_path_everywhere_and_restores_what_it_st
 
     from adm_cli import fused
 
-    real = fused._launch, F.conv2d, F.linear, F.scaled_dot_product_attention, torch.Tensor.addmm_
+    def stubbed():
+        return (fused._launch, F.conv2d, F.linear, F.scaled_dot_product_attention, torch.Tensor.addmm_,
+                torch.Tensor.__matmul__)
+
+    real = stubbed()
     row = host.main(["--step", "ddpm-64-guided", "--batch", "2", "--steps", "2", "--repeats", "1"])
-    assert (fused._launch, F.conv2d, F.linear, F.scaled_dot_product_attention, torch.Tensor.addmm_) == real
+    assert stubbed() == real
     # Each norm: stats, finalize, apply; the classifier's again backward; each residual block: one add.
     want = 3 * row["norms"] + 3 * row["classifier norms"] + row["residual blocks"]
     assert row["launch calls per step"] == want
     assert row["conv calls per step"] > 100 and row["attention calls per step"] > 0
     assert 0 < row["host ms per step"] < 10_000
+
+
+def test_host_step_script_compares_another_build_in_the_same_process(monkeypatch, capsys):
+    """--against SRC imports a second adm_cli under another name and alternates the two; here
+    against this very tree, so the two must launch the same kernels and take similar time."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import host
+
+    row = host.main(["--step", "ddim-64", "--batch", "1", "--steps", "2", "--repeats", "3",
+                     "--against", os.path.join(ROOT, "src")])
+    out = capsys.readouterr().out
+    assert out.count("Triton launches") == 2
+    launches = [line.split("per step ")[1].split(" Triton")[0] for line in out.splitlines() if "Triton" in line]
+    assert launches[0] == launches[1] and int(launches[0]) > 100
+    assert 0.2 < row["against / this tree"] < 5
