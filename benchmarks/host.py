@@ -61,7 +61,7 @@ def timed(fn, calls: int = 200, repeats: int = 7, sync=lambda: None) -> float:
 
 def main(argv=None) -> dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batch", type=int, default=None, help="ops alone: 64; --step: the case's own batch")
     p.add_argument("--channels", type=int, default=384)
     p.add_argument("--launch", action="store_true", help="ops alone, with their real kernel launches on CUDA "
                    "(the Triton launcher's and the driver's share, which the stubbed rows leave out)")
@@ -72,8 +72,7 @@ def main(argv=None) -> dict[str, float]:
     p.add_argument("--repeats", type=int, default=7)
     args = p.parse_args(argv)
     if args.step:
-        return step_host_time(args.step, args.batch if "--batch" in (argv or sys.argv) else None, args.steps,
-                              args.repeats, args.against)
+        return step_host_time(args.step, args.batch, args.steps, args.repeats, args.against)
     if args.launch and not torch.cuda.is_available():
         raise SystemExit("--launch needs CUDA")
     device = torch.device("cuda" if args.launch else "cpu")
@@ -83,7 +82,7 @@ def main(argv=None) -> dict[str, float]:
     if not args.launch:
         fused._launch = lambda name, *a, **k: launches.append(name)
     try:
-        n, c = args.batch, args.channels
+        n, c = args.batch or 64, args.channels
         x = torch.randn(n, c, 2, 2, device=device).contiguous(memory_format=torch.channels_last)
         w, b = torch.ones(c, device=device), torch.zeros(c, device=device)
         scale, shift = torch.randn(n, 2 * c, device=device).chunk(2, dim=1)
