@@ -54,7 +54,7 @@ def _sample(tmp_path, files, *extra, model="unet", name="run"):
     return runner.invoke(app, args), out
 
 
-@pytest.mark.parametrize("sampler,steps", [("ddpm", "4"), ("ddim", "3")])
+@pytest.mark.parametrize("sampler,steps", [("ddpm", "4"), ("ddim", "3"), ("dpm++2m", "3")])
 @pytest.mark.parametrize("guided", [False, True], ids=["unguided", "guided"])
 def test_sample_writes_every_output(tmp_path, files, sampler, steps, guided):
     extra = ["--sampler", sampler, "--steps", steps, "-n", "2", "--class", "207,golden retriever"]
@@ -76,7 +76,7 @@ def test_sample_writes_every_output(tmp_path, files, sampler, steps, guided):
             assert im.text["class"] == "207" and im.text["seed"] == "5" and im.text["index"] == str(k)
             stage = settings["stages"][0]
             assert stage["sampler"] == sampler and stage["guidance"] == (2.0 if guided else 0.0)
-            assert stage["respacing"] == (f"ddim{steps}" if sampler == "ddim" else steps)
+            assert stage["respacing"] == (steps if sampler == "ddpm" else f"ddim{steps}")
     with Image.open(out / "grid.png") as grid:
         assert grid.size == (2 * 16 + 3 * 2, 16 + 2 * 2)
     run = json.loads((out / "run.json").read_text())
@@ -136,6 +136,8 @@ def test_unconditional_model_needs_a_classifier_for_class(tmp_path, files):
     (["--respacing", "ddim7x"], "respacing"),
     (["--batch-size", "zero"], "--batch-size"),
     (["--cuda-graph", "--compile"], "--cuda-graph and --compile"),
+    (["--sampler", "dpm++2m", "--eta", "0.5"], "dpm++2m is deterministic"),
+    (["--sampler", "heun"], "unknown sampler 'heun'"),
 ])
 def test_bad_values_fail_with_one_line(tmp_path, files, args, message):
     res, out = _sample(tmp_path, files, *args)

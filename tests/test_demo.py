@@ -60,7 +60,7 @@ def test_grey_images_are_written_as_rgb():
     assert np.array_equal(out[..., 0], api.to_uint8(x.expand(-1, 3, -1, -1))[..., 0])
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m"])
 def test_short_sampling_runs_give_images(models, sampler):
     settings = api.SamplerSettings(sampler=sampler, steps=3)
     cond = api.generate(models["demo-digits"], num_samples=2, classes=[7, 1], seed=0, settings=settings)
@@ -93,6 +93,35 @@ def test_conditional_model_draws_the_requested_classes(models, eval_net):
     out = api.generate(models["demo-digits"], num_samples=20, classes=labels, seed=0,
                        settings=api.SamplerSettings(sampler="ddim", steps=10), batch_size=20)
     assert class_accuracy(eval_net, out.images, labels) >= 0.8
+
+
+def test_dpmpp_2m_is_closer_to_the_ode_solution_than_ddim(models):
+    """On a trained model, DPM-Solver++(2M) lands nearer the converged probability-flow ODE
+    solution than DDIM (its first-order special case) from the same x_T, and its lead grows with
+    the step count (second vs first order). Truth: DDIM with 100 steps (0.006 mean from DDIM 200,
+    against errors of 0.04-0.11 below); all runs share the reference's "N" respacing (both ends,
+    t = 999 and 0). Measured: DPM-Solver++ / DDIM error 0.88 at 10 steps, 0.75 at 20."""
+    from adm_cli.denoiser import Denoiser
+    from adm_cli.samplers import sample_ddim, sample_dpmpp_2m
+    from adm_cli.schedule import Schedule
+
+    unet = models["demo-digits"]
+    cfg = unet.config
+    x_t = torch.randn(2, cfg.in_channels, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(11))
+    y = torch.tensor([3, 7])
+
+    def run(sampler, steps):
+        sched = Schedule.create(cfg.noise_schedule, cfg.diffusion_steps, str(steps))
+        with torch.no_grad():
+            return sampler(Denoiser(unet, sched, y=y), x_t.clone(), sched, noise=None)
+
+    truth = run(sample_ddim, 100)
+    ratios = []
+    for steps in (10, 20):
+        ddim = (run(sample_ddim, steps) - truth).abs().mean().item()
+        dpm = (run(sample_dpmpp_2m, steps) - truth).abs().mean().item()
+        ratios.append(dpm / ddim)
+    assert ratios[0] < 0.95 and ratios[1] < ratios[0], ratios
 
 
 def test_evaluation_classifier_held_out_accuracy(eval_net):

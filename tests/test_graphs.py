@@ -42,7 +42,9 @@ def test_gpu_graphed_sampling_matches_eager(sampler):
     assert np.abs(eager - graphed).max() <= 1
     assert len(graphed_unet(unet)._graphs[("y",)]._graphs) == 2  # batch 2 and the last batch of 1
     again = api.generate(unet, cuda_graph=True, **run).images.astype(int)
-    assert np.array_equal(again, graphed)  # replays are deterministic
+    # Replays read fresh inputs (a stale buffer would change whole images); cuDNN's backward
+    # convolutions may sum in another order from run to run, hence one level.
+    assert np.abs(again - graphed).max() <= 1
     unguided = api.SamplerSettings(sampler, steps=4)  # inference mode: captured separately
     plain = api.generate(unet, **dict(run, settings=unguided, classifier=None)).images.astype(int)
     assert np.abs(api.generate(unet, cuda_graph=True, **dict(run, settings=unguided, classifier=None)).images

@@ -10,7 +10,7 @@ from adm_cli.denoiser import Denoiser
 from adm_cli.errors import RespacingError
 from adm_cli.guidance import classifier_guidance
 from adm_cli.models import build_model
-from adm_cli.samplers import sample_ddim, sample_ddpm
+from adm_cli.samplers import sample_ddim, sample_ddpm, sample_dpmpp_2m
 from adm_cli.schedule import Schedule, beta_schedule, space_timesteps
 from conftest import randomize
 from reference import gd, reference_classifier, reference_diffusion, reference_unet, space_timesteps as ref_space
@@ -133,3 +133,66 @@ def test_guidance_changes_the_trajectory():
     plain = sample_ddim(Denoiser(ours, sched, y=y), x, sched, noise=zero)
     guided = sample_ddim(classifier_guidance(Denoiser(ours, sched, y=y), oclf, sched, y, 10.0), x, sched, noise=zero)
     assert (plain - guided).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("schedule,guided,spec", [("linear", False, "ddim10"), ("linear", True, "ddim10"),
+                                                  ("cosine", False, "ddim10"), ("cosine", True, "ddim10"),
+                                                  ("linear", True, "10")])
+def test_dpmpp_2m_matches_diffusers(schedule, guided, spec):
+    """DPM-Solver++(2M) against diffusers' DPMSolverMultistepScheduler (the solver authors'
+    implementation there), stepping with the reference's x0: clipped, then guided as the
+    reference's DDIM guides it (condition_score). Only the solver's update is ours vs theirs."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    cfg, ref, ours, rclf, oclf = _tiny(schedule, True)
+    shape = (3, 3, 16, 16)
+    x_t = torch.randn(shape, generator=torch.Generator().manual_seed(11))
+    y = torch.tensor([1, 4, 9])
+    scale = 3.0
+
+    def cond_fn(x, t, y=None):
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            lp = F.log_softmax(rclf(x_in, t), dim=-1)[torch.arange(len(x)), y]
+            return torch.autograd.grad(lp.sum(), x_in)[0] * scale
+
+    diffusion = reference_diffusion(cfg, spec)
+    solver = DPMSolverMultistepScheduler(
+        num_train_timesteps=1000, trained_betas=gd.get_named_beta_schedule(schedule, 1000), solver_order=2,
+        prediction_type="sample", algorithm_type="dpmsolver++", solver_type="midpoint", lower_order_final=True,
+        final_sigmas_type="zero")
+    timesteps = space_timesteps(1000, spec)
+    solver.set_timesteps(timesteps=timesteps[::-1])
+    x = x_t.clone()
+    with torch.no_grad():
+        for k, t in enumerate(solver.timesteps):
+            i = torch.full((len(x),), len(timesteps) - 1 - k)  # the respaced index the reference takes
+            out = diffusion.p_mean_variance(ref, x, i, clip_denoised=True, model_kwargs={"y": y})
+            if guided:
+                out = diffusion.condition_score(cond_fn, out, x, i, model_kwargs={"y": y})
+            x = solver.step(out["pred_xstart"], t, x).prev_sample
+    expected = x
+
+    sched = Schedule.create(schedule, 1000, spec)
+    fn = Denoiser(ours, sched, y=y)
+    if guided:
+        fn = classifier_guidance(fn, oclf, sched, y, scale)
+    never = lambda like: pytest.fail("DPM-Solver++(2M) is deterministic: no noise")  # noqa: E731
+    with torch.no_grad():
+        got = sample_dpmpp_2m(fn, x_t.clone(), sched, noise=never)
+        ddim = sample_ddim(fn, x_t.clone(), sched, noise=never)
+    assert (got - expected).abs().max().item() <= 1e-4
+    assert (got - ddim).abs().max().item() > 0.05  # the second-order term is there
+
+
+def test_dpmpp_2m_first_step_and_last_are_ddim_steps():
+    """Two steps: the first has no previous x0 (first order) and the last lands on alpha_bar = 1
+    (first order too), so DPM-Solver++(2M) must equal DDIM (eta 0) exactly there."""
+    cfg, _, ours, _, _ = _tiny("linear", True)
+    sched = Schedule.create("linear", 1000, "2")
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    fn = Denoiser(ours, sched, y=torch.tensor([0, 3]))
+    with torch.no_grad():
+        a = sample_dpmpp_2m(fn, x, sched, noise=None)
+        b = sample_ddim(fn, x, sched, noise=None)
+    assert (a - b).abs().max().item() <= 1e-5  # the two formulas round differently

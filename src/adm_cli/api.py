@@ -26,7 +26,7 @@ from .graphs import graphed_unet
 from .guidance import classifier_guidance
 from .models import Classifier, UNet
 from .noise import SampleNoise, seeds_for
-from .samplers import SAMPLERS
+from .samplers import DEFAULT_STEPS, SAMPLERS
 from .schedule import Schedule, space_timesteps
 from .weights import load_model  # noqa: F401 - part of the public API
 
@@ -36,7 +36,8 @@ ProgressFn = Callable[[int], None]
 @dataclass(frozen=True)
 class SamplerSettings:
     """How to sample. ``respacing`` is the reference's string ("250", "ddim25", "10,15,20");
-    ``steps`` is the shorthand the paper's scripts use: "N" for DDPM, "ddimN" for DDIM."""
+    ``steps`` is the shorthand the paper's scripts use: "N" for DDPM, "ddimN" for DDIM (and
+    DPM-Solver++, on the same evenly strided timesteps); None: ``DEFAULT_STEPS``."""
 
     sampler: str = "ddpm"
     steps: int | None = None
@@ -52,6 +53,8 @@ class SamplerSettings:
             raise UsageError(f"--steps must be at least 1, got {self.steps}")
         if self.eta < 0:
             raise UsageError(f"--eta must be >= 0, got {self.eta}")
+        if self.eta > 0 and self.sampler == "dpm++2m":
+            raise UsageError("--eta is DDIM's stochasticity; dpm++2m is deterministic (leave --eta at 0)")
         if self.guidance < 0:
             raise UsageError(f"--guidance must be >= 0, got {self.guidance}")
 
@@ -59,8 +62,8 @@ class SamplerSettings:
         if self.respacing:
             spec = self.respacing
         else:
-            steps = self.steps or 250
-            spec = f"ddim{steps}" if self.sampler == "ddim" else str(steps)
+            steps = self.steps or DEFAULT_STEPS[self.sampler]
+            spec = str(steps) if self.sampler == "ddpm" else f"ddim{steps}"
         space_timesteps(diffusion_steps, spec)  # validates (RespacingError names the problem)
         return spec
 

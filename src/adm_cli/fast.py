@@ -337,8 +337,9 @@ def _peak_bytes(unet: nn.Module, classifier: nn.Module | None, n: int, device: t
                 held_together: bool = False) -> int:
     """Peak CUDA memory of one (guided) step at batch n, run eagerly (``.forward``: a compiled
     module is not recompiled for the probe; eager peaks are the higher, so the estimate errs safe).
-    ``held_together``: the U-Net's and the classifier's peaks add up, as with CUDA graphs, where
-    each captured network keeps its own memory pool; eagerly the two take turns."""
+    ``held_together``: add the U-Net's and the classifier's peaks, for CUDA graphs: their captures
+    share one pool (graphs.py), which then holds about the larger of the two plus what the
+    allocator cannot reuse between them, so the sum errs safe; eagerly the two take turns."""
     from .guidance import classifier_grad
 
     x, t, kw = _probe_inputs(unet, n, device)

@@ -12,6 +12,12 @@ allocator's first allocations), then captures one call; every call copies its in
 captured buffers, replays, and returns a copy of the output. Inputs are read only through those
 buffers, so ``fn`` must take every varying value as a tensor argument (the timestep ``t`` too,
 never a Python index) and must not synchronise with the host. Off CUDA it just calls ``fn``.
+
+Memory: every capture on a device draws from one shared pool. A capture keeps only its output
+allocated (each replay's output is copied out at once, and the inputs live outside the pool), so
+its temporaries are free for the next capture, and replays never overlap (one stream). So the
+U-Net's and the classifier's graphs, and a smaller last batch's, share their scratch memory
+instead of each holding a private pool for the whole run.
 """
 
 from __future__ import annotations
@@ -19,6 +25,15 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+
+_POOLS: dict[torch.device, tuple] = {}
+
+
+def _pool(device: torch.device) -> tuple:
+    """The memory pool every capture on ``device`` shares (see the module docstring)."""
+    if device not in _POOLS:
+        _POOLS[device] = torch.cuda.graph_pool_handle()
+    return _POOLS[device]
 
 
 class StepGraph:
@@ -49,7 +64,7 @@ class StepGraph:
                 self.fn(*inputs)
         torch.cuda.current_stream(args[0].device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=_pool(args[0].device)):
             output = self.fn(*inputs)
         return graph, inputs, output
 

@@ -24,7 +24,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent  # bundled entries' `path` is rela
 DEFAULT_REGISTRY = PACKAGE_DIR / "weights.toml"
 PUBLISHERS = ("openai", "mmagic", "bundled")
 ROLES = ("unet", "classifier")
-SAMPLER_NAMES = ("ddpm", "ddim")
+SAMPLER_NAMES = ("ddpm", "ddim", "dpm++2m")  # samplers.SAMPLERS (not imported: no torch here)
 _HEX = re.compile(r"^[0-9a-f]{8,64}$")
 _KEYS = {
     "publisher", "urls", "path", "sha256", "size", "params", "roles", "resolution", "class_cond",

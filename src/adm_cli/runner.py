@@ -22,6 +22,7 @@ from . import __version__, api
 from .config import UNetConfig
 from .errors import UsageError
 from .outputs import SampleWriter, default_out_dir, open_run_dir, read_run_plan
+from .samplers import DEFAULT_STEPS
 from .schedule import space_timesteps
 
 UPSAMPLE_BASE = {256: 64, 512: 128}  # the paper's ADM-G + ADM-U pipelines
@@ -143,7 +144,7 @@ def _registry_stage(name: str, req: SampleRequest, *, stage: str, guidance: floa
         clf = name  # an mmagic adm-g file carries its own classifier
     sampler = req.sampler or entry.sampler or "ddpm"
     steps = req.steps or (entry.steps if sampler == (entry.sampler or "ddpm") else None)
-    settings = api.SamplerSettings(sampler, steps=steps or (250 if sampler == "ddpm" else 25),
+    settings = api.SamplerSettings(sampler, steps=steps or DEFAULT_STEPS.get(sampler),
                                    respacing=req.respacing, eta=req.eta, guidance=scale)
     fetch = dict(offline=req.offline, mirror=req.mirror, quiet=False)
     unet_path = ensure_weights(name, "unet", **fetch)
@@ -161,7 +162,7 @@ def _file_stage(req: SampleRequest) -> Stage:
         clf_path = ensure_converted_file(req.classifier_weights, role="classifier")
     scale = req.guidance if req.guidance is not None else (1.0 if clf_path else 0.0)
     sampler = req.sampler or "ddpm"
-    settings = api.SamplerSettings(sampler, steps=req.steps or (250 if sampler == "ddpm" else 25),
+    settings = api.SamplerSettings(sampler, steps=req.steps or DEFAULT_STEPS.get(sampler),
                                    respacing=req.respacing, eta=req.eta, guidance=scale)
     if scale > 0 and clf_path is None:
         raise UsageError("--guidance > 0 with --weights needs --classifier-weights")

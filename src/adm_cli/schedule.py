@@ -125,6 +125,7 @@ class Schedule:
             "log_var_small": post_logvar,  # fixed small: beta~_t (clipped at t = 0)
             "log_var_large": np.log(np.append(post_var[1], b[1:])) if len(b) > 1 else np.log(b),
             "log_beta": np.log(b),
+            **_dpm_solver_tables(ab, ab_prev),
         }
 
     def tables(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
@@ -136,3 +137,27 @@ class Schedule:
             }
             self._tables[key]["t"] = torch.tensor(self.timesteps, dtype=torch.long, device=device)
         return self._tables[key]
+
+
+def _dpm_solver_tables(ab: np.ndarray, ab_prev: np.ndarray) -> dict[str, np.ndarray]:
+    """DPM-Solver++ coefficients (Lu et al. 2022) for the step from S_i to S_{i-1}.
+
+    With alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t), lambda_t = log(alpha_t /
+    sigma_t) and h_i = lambda_{i-1} - lambda_i, the first-order update in the data prediction
+    D is x_{i-1} = (sigma_{i-1} / sigma_i) x_i - alpha_{i-1} (e^{-h_i} - 1) D (with D = x0 this
+    is DDIM, eta = 0). The second-order multistep D = x0_i + (x0_i - x0_{i+1}) h_i / (2 h_{i+1})
+    uses the previous step's prediction: ``dpm_r`` is that h_i / (2 h_{i+1}), 0 where no previous
+    step exists (i = len - 1) and on the last step (i = 0: alpha_bar' = 1, h = inf, and the
+    first-order update returns D itself).
+    """
+    with np.errstate(divide="ignore"):
+        lam = 0.5 * (np.log(ab) - np.log1p(-ab))
+        lam_prev = 0.5 * (np.log(ab_prev) - np.log1p(-ab_prev))  # +inf where alpha_bar' = 1
+    h = lam_prev - lam
+    r = np.zeros_like(h)
+    r[1:-1] = h[1:-1] / (2 * h[2:])
+    return {
+        "dpm_sigma_ratio": np.sqrt((1.0 - ab_prev) / (1.0 - ab)),
+        "dpm_coef": -np.sqrt(ab_prev) * np.expm1(-h),
+        "dpm_r": r,
+    }
