@@ -3,6 +3,7 @@
 Per file, ``modes[name]`` picks a behaviour:
   "normal"   200, or 206 for ``Range: bytes=N-``
   "break"    the first response sends half of what it promises, then drops the connection
+  "short"    the first response has no Content-Length and ends (connection closed) after half
   "norange"  ignores Range: always 200 with the whole file
   "flaky"    answers 500 to the first ``flaky_failures`` requests, then behaves normally
 Unknown names get 404. Every request is recorded as a ``Request`` (name, Range header, status,
@@ -102,18 +103,19 @@ class _Handler(BaseHTTPRequestHandler):
             if start >= len(data):
                 return self._status(name, rng, 416, {"Content-Range": f"bytes */{len(data)}"})
         body = data[start:]
-        if mode == "break" and earlier == 0:
-            body = body[: len(body) // 2]  # promise everything, deliver half, hang up
+        if mode in ("break", "short") and earlier == 0:
+            body = body[: len(body) // 2]  # promise everything (or nothing), deliver half, hang up
         record = Request(name, rng, 206 if start else 200, 0)
         self.state._record(record)  # before any byte leaves: the client may finish first
         self.send_response(record.status)
-        self.send_header("Content-Length", str(len(data) - start))
+        if not (mode == "short" and earlier == 0):  # HTTP/1.0: the body then ends where we hang up
+            self.send_header("Content-Length", str(len(data) - start))
         if start:
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         self.send_header("Accept-Ranges", "none" if mode == "norange" else "bytes")
         self.end_headers()
         self._send(body, record)
-        if mode == "break" and earlier == 0:
+        if mode in ("break", "short") and earlier == 0:
             self.close_connection = True
 
     def _send(self, body: bytes, record: Request) -> None:

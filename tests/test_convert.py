@@ -2,7 +2,9 @@
 
 import json
 import pickle
+import re
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from typer.testing import CliRunner
 from adm_cli import cli_weights  # noqa: F401 - registers the commands on the app
 from adm_cli.cache import ensure_converted_file
 from adm_cli.cli import app
+from adm_cli.config import ClassifierConfig
 from adm_cli.convert import Network, convert_checkpoint, fitting_presets, mmagic_to_openai, openai_to_mmagic
 from adm_cli.download import sha256_file
 from adm_cli.errors import ConfigError, ConversionError, UnsafePickleError, WeightsError
@@ -312,6 +315,117 @@ def test_metadata_overwrite_and_rerun(tmp_path):
         convert_checkpoint(src, config=cfg, dtype="float16")
     convert_checkpoint(src, config=cfg, dtype="float16", force=True)
     assert read_metadata(out)["adm_dtype"] == "float16"
+
+
+def test_tied_tensors_are_stored_twice(tmp_path):
+    """One tensor under two names (torch.save keeps the sharing) is a legitimate checkpoint."""
+    cfg = small("64x64")
+    state = reference_model(cfg).state_dict()
+    w, b = "input_blocks.1.0.in_layers.0.weight", "input_blocks.1.0.in_layers.0.bias"
+    state[b] = state[w]
+    src = write_openai(tmp_path / "tied.pt", state)
+    loaded = load_checkpoint(src)
+    assert loaded[w].untyped_storage().data_ptr() == loaded[b].untyped_storage().data_ptr()
+    model = load_model(convert_checkpoint(src, config=cfg)["unet"])
+    params = dict(model.named_parameters())
+    assert torch.equal(params[w], state[w]) and torch.equal(params[b], state[w])
+
+
+@pytest.mark.parametrize("how,message", [
+    ("int-key", r"^odd.pt: key 7 \(int\) is not a tensor name$"),
+    ("meta", r"^odd.pt: tensor 'out.2.bias' is on the meta device"),
+    ("sparse", r"^odd.pt: tensor 'out.2.bias' is a torch.sparse_coo tensor"),
+])
+def test_malformed_tensors_are_refused(tmp_path, how, message):
+    cfg = small("64x64")
+    state = reference_model(cfg).state_dict()
+    if how == "int-key":
+        state[7] = torch.zeros(1)
+    elif how == "meta":
+        state["out.2.bias"] = torch.empty(state["out.2.bias"].shape, device="meta")
+    else:
+        state["out.2.bias"] = state["out.2.bias"].to_sparse()
+    src = write_openai(tmp_path / "odd.pt", state)
+    with pytest.raises(ConversionError, match=message):
+        convert_checkpoint(src, config=cfg)
+    assert _only(tmp_path) == ["odd.pt"]
+
+
+def test_a_safetensors_source_is_never_its_own_output(tmp_path):
+    from safetensors.torch import save_file
+
+    cfg = small("64x64")
+    ref = reference_model(cfg)
+    src = tmp_path / "third.safetensors"
+    save_file(ref.state_dict(), str(src))
+    before = src.read_bytes()
+    assert convert_checkpoint(src, config=cfg) == {"unet": tmp_path / "third.adm.safetensors"}
+    _assert_same_outputs(tmp_path / "third.adm.safetensors", ref, cfg)
+    assert convert_checkpoint(src, config=cfg)["unet"] == tmp_path / "third.adm.safetensors"  # a no-op rerun
+    for dst in (src, tmp_path / "." / "third.safetensors"):
+        with pytest.raises(ConversionError, match="is the source file itself"):
+            convert_checkpoint(src, dst, config=cfg, force=True)
+    pt = write_openai(tmp_path / "m.pt", ref.state_dict())
+    pt_bytes = pt.read_bytes()
+    (tmp_path / "c.json").write_text(json.dumps(cfg.to_dict()))
+    result = CliRunner().invoke(app, ["convert-weights", str(pt), str(pt), "--config", str(tmp_path / "c.json"),
+                                      "--force"])
+    assert result.exit_code == 1 and result.output.count("\n") == 1 and "source file itself" in result.output
+    assert src.read_bytes() == before and pt.read_bytes() == pt_bytes
+
+
+def test_cli_trailing_slash_makes_a_folder(tmp_path):
+    cfg = small("64x64")
+    src = write_openai(tmp_path / "m.pt", reference_model(cfg).state_dict())
+    (tmp_path / "c.json").write_text(json.dumps(cfg.to_dict()))
+    result = CliRunner().invoke(app, ["convert-weights", str(src), str(tmp_path / "new") + "/",
+                                      "--config", str(tmp_path / "c.json"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "new").is_dir() and _only(tmp_path / "new") == ["m.safetensors"]
+    assert read_metadata(tmp_path / "new" / "m.safetensors")["adm_source_file"] == "m.pt"
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("num_channels", "x", "num_channels: expected an integer, got 'x'"),
+    ("image_size", "abc", "image_size: expected an integer, got 'abc'"),
+    ("num_classes", "many", "num_classes: expected an integer, got 'many'"),
+    ("small_size", "a", "small_size: expected an integer, got 'a'"),
+    ("num_res_blocks", 2.5, "num_res_blocks: expected an integer, got 2.5"),
+    ("num_channels", None, "num_channels: expected a value, got null"),
+    ("dropout", None, "dropout: expected a value, got null"),
+    ("dropout", "high", "dropout: expected a number, got 'high'"),
+    ("dropout", 1.5, "dropout: must be between 0 and 1, got 1.5"),
+    ("attention_resolutions", "16,0", "attention_resolutions: every resolution must be positive, got '16,0'"),
+    ("channel_mult", "0,1,2", "channel_mult: every multiplier must be positive, got '0,1,2'"),
+    ("num_head_channels", 0, "num_head_channels: must be positive (or -1), got 0"),
+    ("num_channels", 0, "num_channels: must be positive, got 0"),
+    ("small_size", -8, "small_size: must be 0 or positive, got -8"),
+    ("noise_schedule", {"a": 1}, "noise_schedule: expected a string"),
+])
+def test_config_values_of_the_wrong_type_or_size(tmp_path, flag, value, message):
+    """One ConfigError naming the flag and the value, before any model is built (a zero-channel
+    model made torch warn before the error)."""
+    cfg = small("64x64")
+    src = write_openai(tmp_path / "m.pt", reference_model(cfg).state_dict())
+    flags = {k: v for k, v in cfg.to_dict().items() if k != "kind"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ConfigError, match="^" + re.escape(message)):
+            convert_checkpoint(src, config={**flags, flag: value})
+    assert _only(tmp_path) == ["m.pt"]
+
+
+def test_config_errors_in_the_cli_and_for_classifiers(tmp_path):
+    cfg = small("64x64")
+    src = write_openai(tmp_path / "m.pt", reference_model(cfg).state_dict())
+    (tmp_path / "c.json").write_text(json.dumps({**cfg.to_dict(), "num_channels": "x"}))
+    result = CliRunner().invoke(app, ["convert-weights", str(src), "--config", str(tmp_path / "c.json")])
+    assert result.exit_code == 1 and result.output == "error: num_channels: expected an integer, got 'x'\n"
+    flags = {k: v for k, v in small("64x64_classifier").to_dict().items() if k != "kind"}
+    with pytest.raises(ConfigError, match=r"^num_head_channels: must be positive, got -1"):  # no num_heads here
+        ClassifierConfig.from_flags({**flags, "num_head_channels": -1})
+    with pytest.raises(ConfigError, match=r"^classifier_width: must be positive, got '0'"):
+        ClassifierConfig.from_flags({**flags, "classifier_width": "0"})
 
 
 # -- never run pickled code ------------------------------------------------------------------------

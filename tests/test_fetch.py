@@ -1,9 +1,12 @@
 """`adm fetch` and the cache, against a loopback HTTP server (tests/http_server.py)."""
 
 import contextlib
+import errno
 import hashlib
 import json
+import os
 import threading
+import time
 
 import pytest
 from typer.testing import CliRunner
@@ -11,7 +14,7 @@ from typer.testing import CliRunner
 from adm_cli import cache, cli_weights, download  # noqa: F401 - cli_weights registers the commands
 from adm_cli.cache import cache_status, ensure_weights, fetch_entry, raw_path
 from adm_cli.cli import app
-from adm_cli.errors import ChecksumError, DownloadError, OfflineError
+from adm_cli.errors import ChecksumError, ConversionError, DownloadError, OfflineError, UsageError
 from adm_cli.registry import load_registry
 from adm_cli.weights import load_model, read_metadata
 from http_server import FileServer
@@ -141,6 +144,9 @@ def test_first_download_checksum_is_recorded_and_enforced(env, server, files):
     raw, digest = fetch_entry(_entry("tiny"), quiet=True)
     record = json.loads(raw.with_name(raw.name + ".json").read_text())
     assert record["sha256"] == digest and record["published_checksum"] is False
+    assert record["loaded"] is False  # not the reference until it has loaded as a checkpoint
+    ensure_weights("tiny", quiet=True)
+    assert json.loads(raw.with_name(raw.name + ".json").read_text())["loaded"] is True
     raw.write_bytes(b"tampered" + raw.read_bytes()[8:])  # a damaged cache file is noticed ...
     assert fetch_entry(_entry("tiny"), quiet=True)[1] == digest  # ... and fetched again
     raw.unlink()
@@ -148,6 +154,121 @@ def test_first_download_checksum_is_recorded_and_enforced(env, server, files):
     with pytest.raises(ChecksumError, match="recorded at the first download"):
         fetch_entry(_entry("tiny"), quiet=True)
     assert not raw.exists()
+
+
+def _record(raw):
+    return json.loads(raw.with_name(raw.name + ".json").read_text())
+
+
+@pytest.mark.parametrize("bad", ["html", "short", "corrupt-partial", "kept-by-an-older-version"])
+def test_unusable_first_download_is_removed_and_refetched(env, server, files, bad):
+    """No published checksum: a download that does not load (a 200 HTML page, a body cut short
+    without Content-Length, a resumed corrupt partial) never becomes the reference; it is
+    removed, and the next run downloads a good file."""
+    _registry(env / "registry.toml", server.base, files, sha=None)
+    good = files["tiny_64.pt"]
+    raw = raw_path(_entry("tiny"))
+    raw.parent.mkdir(parents=True)
+    if bad == "html":
+        server.files["tiny_64.pt"] = b"<html><body>Please log in to the network</body></html>"
+    elif bad == "short":
+        server.modes["tiny_64.pt"] = "short"
+    elif bad == "corrupt-partial":
+        raw.with_name(raw.name + ".incomplete").write_bytes(b"x" * 1000)
+    else:  # what releases before the fix left: the bad file recorded as the reference
+        raw.write_bytes(good[: len(good) // 2])
+        record = {"sha256": hashlib.sha256(raw.read_bytes()).hexdigest(), "size": raw.stat().st_size,
+                  "published_checksum": False, "source": "x", "verified_stat": [0, 0]}
+        raw.with_name(raw.name + ".json").write_text(json.dumps(record))
+    with pytest.raises(ConversionError, match=r"^tiny: the download was not a valid checkpoint and was removed "):
+        ensure_weights("tiny", quiet=True)
+    assert _names(raw.parent) == [".lock"]
+    server.files["tiny_64.pt"] = good
+    ensure_weights("tiny", quiet=True)
+    assert raw.read_bytes() == good
+    assert _record(raw)["sha256"] == hashlib.sha256(good).hexdigest() and _record(raw)["loaded"] is True
+
+
+def test_fetch_no_convert_still_checks_a_first_download(env, server, files):
+    _registry(env / "registry.toml", server.base, files, sha=None)
+    server.files["tiny_64.pt"] = b"<html>Not Found</html>"
+    runner = CliRunner()
+    result = runner.invoke(app, ["fetch", "tiny", "--no-convert", "-q"])
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert result.output.startswith("error: tiny: the download was not a valid checkpoint and was removed")
+    raw = raw_path(_entry("tiny"))
+    assert _names(raw.parent) == [".lock"]
+    server.files["tiny_64.pt"] = files["tiny_64.pt"]
+    result = runner.invoke(app, ["fetch", "tiny", "--no-convert", "-q"])
+    assert result.exit_code == 0, result.output
+    assert _record(raw)["loaded"] is True and not (raw.parent / "unet.safetensors").exists()
+
+
+def test_offline_fetch_from_a_read_only_cache(env, server, files, monkeypatch):
+    """Nothing can be created in the cache (a read-only mount, or another user's cache): a
+    complete cache is still used. (As root, chmod cannot make a folder read-only: the writes
+    are made to fail as a read-only filesystem fails them.)"""
+    ensure_weights("tiny", mirror=server.base, quiet=True)
+    raw = raw_path(_entry("tiny"))
+    (raw.parent / ".lock").unlink()
+    os.utime(raw)  # a changed stat: hashed again, and the record cannot be updated
+    home = str(env / "home")
+    real_open = os.open
+
+    def read_only_open(path, flags, *args, **kwargs):
+        if str(path).startswith(home) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    def read_only_write(self, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(download.os, "open", read_only_open)
+    monkeypatch.setattr(type(raw), "write_text", read_only_write)
+    before = _names(raw.parent)
+    result = CliRunner().invoke(app, ["fetch", "tiny", "--offline"])
+    assert result.exit_code == 0, result.output
+    assert "unet: " in result.output and _names(raw.parent) == before
+    assert ensure_weights("tiny", offline=True).name == "unet.safetensors"
+
+
+def test_lock_errors_other_than_read_only_are_reported(tmp_path, monkeypatch):
+    def full(path, flags, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(download.os, "open", full)
+    with pytest.raises(OSError, match="No space left"):
+        with download.file_lock(tmp_path / ".lock"):
+            pass
+
+
+def test_mirror_given_as_a_folder_path(env, files, tmp_path, monkeypatch):
+    folder = tmp_path / "mirror"
+    folder.mkdir()
+    (folder / "tiny_64.pt").write_bytes(files["tiny_64.pt"])
+    assert ensure_weights("tiny", mirror=str(folder), quiet=True).name == "unet.safetensors"
+    assert raw_path(_entry("tiny")).read_bytes() == files["tiny_64.pt"]
+    monkeypatch.setattr(download, "BACKOFF", 10.0)  # a retry would show in the time taken
+    start = time.monotonic()
+    for mirror in (str(tmp_path / "no-such-folder"), "s3://bucket/adm", "ftp:/x"):
+        result = CliRunner().invoke(app, ["fetch", "tiny-g", "--mirror", mirror])
+        assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+        assert result.output.startswith(f"error: --mirror {mirror!r} is neither")
+    with pytest.raises(UsageError):
+        ensure_weights("tiny-g", mirror="relative/missing", quiet=True)
+    assert time.monotonic() - start < 5
+
+
+def test_missing_file_in_a_file_mirror_fails_at_once(env, tmp_path, monkeypatch):
+    monkeypatch.setattr(download, "BACKOFF", 10.0)  # a retry would show in the time taken
+    (tmp_path / "empty").mkdir()
+    start = time.monotonic()
+    with pytest.raises(DownloadError, match=r"empty/tiny_64.pt: No such file or directory$"):
+        ensure_weights("tiny", mirror=(tmp_path / "empty").as_uri(), quiet=True)
+    with pytest.raises(DownloadError, match="unknown url type"):  # never a ValueError traceback
+        download.download(["no-scheme/tiny_64.pt", "s3://bucket/tiny_64.pt"], tmp_path / "x.pt")
+    assert time.monotonic() - start < 5
+    assert not list(tmp_path.glob("x.pt*"))
 
 
 def test_404_fails_fast_naming_the_url(env, server, files):

@@ -132,14 +132,14 @@ def test_bundled_entries(reg, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("text,message", [
-    ('["x"]\npublisher = "openai"\nurls = ["u"]\nroles = { unet = "64x64_diffusion" }\nnoise_schedule = "cosine"\nsha = "1"\n', "unknown key"),
-    ('["x"]\npublisher = "openai"\nurls = ["u"]\nroles = { unet = "64x64_diffusion" }\nnoise_schedule = "cosine"\nsha256 = "xyz"\n', "hex"),
-    ('["x"]\npublisher = "openai"\nurls = ["u"]\nroles = { unet = "64x64_diffusion" }\n', "noise_schedule is required"),
-    ('["x"]\npublisher = "openai"\nurls = ["u"]\nroles = { unet = "64x64_diffusion" }\nnoise_schedule = "linear"\n', "disagrees"),
-    ('["x"]\npublisher = "openai"\nurls = ["u"]\nroles = { unet = "64x64_difusion" }\nnoise_schedule = "cosine"\n', "did you mean"),
-    ('["x"]\npublisher = "openai"\nurls = ["u"]\nroles = ["unet"]\nnoise_schedule = "cosine"\n', "only bundled"),
-    ('["x"]\npublisher = "bundled"\nurls = ["u"]\npath = "p"\nroles = ["unet"]\n', "no `urls`"),
-    ('["x"]\npublisher = "openai"\nurls = ["u"]\nroles = { unet = "64x64_diffusion" }\nnoise_schedule = "cosine"\nclassifier = "x"\n', "holds no classifier"),
+    ('["x"]\npublisher = "openai"\nurls = ["http://h/x.pt"]\nroles = { unet = "64x64_diffusion" }\nnoise_schedule = "cosine"\nsha = "1"\n', "unknown key"),
+    ('["x"]\npublisher = "openai"\nurls = ["http://h/x.pt"]\nroles = { unet = "64x64_diffusion" }\nnoise_schedule = "cosine"\nsha256 = "xyz"\n', "hex"),
+    ('["x"]\npublisher = "openai"\nurls = ["http://h/x.pt"]\nroles = { unet = "64x64_diffusion" }\n', "noise_schedule is required"),
+    ('["x"]\npublisher = "openai"\nurls = ["http://h/x.pt"]\nroles = { unet = "64x64_diffusion" }\nnoise_schedule = "linear"\n', "disagrees"),
+    ('["x"]\npublisher = "openai"\nurls = ["http://h/x.pt"]\nroles = { unet = "64x64_difusion" }\nnoise_schedule = "cosine"\n', "did you mean"),
+    ('["x"]\npublisher = "openai"\nurls = ["http://h/x.pt"]\nroles = ["unet"]\nnoise_schedule = "cosine"\n', "only bundled"),
+    ('["x"]\npublisher = "bundled"\nurls = ["http://h/x.pt"]\npath = "p"\nroles = ["unet"]\n', "no `urls`"),
+    ('["x"]\npublisher = "openai"\nurls = ["http://h/x.pt"]\nroles = { unet = "64x64_diffusion" }\nnoise_schedule = "cosine"\nclassifier = "x"\n', "holds no classifier"),
     ('["a"]\npublisher = "bundled"\npath = "p"\nroles = ["unet"]\nresolution = 8\ndefault = true\n'
      '["b"]\npublisher = "bundled"\npath = "q"\nroles = ["unet"]\nresolution = 8\ndefault = true\n', "both default"),
 ])
@@ -147,6 +147,41 @@ def test_malformed_registry_is_rejected(tmp_path, text, message):
     (tmp_path / "r.toml").write_text(text)
     with pytest.raises(RegistryError, match=message):
         load_registry(tmp_path / "r.toml")
+
+
+_X = '["x"]\npublisher = "openai"\nurls = ["http://h/x.pt"]\nroles = { unet = "64x64_diffusion" }\nnoise_schedule = "cosine"\n'
+
+
+@pytest.mark.parametrize("line,message", [
+    ('resolution = "abc"', "resolution must be a positive integer, got 'abc'"),
+    ("resolution = -3", "resolution must be a positive integer, got -3"),
+    ('guidance = "high"', "guidance must be a non-negative number, got 'high'"),
+    ("guidance = -1.0", "guidance must be a non-negative number, got -1.0"),
+    ('num_classes = "many"', "num_classes must be a positive integer, got 'many'"),
+    ('class_cond = "false"', "class_cond must be true or false, got 'false'"),
+    ("classifier = 3", "classifier must be a registry name, got 3"),
+    ("urls = [1]", "urls must be a list of http(s):// or file:// URLs, got [1]"),
+    ('urls = "http://h/x.pt"', "urls must be a list of http(s):// or file:// URLs, got 'http://h/x.pt'"),
+    ('urls = ["h/x.pt"]', "urls must be a list of"),
+    ('urls = ["s3://bucket/x.pt"]', "urls must be a list of"),
+])
+def test_wrongly_typed_values_are_rejected_on_load(tmp_path, line, message):
+    """Each names the entry and the field, in one line, for every command (`adm models` too)."""
+    key = line.split(" ")[0]
+    text = "\n".join(l for l in _X.splitlines() if not l.startswith(key + " ")) + "\n" + line + "\n"
+    (tmp_path / "r.toml").write_text(text)
+    with pytest.raises(RegistryError, match=re.escape(f"registry entry 'x': {message}")):
+        load_registry(tmp_path / "r.toml")
+    result = CliRunner().invoke(app, ["models"], env={"ADM_REGISTRY": str(tmp_path / "r.toml")})
+    assert result.exit_code == 1 and result.output.count("\n") == 1 and message in result.output
+
+
+def test_well_typed_values_load(tmp_path):
+    text = _X.replace('urls = ["http://h/x.pt"]', 'urls = ["file:///srv/x.pt", "https://h/x.pt"]')
+    (tmp_path / "r.toml").write_text(text + "resolution = 64\nguidance = 2\nnum_classes = 10\nclass_cond = true\n")
+    e = load_registry(tmp_path / "r.toml").get("x")
+    assert (e.urls, e.resolution, e.guidance, e.num_classes, e.class_cond) == (
+        ("file:///srv/x.pt", "https://h/x.pt"), 64, 2.0, 10, True)
 
 
 def test_toplevel_weights_toml_is_the_packaged_file():

@@ -5,6 +5,7 @@ Layout under ``cache_root()`` (``ADM_HOME``, else the platform's user cache fold
     <name>/<published file>          as downloaded, verified (download.py)
     <name>/<published file>.json     its sha256 and size: checked on every later use; where no
                                      checksum is published, the first download's is the reference
+                                     once that file has loaded as a checkpoint ("loaded")
     <name>/<role>.safetensors        the canonical conversion, one per network (convert.py)
     <name>/.lock                     held while fetching or converting that entry
     converted/<key>/<role>.safetensors   conversions of files given by path (``--weights x.pt``)
@@ -12,19 +13,22 @@ Layout under ``cache_root()`` (``ADM_HOME``, else the platform's user cache fold
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import sys
+import urllib.parse
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
-from .convert import convert_checkpoint
+from .convert import convert_checkpoint, read_networks
 from .download import NullProgress, RichProgress, download, file_lock, sha256_file, sha256_matches
-from .errors import ChecksumError, OfflineError, WeightsError
+from .errors import ChecksumError, ConversionError, OfflineError, UsageError, WeightsError
 from .registry import Entry, load_registry
+from .safe_load import load_checkpoint
 from .weights import read_metadata
 
 _TRUE = ("1", "true", "yes", "on")
@@ -63,8 +67,18 @@ def urls_for(entry: Entry, mirror: str | None = None) -> list[str]:
     """The entry's URLs, or BASE + file name with ``--mirror BASE`` / ``ADM_MIRROR``."""
     mirror = mirror or os.environ.get("ADM_MIRROR") or None
     if mirror:
-        return [mirror.rstrip("/") + "/" + entry.filename]
+        return [_mirror_base(mirror) + "/" + entry.filename]
     return list(entry.urls)
+
+
+def _mirror_base(mirror: str) -> str:
+    """A mirror URL without its trailing slash; an existing local folder becomes a file:// URL."""
+    if urllib.parse.urlsplit(mirror).scheme.lower() in ("http", "https", "file"):
+        return mirror.rstrip("/")
+    folder = Path(mirror).expanduser()  # also C:\mirror, whose "scheme" urllib reads as "c"
+    if folder.is_dir():
+        return folder.resolve().as_uri()
+    raise UsageError(f"--mirror {mirror!r} is neither an http(s):// or file:// URL nor an existing folder")
 
 
 @dataclass(frozen=True)
@@ -110,10 +124,10 @@ def _read_record(raw: Path) -> dict[str, Any]:
         return {}
 
 
-def _write_record(raw: Path, digest: str, published: bool, source: str | None) -> None:
+def _write_record(raw: Path, digest: str, published: bool, source: str | None, loaded: bool = False) -> None:
     st = raw.stat()
     record = {"sha256": digest, "size": st.st_size, "published_checksum": published,
-              "source": source, "verified_stat": [st.st_size, st.st_mtime_ns]}
+              "source": source, "verified_stat": [st.st_size, st.st_mtime_ns], "loaded": loaded}
     # A name of its own per writer (threads of one process included): a shared one would let one
     # writer's rename take the other's file away mid-write.
     tmp = _record_path(raw).with_name(f".{raw.name}.json.{uuid.uuid4().hex[:12]}.tmp")
@@ -125,7 +139,10 @@ def _expected_sha(entry: Entry, raw: Path) -> tuple[str | None, bool]:
     """(expected sha256 or prefix, whether it was published) for this entry's file."""
     if entry.sha256:
         return entry.sha256, True
-    return _read_record(raw).get("sha256"), False
+    record = _read_record(raw)
+    # Unpublished: the first download is the reference, but only once it has loaded as a
+    # checkpoint. An HTML error page or a cut-short body must never become the reference.
+    return (record.get("sha256") if record.get("loaded") else None), False
 
 
 def _cached_digest(entry: Entry, raw: Path) -> str | None:
@@ -141,7 +158,8 @@ def _cached_digest(entry: Entry, raw: Path) -> str | None:
     digest = sha256_file(raw)
     if not sha256_matches(digest, expected):
         return None
-    _write_record(raw, digest, published, record.get("source"))
+    with contextlib.suppress(OSError):  # only saves hashing it again; a read-only cache is fine
+        _write_record(raw, digest, published, record.get("source"), bool(record.get("loaded")))
     return digest
 
 
@@ -191,8 +209,38 @@ def _download_entry(entry: Entry, raw: Path, mirror: str | None, quiet: bool) ->
             raise ChecksumError(f"{exc}; the expected sha256 was recorded at the first download "
                                 f"(delete {_record_path(raw)} to accept the new file)") from None
         raise
-    _write_record(raw, digest, published, urls[0])
+    # Matching a reference (unpublished: one that loaded) means the same bytes: loaded too.
+    _write_record(raw, digest, published, urls[0], loaded=bool(expected) and not published)
     return digest
+
+
+@contextlib.contextmanager
+def _first_use(entry: Entry, raw: Path, digest: str) -> Iterator[bool]:
+    """Around reading the cached file as a checkpoint; yields whether its sha256 is still on
+    probation (no published checksum, and it has never loaded). Such a file that fails to load
+    or convert is removed with its record, so the next run downloads it again; one that loads
+    becomes the reference its later uses are checked against. Call under the entry's lock."""
+    record = _read_record(raw)
+    if entry.sha256 or record.get("loaded"):
+        yield False
+        return
+    try:
+        yield True
+    except ConversionError as exc:
+        raw.unlink(missing_ok=True)
+        _record_path(raw).unlink(missing_ok=True)
+        raise ConversionError(f"{entry.name}: the download was not a valid checkpoint and was removed "
+                              f"({exc}); run `adm fetch {entry.name}` to download it again") from None
+    with contextlib.suppress(OSError):  # a read-only cache stays on probation; nothing is lost
+        _write_record(raw, digest, False, record.get("source"), loaded=True)
+
+
+def check_fetched(entry: Entry, raw: Path, digest: str) -> None:
+    """Load a file on probation (see ``_first_use``) as a checkpoint, as a conversion would:
+    for ``adm fetch --no-convert``, which otherwise would never read it."""
+    with file_lock(entry_dir(entry) / ".lock"), _first_use(entry, raw, digest) as probation:
+        if probation:
+            read_networks(load_checkpoint(raw), raw.name)
 
 
 def convert_entry(entry: Entry, raw: Path, digest: str, *, quiet: bool = False) -> dict[str, Path]:
@@ -205,8 +253,9 @@ def convert_entry(entry: Entry, raw: Path, digest: str, *, quiet: bool = False) 
         for role, path in outputs.items():
             if path.exists() and not _is_current(entry, role):
                 path.unlink()  # written from an older registry: redo
-        return convert_checkpoint(raw, name=entry.name, source_sha256=digest, outputs=outputs,
-                                  log=None if quiet else (lambda m: _say(m, False)))
+        with _first_use(entry, raw, digest):
+            return convert_checkpoint(raw, name=entry.name, source_sha256=digest, outputs=outputs,
+                                      log=None if quiet else (lambda m: _say(m, False)))
 
 
 def ensure_weights(name: str, role: str = "unet", *, offline: bool = False, mirror: str | None = None,

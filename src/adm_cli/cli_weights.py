@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .cache import cache_root, cache_status, convert_entry, fetch_entry
+from .cache import cache_root, cache_status, check_fetched, convert_entry, fetch_entry
 from .cli import app, fail, handle_errors
 from .convert import DTYPES, convert_checkpoint
 from .registry import Entry, load_registry
@@ -59,7 +59,7 @@ def _selection(names: List[str], res: Optional[int], all_: bool) -> list[Entry]:
     return [registry.get(n) for n in dict.fromkeys(names)]
 
 
-_MIRROR_HELP = "Download BASE + file name instead of each file's URL (http(s):// or file://)."
+_MIRROR_HELP = "Download BASE + file name instead of each file's URL (http(s)://, file:// or a local folder)."
 _OFFLINE_HELP = "Never download: only verify and convert what the cache holds; fail on what is missing."
 _RES_HELP = "Fetch what `adm sample --res N` uses: the default model of that resolution and its classifier."
 
@@ -90,6 +90,8 @@ def fetch(
             console.print(f"{entry.name}: bundled with adm-cli, nothing to fetch")
             continue
         raw, digest = fetch_entry(entry, offline=offline, mirror=mirror, quiet=quiet)
+        if no_convert:
+            check_fetched(entry, raw, digest)  # still read once: an unusable download is removed
         console.print(f"{entry.name}: {raw} (sha256 {digest[:16]}...)")
         if not no_convert:
             for role, path in convert_entry(entry, raw, digest, quiet=True).items():
@@ -97,7 +99,10 @@ def fetch(
 
 
 _SRC_HELP = "An OpenAI .pt or mmagic .pth checkpoint (or a safetensors file with OpenAI names)."
-_DST_DEFAULT = "SRC with .safetensors (.unet/.classifier.safetensors for two networks)"
+_DST_DEFAULT = ("SRC with .safetensors (.unet/.classifier.safetensors for two networks); "
+                "a .safetensors SRC gets .adm before them")
+_DST_HELP = ("Output file, or a folder to write into: an existing one, or any path ending in / "
+             "(created if missing). Never SRC itself.")
 _ARCH_HELP = "Architecture preset or registry name; repeat for a U-Net and a classifier."
 _CONFIG_HELP = ("JSON or TOML file of guided-diffusion flags (image_size, num_channels, ...; classifier_* flags "
                 "for a classifier; or [unet] and [classifier] tables) for a custom checkpoint.")
@@ -107,7 +112,8 @@ _CONFIG_HELP = ("JSON or TOML file of guided-diffusion flags (image_size, num_ch
 @handle_errors
 def convert_weights(
     src: Path = typer.Argument(..., help=_SRC_HELP, show_default=False),
-    dst: Optional[Path] = typer.Argument(None, help="Output file, or a folder to write into.", show_default=_DST_DEFAULT),
+    # str, not Path: Path drops the trailing slash that makes DST a new folder
+    dst: Optional[str] = typer.Argument(None, help=_DST_HELP, show_default=_DST_DEFAULT),
     arch: Optional[List[str]] = typer.Option(None, "--arch", help=_ARCH_HELP, show_default="from the registry"),
     config: Optional[Path] = typer.Option(None, "--config", help=_CONFIG_HELP, show_default="none"),
     dtype: str = typer.Option("float32", "--dtype", help=f"Stored dtype: {', '.join(DTYPES)}."),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -42,9 +43,12 @@ def _parse_bool(value: Any, name: str) -> bool:
 def _parse_mult(text: str, image_size: int, table: Mapping[int, tuple]) -> tuple[float, ...]:
     if text:
         try:
-            return tuple(float(m) if "." in m else int(m) for m in str(text).split(","))
+            mults = tuple(float(m) if "." in m else int(m) for m in str(text).split(","))
         except ValueError:
             raise ConfigError(f"channel_mult: cannot parse {text!r}") from None
+        if not all(0 < m < math.inf for m in mults):
+            raise ConfigError(f"channel_mult: every multiplier must be positive, got {text!r}")
+        return mults
     if image_size not in table:
         raise ConfigError(
             f"image_size {image_size} has no default channel_mult (known: "
@@ -56,26 +60,71 @@ def _parse_mult(text: str, image_size: int, table: Mapping[int, tuple]) -> tuple
 def _parse_resolutions(text: str, image_size: int) -> tuple[int, ...]:
     """Attention resolutions (pixels) -> downsampling rates ``ds`` at which blocks attend."""
     try:
-        return tuple(image_size // int(r) for r in str(text).split(",") if r.strip())
+        resolutions = [int(r) for r in str(text).split(",") if r.strip()]
     except ValueError:
         raise ConfigError(f"attention_resolutions: cannot parse {text!r}") from None
+    if any(r <= 0 for r in resolutions):
+        raise ConfigError(f"attention_resolutions: every resolution must be positive, got {text!r}")
+    return tuple(image_size // r for r in resolutions)
+
+
+# Integer flags that may be below 1: small_size 0 (not a super-resolution model) and, in the
+# U-Net, -1 for "derive from num_heads". Every other integer flag is a size or a count.
+_MAY_BE_ZERO = {"small_size"}
+_MAY_BE_UNSET = {"num_head_channels", "num_heads_upsample"}
+
+
+def _parse_int(value: Any, name: str, unset_ok: bool) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # TOML/JSON 64.0
+    try:
+        if isinstance(value, (bool, float)):
+            raise ValueError
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
+    if name in _MAY_BE_ZERO:
+        if number < 0:
+            raise ConfigError(f"{name}: must be 0 or positive, got {value!r}")
+    elif number <= 0 and not (unset_ok and name in _MAY_BE_UNSET and number == -1):
+        raise ConfigError(f"{name}: must be positive{' (or -1)' if unset_ok and name in _MAY_BE_UNSET else ''}, "
+                          f"got {value!r}")
+    return number
+
+
+def _parse_float(value: Any, name: str) -> float:
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+    if not 0 <= number <= 1:  # the only float flag is dropout, a probability (NaN fails too)
+        raise ConfigError(f"{name}: must be between 0 and 1, got {value!r}")
+    return number
 
 
 def _coerce(cls, flags: Mapping[str, Any], aliases: Mapping[str, str] = {}) -> dict:
+    """Typed values from flags as a script or a JSON/TOML file gives them ("64" or 64); a value
+    of the wrong type or size raises ConfigError naming the flag (never a TypeError later)."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     out: dict[str, Any] = {}
     for key, value in flags.items():
         key = aliases.get(key, key).replace("-", "_")
         if key not in fields:
             continue  # foreign flags (use_fp16, lr, ...) do not change the architecture
+        if value is None:
+            raise ConfigError(f"{key}: expected a value, got null")
         kind = fields[key].type
         if kind in ("bool", bool):
             value = _parse_bool(value, key)
         elif kind in ("int", int):
-            value = int(value)
+            value = _parse_int(value, key, unset_ok=cls is UNetConfig)
         elif kind in ("float", float):
-            value = float(value)
+            value = _parse_float(value, key)
         elif kind in ("str", str):
+            if isinstance(value, (dict, bool)):
+                raise ConfigError(f"{key}: expected a string, got {value!r}")
             value = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
         out[key] = value
     return out

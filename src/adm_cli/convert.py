@@ -19,6 +19,7 @@ from __future__ import annotations
 import difflib
 import functools
 import json
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,9 +97,15 @@ def _state_dict(obj: Any, filename: str) -> Mapping[str, Any]:
     if not isinstance(obj, Mapping) or not obj:
         raise ConversionError(f"{filename} holds no state dict (got {type(obj).__name__})")
     for key, value in obj.items():
+        if not isinstance(key, str):
+            raise ConversionError(f"{filename}: key {key!r} ({type(key).__name__}) is not a tensor name")
         if not isinstance(value, torch.Tensor):
             raise ConversionError(f"{filename}: {key!r} is a {type(value).__name__}, not a tensor "
                                   "(expected a state dict or a dict with a 'state_dict')")
+        if value.is_meta:  # saved from a model built on the meta device: shapes, no numbers
+            raise ConversionError(f"{filename}: tensor {key!r} is on the meta device (it holds no data)")
+        if value.layout != torch.strided:
+            raise ConversionError(f"{filename}: tensor {key!r} is a {value.layout} tensor, not a dense one")
     return obj
 
 
@@ -302,11 +309,13 @@ def _named(net: Network, key: str) -> str:
 
 def output_paths(src: Path, dst: str | Path | None, roles: Sequence[str]) -> dict[str, Path]:
     """``<stem>.safetensors`` (one network) or ``<stem>.<role>.safetensors`` (several), beside
-    SRC, in DST when it is a folder, or as DST itself."""
+    SRC, in DST when it is a folder (existing, or any path ending in a slash), or as DST itself.
+    A .safetensors SRC's stem gets ``.adm``: its own name would be SRC itself."""
     multi = len(roles) > 1
     if dst is None or Path(dst).is_dir() or str(dst).endswith(("/", "\\")):
         folder = src.parent if dst is None else Path(dst)
-        return {r: folder / (f"{src.stem}.{r}.safetensors" if multi else f"{src.stem}.safetensors") for r in roles}
+        stem = f"{src.stem}.adm" if src.suffix == ".safetensors" else src.stem
+        return {r: folder / (f"{stem}.{r}.safetensors" if multi else f"{stem}.safetensors") for r in roles}
     dst = Path(dst)
     if not multi:
         return {roles[0]: dst}
@@ -383,6 +392,8 @@ def _write_all(src: Path, networks: Mapping[str, Network], chosen: Mapping, path
     todo = []
     for role, (cfg, preset) in chosen.items():
         path = Path(paths[role])
+        if path.exists() and os.path.samefile(path, src):  # --force would destroy the input
+            raise ConversionError(f"the output {path} is the source file itself: choose another output")
         if path.exists() and not force:
             if _up_to_date(path, digest, dtype, cfg):
                 log and log(f"{path} is up to date ({role})")

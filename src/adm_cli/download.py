@@ -3,11 +3,11 @@
 ``download(urls, dest, ...)`` streams into a private ``<dest>.<token>.incomplete`` beside
 ``dest``, resumes with a Range request after a broken transfer (restarting from zero when the
 server answers 200 instead of 206), retries timeouts, connection errors and 5xx with exponential
-backoff, fails at once on 404, checks the size and then the sha256 (or its known prefix), and
-publishes with ``os.replace``. An interrupted download leaves ``<dest>.incomplete`` for the next
-run to resume. Callers hold ``file_lock`` to avoid duplicate work; correctness never depends on
-it: a partial file is only adopted after an atomic rename, and only a finished, verified file is
-ever renamed onto ``dest``.
+backoff, fails at once on 404 (or a missing file:// file), checks the size and then the sha256
+(or its known prefix), and publishes with ``os.replace``. An interrupted download leaves
+``<dest>.incomplete`` for the next run to resume. Callers hold ``file_lock`` to avoid duplicate
+work; correctness never depends on it: a partial file is only adopted after an atomic rename, and
+only a finished, verified file is ever renamed onto ``dest``.
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ BACKOFF = 1.0  # first retry delay in seconds; doubled after each failure
 STALE_SECONDS = 600  # a private partial file untouched this long belongs to a dead process
 USER_AGENT = "adm-cli (+https://github.com/openai/guided-diffusion checkpoints)"
 _NO_NETWORK = {errno.ENETUNREACH, errno.EHOSTUNREACH, getattr(errno, "ENONET", -1)}
+_CANNOT_CREATE = {errno.EROFS, errno.EACCES, errno.EPERM}
+# urllib's reasons that no retry can change: a file:// URL to a missing file, a folder, no access
+_PERMANENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
 class _Retry(Exception):
@@ -57,9 +60,19 @@ def sha256_matches(digest: str, expected: str | None) -> bool:
 @contextlib.contextmanager
 def file_lock(path: Path, on_wait=None) -> Iterator[None]:
     """An exclusive advisory lock on ``path`` (created, never deleted: deleting lock files races).
-    Where the filesystem cannot lock, go on without: downloads stay correct, only duplicated."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    Where the filesystem cannot lock, go on without: downloads stay correct, only duplicated.
+    So too where the lock file cannot be created (a read-only or another user's cache): a
+    complete cache is then only read, and a write that is still needed fails with its own error."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        if exc.errno not in _CANNOT_CREATE:
+            raise
+        fd = None
+    if fd is None:
+        yield
+        return
     try:
         locked = _lock(fd, on_wait)
         try:
@@ -169,7 +182,11 @@ class _Transfer:
             if isinstance(reason, socket.gaierror) or getattr(reason, "errno", None) in _NO_NETWORK:
                 raise OfflineError(f"cannot reach {url} ({reason}): no network? Use --mirror BASE, "
                                    "or fetch where there is network") from None
+            if isinstance(reason, (str, *_PERMANENT)):  # str: "unknown url type" and the like
+                raise DownloadError(f"{url}: {getattr(reason, 'strerror', None) or reason}") from None
             raise _Retry(f"{url}: {reason}") from None
+        except ValueError as exc:  # urllib's "unknown url type" for a URL without a scheme
+            raise DownloadError(f"{url}: {exc}") from None
         except (TimeoutError, ConnectionError, http.client.HTTPException, OSError) as exc:
             raise _Retry(f"{url}: {exc or type(exc).__name__}") from None
         with resp:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import difflib
 import functools
+import math
 import os
 import re
 import tomllib
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -159,8 +161,10 @@ def _parse_entry(name: str, t: Any) -> Entry:
     publisher = t.get("publisher")
     if publisher not in PUBLISHERS:
         raise bad(f"publisher must be one of {', '.join(PUBLISHERS)}, got {publisher!r}")
-    urls = tuple(t.get("urls", ()))
+    urls = _parse_urls(t.get("urls", []), bad)
     path = t.get("path")
+    if path is not None and not isinstance(path, str):
+        raise bad(f"path must be a string, got {path!r}")
     if publisher == "bundled":
         if urls or not path:
             raise bad("a bundled entry has a `path` and no `urls`")
@@ -175,19 +179,36 @@ def _parse_entry(name: str, t: Any) -> Entry:
         raise bad(f"sampler must be one of {', '.join(SAMPLER_NAMES)}, got {sampler!r}")
     schedule = t.get("noise_schedule")
     _check_schedule(schedule, configs, publisher, bad)
-    class_cond = bool(t.get("class_cond", False))
-    needs_classes = class_cond or "classifier" in roles or t.get("classifier")
+    class_cond = _opt_bool(t, "class_cond", bad)
+    classifier = t.get("classifier")
+    if classifier is not None and not isinstance(classifier, str):
+        raise bad(f"classifier must be a registry name, got {classifier!r}")
+    needs_classes = class_cond or "classifier" in roles or classifier
+    num_classes = _opt_int(t, "num_classes", bad, positive=True)
     return Entry(
         name=name, publisher=publisher, filename=(path or urls[0]).rstrip("/").rsplit("/", 1)[-1],
         urls=urls, sha256=sha, size=_opt_int(t, "size", bad), params=_opt_int(t, "params", bad),
-        roles=MappingProxyType(roles), resolution=int(t.get("resolution", 0)) or _derive_res(configs, bad),
-        class_cond=class_cond, num_classes=t.get("num_classes", 1000 if needs_classes else None),
-        noise_schedule=schedule, classifier=t.get("classifier"),
-        guidance=None if t.get("guidance") is None else float(t["guidance"]), sampler=sampler,
+        roles=MappingProxyType(roles),
+        resolution=_opt_int(t, "resolution", bad, positive=True) or _derive_res(configs, bad),
+        class_cond=class_cond, num_classes=1000 if num_classes is None and needs_classes else num_classes,
+        noise_schedule=schedule, classifier=classifier, guidance=_opt_guidance(t, bad), sampler=sampler,
         steps=_opt_int(t, "steps", bad), upsampler_base=_opt_int(t, "upsampler_base", bad),
-        default=bool(t.get("default", False)), path=path, description=str(t.get("description", "")),
+        default=_opt_bool(t, "default", bad), path=path, description=str(t.get("description", "")),
         configs=MappingProxyType(configs),
     )
+
+
+def _parse_urls(raw: Any, bad) -> tuple[str, ...]:
+    """A list of http(s):// or file:// URLs (a bare string would be read as its characters)."""
+    def is_url(u: Any) -> bool:
+        if not isinstance(u, str):
+            return False
+        parts = urllib.parse.urlsplit(u)
+        return parts.scheme == "file" or (parts.scheme in ("http", "https") and bool(parts.netloc))
+
+    if not isinstance(raw, list) or not all(map(is_url, raw)):
+        raise bad(f"urls must be a list of http(s):// or file:// URLs, got {raw!r}")
+    return tuple(raw)
 
 
 def _parse_roles(raw: Any, publisher: str, bad) -> tuple[dict, dict]:
@@ -250,13 +271,29 @@ def _derive_res(configs: dict, bad) -> int:
     return sizes.pop()
 
 
-def _opt_int(t: Mapping, key: str, bad) -> int | None:
+def _opt_int(t: Mapping, key: str, bad, positive: bool = False) -> int | None:
     value = t.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise bad(f"{key} must be a non-negative integer, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < (1 if positive else 0):
+        raise bad(f"{key} must be a {'positive' if positive else 'non-negative'} integer, got {value!r}")
     return value
+
+
+def _opt_bool(t: Mapping, key: str, bad) -> bool:
+    value = t.get(key, False)
+    if not isinstance(value, bool):  # bool("false") is True
+        raise bad(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def _opt_guidance(t: Mapping, bad) -> float | None:
+    value = t.get("guidance")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise bad(f"guidance must be a non-negative number, got {value!r}")
+    return float(value)
 
 
 def _check_links(registry: Registry) -> None:

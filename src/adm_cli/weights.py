@@ -40,7 +40,14 @@ def save_weights(path: str | Path, state_dict: Mapping[str, torch.Tensor], confi
         raise WeightsError(f"{path} already exists (use --force to overwrite)")
     meta = {"adm_format": FORMAT_VERSION, "adm_config": json.dumps(config.to_dict(), sort_keys=True)}
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    tensors, storages = {}, set()
+    for k, v in state_dict.items():
+        t = v.detach().contiguous().cpu()
+        storage = t.untyped_storage().data_ptr()
+        if storage in storages:  # tied weights (one tensor under two names): safetensors wants
+            t = t.clone()        # each name to own its bytes, so store a copy
+        storages.add(storage)
+        tensors[k] = t
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = atomic_target(path)
     try:
