@@ -4,9 +4,11 @@
     python scripts/evaluate_demo.py                          # the standard table (~30 min, 1 CPU thread)
     python scripts/evaluate_demo.py --per-class 10           # a quick look (~6 min)
     python scripts/evaluate_demo.py --setting demo-digits:ddim:10:0 --setting demo-digits-uncond:ddim:25:4
+    python scripts/evaluate_demo.py --setting demo-digits:ddim:15:0:15      # DDIM on the "15" respacing
     python scripts/evaluate_demo.py --json results.json --device cuda
 
-A setting is MODEL:SAMPLER:STEPS:GUIDANCE; MODEL is demo-digits (class-conditional) or
+A setting is MODEL:SAMPLER:STEPS:GUIDANCE[:RESPACING] (RESPACING, any string the reference
+accepts, replaces the sampler's default spacing of STEPS); MODEL is demo-digits (class-conditional) or
 demo-digits-uncond (guided by demo-digits-classifier when GUIDANCE > 0); SAMPLER is any name in
 adm_cli.samplers.SAMPLERS. Each setting samples PER_CLASS images of every class (requested
 labels 0..9 in turn, seed SEED, per-sample seeds as `adm sample` uses them) and reports:
@@ -44,10 +46,15 @@ STANDARD = [
 
 def parse_setting(text: str) -> tuple[str, SamplerSettings]:
     try:
-        model, sampler, steps, guidance = text.split(":")
+        model, sampler, steps, guidance, *respacing = text.split(":")
+        if len(respacing) > 1:
+            raise ValueError
+        if respacing:  # the spacing alone decides the steps (STEPS is only shown)
+            int(steps)
+            return model, SamplerSettings(sampler=sampler, respacing=respacing[0], guidance=float(guidance))
         return model, SamplerSettings(sampler=sampler, steps=int(steps), guidance=float(guidance))
     except ValueError:
-        raise SystemExit(f"bad --setting {text!r}: expected MODEL:SAMPLER:STEPS:GUIDANCE") from None
+        raise SystemExit(f"bad --setting {text!r}: expected MODEL:SAMPLER:STEPS:GUIDANCE[:RESPACING]") from None
 
 
 def real_row(net, per_class: int, reference) -> EvalResult:
@@ -97,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         row = evaluate_setting(text, models[name], settings, net, reference, per_class=args.per_class,
                                seed=args.seed, classifier=clf, batch_size=args.batch_size)
         rows.append(row)
-        print(_line(row, name, settings.sampler, settings.steps, settings.guidance), flush=True)
+        steps = settings.steps if settings.respacing is None else f"{text.split(':')[2]} ({settings.respacing!r})"
+        print(_line(row, name, settings.sampler, steps, settings.guidance), flush=True)
     if args.json:
         args.json.write_text(json.dumps({"heldout_accuracy": heldout, "rows": [r.__dict__ for r in rows]}, indent=1))
     return 0

@@ -76,7 +76,7 @@ def test_sample_writes_every_output(tmp_path, files, sampler, steps, guided):
             assert im.text["class"] == "207" and im.text["seed"] == "5" and im.text["index"] == str(k)
             stage = settings["stages"][0]
             assert stage["sampler"] == sampler and stage["guidance"] == (2.0 if guided else 0.0)
-            assert stage["respacing"] == (steps if sampler == "ddpm" else f"ddim{steps}")
+            assert stage["respacing"] == (f"ddim{steps}" if sampler == "ddim" else steps)
     with Image.open(out / "grid.png") as grid:
         assert grid.size == (2 * 16 + 3 * 2, 16 + 2 * 2)
     run = json.loads((out / "run.json").read_text())
@@ -138,6 +138,20 @@ def test_unconditional_model_needs_a_classifier_for_class(tmp_path, files):
     (["--cuda-graph", "--compile"], "--cuda-graph and --compile"),
     (["--sampler", "dpm++2m", "--eta", "0.5"], "dpm++2m is deterministic"),
     (["--sampler", "heun"], "unknown sampler 'heun'"),
+    # seeds S + k must be generator seeds: 0 <= S and S + n - 1 < 2**63 (checked before any file)
+    (["--seed", "-1"], "--seed must be in 0.."),
+    (["--seed", str(2 ** 63 - 1), "-n", "2"], "--seed must be in 0..9223372036854775806"),
+    (["--seed", str(2 ** 64 + 1)], "--seed must be in"),
+    (["--sampler", "ddim", "--eta", "nan"], "--eta must be a finite number"),
+    (["--guidance", "inf"], "--guidance must be a finite number"),
+    (["-n", "10000001"], "--num-samples must be at most 10,000,000"),
+    (["--batch-size", "\u00b2"], "--batch-size must be a positive integer"),
+    (["--device", "cuda:x"], "unknown --device 'cuda:x'"),
+    (["--device", "cuda:-1"], "unknown --device 'cuda:-1'"),
+    (["--steps", "2000"], "bad respacing '2000'"),
+    (["--sampler", "ddpm", "--eta", "0.5"], "ddpm ignores it"),
+    (["--steps", "3", "--respacing", "2"], "--steps and --respacing"),
+    (["--class", " , "], "names no class"),
 ])
 def test_bad_values_fail_with_one_line(tmp_path, files, args, message):
     res, out = _sample(tmp_path, files, *args)
@@ -205,3 +219,98 @@ def test_help_documents_every_option_with_default():
                 "--offline", "--mirror", "--quiet"]:
         assert opt in text, opt
     assert "Default" in text and "auto" in text and "[default: 8]" in text.replace("  ", " ") or "default: 8" in text
+
+
+def _loud(tmp_path, files, *extra, name="run", env=None):
+    """Like _sample, without --quiet: the plan lines and the done line are printed."""
+    out = tmp_path / name
+    args = ["sample", "--weights", str(files["unet"]), "--out", str(out), "--seed", "5", "--device", "cpu", *extra]
+    return runner.invoke(app, args, env=env), out
+
+
+def _one_error_line(res) -> str:
+    lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
+    assert res.exit_code != 0 and len(lines) == 1 and lines[0].startswith("error:"), res.output
+    return lines[0]
+
+
+def test_bad_out_and_respacing_fail_before_the_plan_is_printed(tmp_path, files):
+    done, run = _sample(tmp_path, files, "--steps", "2", "-n", "1", name="done")
+    assert done.exit_code == 0, done.output
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for extra, message in [(["--out", str(afile)], "is not a folder"), (["--out", str(run)], "already holds a run"),
+                           (["--respacing", "abc"], "bad respacing"), (["--steps", "2000"], "bad respacing")]:
+        res, _ = _loud(tmp_path, files, *extra, name="fresh")
+        assert message in _one_error_line(res), (extra, res.output)
+    assert not (tmp_path / "fresh").exists() and afile.read_text() == "x"
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "\u00b2"])
+def test_bad_cpu_batch_env_fails_before_anything_is_written(tmp_path, files, value):
+    res, out = _loud(tmp_path, files, "--steps", "2", "-n", "1", env={"ADM_CPU_BATCH": value})
+    assert "ADM_CPU_BATCH must be a positive integer" in _one_error_line(res)
+    assert not out.exists()
+
+
+def _finished_then_cut(tmp_path, files, *extra):
+    """A finished 3-sample run turned back into one killed after samples 0 and 1."""
+    res, out = _sample(tmp_path, files, "--steps", "2", "-n", "3", "--class", "4", *extra)
+    assert res.exit_code == 0, res.output
+    (out / "run.json").rename(out / "run-plan.json")
+    for name in ("000002.png", "grid.png", "samples.npz"):
+        (out / name).unlink()
+    return out
+
+
+def test_resume_refuses_samples_without_a_plan(tmp_path, files):
+    out = _finished_then_cut(tmp_path, files)
+    (out / "run-plan.json").unlink()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    res, _ = _sample(tmp_path, files, "--steps", "2", "-n", "3", "--class", "7", "--seed", "99", "--resume")
+    assert "holds samples (" in _one_error_line(res) and "choose a new --out" in res.output
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no plan written, nothing sampled
+    # the base samples of an upsampled run live in base/: they count too
+    (out / "base").mkdir()
+    for png in list(out.glob("*.png")):
+        png.rename(out / "base" / png.name)
+    res, _ = _sample(tmp_path, files, "--steps", "2", "-n", "3", "--resume")
+    assert "holds samples (base/" in _one_error_line(res)
+
+
+@pytest.mark.parametrize("text,message", [("{", "choose a new --out"), ("[1, 2]", "not a JSON object")])
+def test_resume_with_an_unreadable_plan_fails_with_one_line(tmp_path, files, text, message):
+    out = _finished_then_cut(tmp_path, files)
+    (out / "run-plan.json").write_text(text)
+    res, _ = _sample(tmp_path, files, "--steps", "2", "-n", "3", "--resume")
+    line = _one_error_line(res)
+    assert message in line and "remove it" not in line
+    assert (out / "run-plan.json").read_text() == text and not (out / "000002.png").exists()
+
+
+def test_resume_reports_what_it_computed_and_records_the_batch(tmp_path, files):
+    out = _finished_then_cut(tmp_path, files, "--batch-size", "1")
+    res, _ = _loud(tmp_path, files, "--steps", "2", "-n", "3", "--class", "4", "--resume", "--batch-size", "1")
+    assert res.exit_code == 0, res.output
+    assert "done: 1 images in" in res.output and "2 already there" in res.output
+    run = json.loads((out / "run.json").read_text())
+    assert run["batch_size"] == "1" and run["resolved_batch_size"] == {"base": 1} and run["computed"] == {"base": 1}
+    res, auto = _loud(tmp_path, files, "--steps", "2", "-n", "3", "--class", "4", name="auto",
+                      env={"ADM_CPU_BATCH": "2"})
+    assert res.exit_code == 0 and "done: 3 images in" in res.output and "already there" not in res.output
+    run = json.loads((auto / "run.json").read_text())
+    assert run["batch_size"] == "auto" and run["resolved_batch_size"] == {"base": 2}
+
+
+def test_highest_seed_runs_and_respacing_records_no_steps(tmp_path, files):
+    res, out = _sample(tmp_path, files, "--respacing", "2", "-n", "2", "--seed", str(2 ** 63 - 2))
+    assert res.exit_code == 0, res.output
+    run = json.loads((out / "run.json").read_text())
+    assert run["seed"] == 2 ** 63 - 2 and run["stages"][0]["steps"] is None and run["stages"][0]["respacing"] == "2"
+
+
+def test_cuda_index_beyond_the_device_count(tmp_path, files, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    res, out = _sample(tmp_path, files, "--device", "cuda:1")
+    assert "this machine has 1 CUDA device(s)" in _one_error_line(res) and not out.exists()

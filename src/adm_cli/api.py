@@ -12,6 +12,7 @@ Image k of a run depends only on (seed, k, models, settings): see noise.py.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
@@ -36,8 +37,10 @@ ProgressFn = Callable[[int], None]
 @dataclass(frozen=True)
 class SamplerSettings:
     """How to sample. ``respacing`` is the reference's string ("250", "ddim25", "10,15,20");
-    ``steps`` is the shorthand the paper's scripts use: "N" for DDPM, "ddimN" for DDIM (and
-    DPM-Solver++, on the same evenly strided timesteps); None: ``DEFAULT_STEPS``."""
+    ``steps`` is the shorthand the paper's scripts use: "N" for DDPM, "ddimN" for DDIM; DPM-Solver++
+    takes "N" too (N steps evenly from t = T - 1 to 0, as DPM-Solver and diffusers space them: the
+    first step starts from pure noise, where "ddimN" starts at (N - 1) T / N). None:
+    ``DEFAULT_STEPS``."""
 
     sampler: str = "ddpm"
     steps: int | None = None
@@ -51,10 +54,16 @@ class SamplerSettings:
             raise UsageError(f"unknown sampler {self.sampler!r} (choose from {', '.join(SAMPLERS)})")
         if self.steps is not None and self.steps < 1:
             raise UsageError(f"--steps must be at least 1, got {self.steps}")
+        # NaN passes every comparison below and gives black images (and NaN, not JSON, in run.json)
+        for flag, value in (("--eta", self.eta), ("--guidance", self.guidance)):
+            if not math.isfinite(value):
+                raise UsageError(f"{flag} must be a finite number, got {value}")
         if self.eta < 0:
             raise UsageError(f"--eta must be >= 0, got {self.eta}")
         if self.eta > 0 and self.sampler == "dpm++2m":
             raise UsageError("--eta is DDIM's stochasticity; dpm++2m is deterministic (leave --eta at 0)")
+        if self.eta > 0 and self.sampler == "ddpm":  # it would be ignored, yet recorded
+            raise UsageError("--eta is DDIM's stochasticity; ddpm ignores it (use --sampler ddim, or leave --eta at 0)")
         if self.guidance < 0:
             raise UsageError(f"--guidance must be >= 0, got {self.guidance}")
 
@@ -63,7 +72,7 @@ class SamplerSettings:
             spec = self.respacing
         else:
             steps = self.steps or DEFAULT_STEPS[self.sampler]
-            spec = str(steps) if self.sampler == "ddpm" else f"ddim{steps}"
+            spec = f"ddim{steps}" if self.sampler == "ddim" else str(steps)
         space_timesteps(diffusion_steps, spec)  # validates (RespacingError names the problem)
         return spec
 

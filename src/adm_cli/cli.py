@@ -15,6 +15,11 @@ import typer
 
 from .errors import AdmError
 
+try:  # recent typer ships its own copy of click
+    from typer._click import exceptions as click_errors
+except ImportError:  # older typer: click itself
+    from click import exceptions as click_errors
+
 app = typer.Typer(
     name="adm",
     help="Fetch, convert and sample OpenAI's ADM (guided diffusion) ImageNet models.",
@@ -30,6 +35,13 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def debug() -> bool:
+    """ADM_DEBUG, read as ADM_OFFLINE is (cache._TRUE): ADM_DEBUG=0 means off."""
+    from .cache import _TRUE
+
+    return os.environ.get("ADM_DEBUG", "").strip().lower() in _TRUE
+
+
 def handle_errors(fn: Callable) -> Callable:
     """Turn library errors into one line and an exit code (ADM_DEBUG=1 re-raises)."""
 
@@ -38,13 +50,13 @@ def handle_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except AdmError as exc:
-            if os.environ.get("ADM_DEBUG"):
+            if debug():
                 raise
             fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, exc.exit_code)
         except KeyboardInterrupt:
             fail("interrupted", 130)
         except OSError as exc:
-            if os.environ.get("ADM_DEBUG"):
+            if debug():
                 raise
             fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
 
@@ -58,7 +70,22 @@ def _register() -> None:
 
 def main() -> None:
     _register()
-    app(prog_name="adm")
+    command = typer.main.get_command(app)
+    try:
+        # standalone_mode=False: click's own usage errors come here instead of printing a
+        # multi-line boxed panel; typer.Exit (fail(), --help) comes back as the exit code.
+        code = command.main(prog_name="adm", standalone_mode=False)
+    except getattr(click_errors, "NoArgsIsHelpError", ()) as exc:  # bare `adm`: the help, as before
+        if exc.format_message().strip():  # (rich help is printed while the error is made)
+            exc.show()
+        code = exc.exit_code
+    except click_errors.ClickException as exc:  # -n abc, --bogus, an unknown command
+        typer.echo(f"error: {exc.format_message().splitlines()[0]}", err=True)
+        code = exc.exit_code
+    except typer.Abort:
+        typer.echo("error: aborted", err=True)
+        code = 1
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from rich.progress import ProgressColumn, BarColumn, MofNCompleteColumn, Progres
 
 from . import distributed
 from .cli import app, handle_errors
-from .runner import RunPlan, SampleRequest, execute
+from .runner import RunPlan, SampleRequest, check_output, execute
 
 
 class _RateColumn(ProgressColumn):
@@ -44,8 +44,8 @@ def sample(
     num_samples: int = typer.Option(8, "--num-samples", "-n", help="Number of images."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed S: image k uses generator seed S + k. Default: random, printed and recorded."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="ddpm, ddim or dpm++2m (DPM-Solver++(2M): a deterministic second-order solver, good in 15-25 steps). Default: the model's paper sampler (ddpm)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps: respacing 'N' for DDPM, 'ddimN' for DDIM and dpm++2m. Default: the model's (250 for DDPM, 25 for DDIM, 20 for dpm++2m)."),
-    respacing: Optional[str] = typer.Option(None, "--respacing", help="Any respacing string the reference accepts ('250', 'ddim25', '10,15,20'); overrides --steps."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps: respacing 'N' for DDPM and dpm++2m, 'ddimN' for DDIM. Default: the model's (250 for DDPM, 25 for DDIM, 20 for dpm++2m)."),
+    respacing: Optional[str] = typer.Option(None, "--respacing", help="Any respacing string the reference accepts ('250', 'ddim25', '10,15,20'), instead of --steps (not with it)."),
     eta: float = typer.Option(0.0, "--eta", help="DDIM stochasticity (0: deterministic)."),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier guidance scale (0 disables). Default: the paper's scale for the model."),
     classifier: Optional[str] = typer.Option(None, "--classifier", help="Registry classifier name. Default: the model's paired classifier."),
@@ -86,14 +86,18 @@ def sample(
             raise typer.Exit(130 if isinstance(exc, KeyboardInterrupt) else 1)
         raise
     if team.is_root:
-        rate = result.images / result.seconds if result.seconds > 0 else float("inf")
-        console.print(f"[green]done[/]: {result.images} images in {result.seconds:.1f} s ({rate:.2f} images/s) "
-                      f"on {result.device} ({result.dtype}) -> {result.out_dir}")
+        rate = result.new / result.seconds if result.seconds > 0 else float("inf")
+        kept = result.images - result.new  # a resumed run's samples found on disk: not made now
+        console.print(f"[green]done[/]: {result.new} images in {result.seconds:.1f} s ({rate:.2f} images/s)"
+                      + (f", {kept} already there" if kept else "")
+                      + f" on {result.device} ({result.dtype}) -> {result.out_dir}")
         typer.echo(str(result.files["grid"]))
     team.leave()  # under torchrun: exits here (see distributed.Group.leave)
 
 
 def _run(team, request: SampleRequest, console: Console, quiet: bool):
+    # --out first: a folder that cannot be used fails before weights are fetched or the plan printed
+    team.from_root(lambda: check_output(request), "checking the output folder")
     plan = team.plan(request)
     _print_plan(console, plan)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("sample-steps"),

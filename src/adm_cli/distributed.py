@@ -43,6 +43,12 @@ import torch.distributed as dist
 
 from .errors import AdmError, DistributedError, UsageError
 
+
+def _debug() -> bool:
+    from .cli import debug  # (imported late: cli imports this module)
+
+    return debug()
+
 DEFAULT_TIMEOUT_S = 1800.0
 _REQUIRED_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -101,7 +107,7 @@ def _attempt(fn: Callable[[], Any]) -> tuple[Any, BaseException | None]:
     except DistributedError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure must reach the other ranks
-        if os.environ.get("ADM_DEBUG"):
+        if _debug():
             traceback.print_exc()
         return None, exc
 
@@ -346,7 +352,7 @@ class Group(Solo):
         except DistributedError:
             raise
         except Exception as exc:  # noqa: BLE001 - take it to the others, then everyone raises
-            if os.environ.get("ADM_DEBUG"):
+            if _debug():
                 traceback.print_exc()
             self._round(None, write, tally, error=exc)
             raise

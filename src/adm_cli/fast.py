@@ -359,6 +359,16 @@ def _peak_bytes(unet: nn.Module, classifier: nn.Module | None, n: int, device: t
     return sum(peaks) if held_together else max(peaks)
 
 
+def cpu_batch_size() -> int:
+    """``ADM_CPU_BATCH`` (a positive integer), else ``CPU_BATCH``."""
+    value = os.environ.get("ADM_CPU_BATCH", "").strip()
+    if not value:
+        return CPU_BATCH
+    if not (value.isascii() and value.isdigit()) or int(value) < 1:  # isdigit alone takes "²"
+        raise UsageError(f"ADM_CPU_BATCH must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def auto_batch_size(unet: nn.Module, classifier: nn.Module | None, settings: Any, device: torch.device | str,
                     num_samples: int, cuda_graph: bool = False) -> int:
     """The largest batch (<= num_samples) whose step fits in the free device memory.
@@ -373,7 +383,7 @@ def auto_batch_size(unet: nn.Module, classifier: nn.Module | None, settings: Any
     device = torch.device(device)
     guided = classifier is not None and getattr(settings, "guidance", 0) > 0
     if device.type != "cuda":
-        return min(num_samples, int(os.environ.get("ADM_CPU_BATCH", CPU_BATCH)))
+        return min(num_samples, cpu_batch_size())
     clf = classifier if guided else None
     one = _peak_bytes(unet, clf, 1, device, cuda_graph)
     two = _peak_bytes(unet, clf, 2, device, cuda_graph)

@@ -187,4 +187,6 @@ def resolve_classes(
                 f"class '{item}' is not an index; this model's {num_classes} classes have no names, "
                 f"give an index 0-{num_classes - 1}"
             )
-    return out or None
+    if not out:  # " , ": not blank, so not "random" either; the user meant some class
+        raise UsageError(f"--class {spec!r} names no class; give an index or a name (or leave it out for random)")
+    return out

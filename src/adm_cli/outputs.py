@@ -77,15 +77,39 @@ def default_out_dir(root: Path = Path("samples")) -> Path:
     return path
 
 
-def prepare_out_dir(path: Path, *, resume: bool = False) -> Path:
-    """Create the output folder, or check that it can be (re)used without overwriting."""
+def _sample_file(path: Path) -> str | None:
+    """The name of a sample or summary file of some run in ``path`` or in one of its stage
+    folders (an upsampled run keeps its base samples in ``base/``); None: there is none."""
+    for p in path.iterdir():
+        if p.name in ("grid.png", "samples.npz") or _PNG_RE.match(p.name):
+            return p.name
+        if p.is_dir() and (q := next((q for q in p.iterdir() if _PNG_RE.match(q.name)), None)):
+            return f"{p.name}/{q.name}"
+    return None
+
+
+def check_out_dir(path: Path, *, resume: bool = False) -> None:
+    """Refuse an output folder that cannot be used, creating nothing (so that a bad --out
+    fails before weights are fetched or the plan is printed)."""
     if path.exists() and not path.is_dir():
         raise OutputError(f"--out {path} exists and is not a folder")
-    if path.is_dir() and not resume:
+    if not path.is_dir():
+        return
+    if not resume:
         summary = ("grid.png", "samples.npz", "run.json", PLAN_NAME)
         taken = [p.name for p in path.iterdir() if p.name in summary or _PNG_RE.match(p.name)]
         if taken:
             raise OutputError(f"--out {path} already holds a run ({taken[0]}, ...); choose a new folder or pass --resume")
+    elif read_run_plan(path) is None and (found := _sample_file(path)):
+        # Without the recorded plan nothing says which run these samples belong to: finishing
+        # them with this command's settings could mix two runs.
+        raise OutputError(f"--resume: {path} holds samples ({found}, ...) but no {PLAN_NAME} or run.json "
+                          "recording their run; choose a new --out")
+
+
+def prepare_out_dir(path: Path, *, resume: bool = False) -> Path:
+    """Create the output folder, or check that it can be (re)used without overwriting."""
+    check_out_dir(path, resume=resume)
     if path.is_dir() and resume:
         # Temporary files of writers killed mid-write: never counted as samples; tidy them away.
         for stale in path.rglob(".*.incomplete"):
@@ -114,18 +138,26 @@ def read_run_plan(out_dir: Path | None) -> dict | None:
     if path is None:
         return None
     try:
-        return json.loads(path.read_text())
+        recorded = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise OutputError(f"cannot read {path} ({exc}); remove it to start the run afresh") from None
+        recorded, problem = None, str(exc)
+    else:
+        problem = None if isinstance(recorded, dict) else "not a JSON object"
+    if problem is not None:
+        # Not "remove it": a folder of samples without its plan cannot be resumed safely.
+        raise OutputError(f"cannot read {path} ({problem}); choose a new --out to start the run afresh")
+    return recorded
 
 
 def _identity(info: Mapping[str, Any]) -> dict[str, Any]:
     """The part of a described plan (``RunPlan.describe()``) that decides the images: it must
     match between the processes of one run and between a run and its --resume. Left out: the
-    device, the batch size and where the weight files live (a model is compared by file name)."""
+    device, the batch size, where the weight files live (a model is compared by file name) and
+    the steps shorthand (the resolved respacing, kept, decides the timesteps; a plan recorded
+    before --respacing cleared the steps still resumes)."""
     def stage(s: Mapping[str, Any]) -> dict:
         names = {k: Path(s[k]).name if s.get(k) else None for k in ("model", "classifier")}
-        drop = ("weights", "classifier_weights", "model", "classifier")
+        drop = ("weights", "classifier_weights", "model", "classifier", "steps")
         return {**{k: v for k, v in s.items() if k not in drop}, **names}
 
     keep = {k: info.get(k) for k in ("num_samples", "seed", "labels", "dtype")}

@@ -9,6 +9,7 @@ options into a ``SampleRequest`` and prints.
 from __future__ import annotations
 
 import platform
+import re
 import secrets
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -21,11 +22,13 @@ import torch
 from . import __version__, api
 from .config import UNetConfig
 from .errors import UsageError
-from .outputs import SampleWriter, default_out_dir, open_run_dir, read_run_plan
+from .outputs import SampleWriter, check_out_dir, default_out_dir, open_run_dir, read_run_plan
 from .samplers import DEFAULT_STEPS
 from .schedule import space_timesteps
 
 UPSAMPLE_BASE = {256: 64, 512: 128}  # the paper's ADM-G + ADM-U pipelines
+MAX_SAMPLES = 10_000_000  # --num-samples: the labels of every sample are planned (and recorded) up front
+SEED_LIMIT = 2 ** 63  # sample k's generator seed S + k must fit torch's and numpy's seeds (signed 64-bit)
 
 
 @dataclass
@@ -123,10 +126,14 @@ def pick_device(name: str) -> str:
             return "cuda"
         mps = getattr(torch.backends, "mps", None)
         return "mps" if mps is not None and mps.is_available() else "cpu"
-    if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
+    cuda = re.fullmatch(r"cuda(?::([0-9]+))?", name)
+    if name not in ("cpu", "mps") and cuda is None:
         raise UsageError(f"unknown --device {name!r} (auto, cpu, cuda, cuda:N or mps)")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    if cuda and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but no CUDA device is available")
+    if cuda and cuda.group(1) is not None and int(cuda.group(1)) >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"numbered from 0")
     return name
 
 
@@ -144,12 +151,33 @@ def _registry_stage(name: str, req: SampleRequest, *, stage: str, guidance: floa
         clf = name  # an mmagic adm-g file carries its own classifier
     sampler = req.sampler or entry.sampler or "ddpm"
     steps = req.steps or (entry.steps if sampler == (entry.sampler or "ddpm") else None)
-    settings = api.SamplerSettings(sampler, steps=steps or DEFAULT_STEPS.get(sampler),
+    settings = api.SamplerSettings(sampler, steps=None if req.respacing else steps or DEFAULT_STEPS.get(sampler),
                                    respacing=req.respacing, eta=req.eta, guidance=scale)
+    # Bad steps and classes fail here, from the registry, before a download of up to 2 GB.
+    if (cfg := entry.config_for("unet")) is not None:
+        settings.respacing_for(cfg.diffusion_steps)
+    if stage == "base":
+        _check_classes(req, entry, clf if scale > 0 else None)
     fetch = dict(offline=req.offline, mirror=req.mirror, quiet=False)
     unet_path = ensure_weights(name, "unet", **fetch)
     clf_path = ensure_weights(clf, "classifier", **fetch) if (clf and scale > 0) else None
     return Stage(stage, name, unet_path, settings, clf if clf_path else None, clf_path)
+
+
+def _check_classes(req: SampleRequest, entry, classifier: str | None) -> None:
+    """Resolve --class against the registry's class count (``_labels`` resolves it again
+    against the weights' own config)."""
+    from .imagenet import resolve_classes
+    from .registry import load_registry
+
+    if not req.classes:
+        return
+    if entry.class_cond:
+        resolve_classes(req.classes, entry.num_classes or 1000)
+    elif classifier is not None:
+        resolve_classes(req.classes, load_registry().get(classifier).num_classes or 1000)
+    elif resolve_classes(req.classes, 1000) is not None:  # (a bad value: its own error)
+        raise UsageError(f"{entry.name} is unconditional: --class needs a classifier and --guidance > 0")
 
 
 def _file_stage(req: SampleRequest) -> Stage:
@@ -162,7 +190,7 @@ def _file_stage(req: SampleRequest) -> Stage:
         clf_path = ensure_converted_file(req.classifier_weights, role="classifier")
     scale = req.guidance if req.guidance is not None else (1.0 if clf_path else 0.0)
     sampler = req.sampler or "ddpm"
-    settings = api.SamplerSettings(sampler, steps=req.steps or DEFAULT_STEPS.get(sampler),
+    settings = api.SamplerSettings(sampler, steps=None if req.respacing else req.steps or DEFAULT_STEPS.get(sampler),
                                    respacing=req.respacing, eta=req.eta, guidance=scale)
     if scale > 0 and clf_path is None:
         raise UsageError("--guidance > 0 with --weights needs --classifier-weights")
@@ -201,9 +229,18 @@ def _stages(req: SampleRequest) -> list[Stage]:
 def _validate_numbers(req: SampleRequest) -> None:
     if req.num_samples < 1:
         raise UsageError(f"--num-samples must be at least 1, got {req.num_samples}")
+    if req.num_samples > MAX_SAMPLES:
+        raise UsageError(f"--num-samples must be at most {MAX_SAMPLES:,}, got {req.num_samples}; "
+                         "split larger sets into runs with different --seed")
+    if req.seed is not None and not 0 <= req.seed <= SEED_LIMIT - req.num_samples:
+        raise UsageError(f"--seed must be in 0..{SEED_LIMIT - req.num_samples} for {req.num_samples} samples "
+                         f"(sample k uses seed S + k, below 2**63), got {req.seed}")
     if req.steps is not None and req.steps < 1:
         raise UsageError(f"--steps must be at least 1, got {req.steps}")
-    if req.batch_size != "auto" and (not str(req.batch_size).isdigit() or int(req.batch_size) < 1):
+    if req.steps is not None and req.respacing is not None:
+        raise UsageError("--steps and --respacing both choose the timesteps: give one of them")
+    # ASCII digits only: str.isdigit() also accepts "²", which int() then rejects.
+    if req.batch_size != "auto" and (not re.fullmatch(r"[0-9]+", str(req.batch_size)) or int(req.batch_size) < 1):
         raise UsageError(f"--batch-size must be a positive integer or 'auto', got {req.batch_size!r}")
     if req.res is not None and req.res not in (64, 128, 256, 512) and req.model is None:
         raise UsageError(f"--res {req.res} is not available (choose 64, 128, 256 or 512)")
@@ -240,19 +277,37 @@ def resolve_request(req: SampleRequest) -> SampleRequest:
     an empty --class also means the recorded classes (so random labels are drawn again alike)."""
     recorded = read_run_plan(req.out) if req.resume and (req.seed is None or req.classes is None) else None
     seed = req.seed
+    if seed is None and recorded:
+        seed = recorded.get("seed")
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise UsageError(f"--resume: the plan in {req.out} records no seed; pass --seed or choose a new --out")
     if seed is None:
-        seed = int(recorded["seed"]) if recorded else secrets.randbelow(2 ** 31)
+        seed = secrets.randbelow(2 ** 31)
     classes = req.classes if req.classes is not None else (recorded or {}).get("classes")
     return replace(req, seed=seed, classes=classes)
 
 
+def check_output(req: SampleRequest) -> None:
+    """Refuse an unusable --out before anything is fetched or printed. The CLI calls this on
+    rank 0 only: the other processes of a torchrun run plan with resume off and need not see
+    the folder."""
+    if req.out is not None:
+        check_out_dir(Path(req.out), resume=req.resume)
+
+
 def plan_run(req: SampleRequest) -> RunPlan:
     """Resolve a request into a fully specified, recordable plan (fetching weights if needed)."""
+    from . import fast
+
     _validate_numbers(req)
     device = pick_device(req.device)
+    if req.batch_size == "auto" and torch.device(device).type != "cuda":
+        fast.cpu_batch_size()  # a bad ADM_CPU_BATCH fails now, not after run-plan.json is written
     req = resolve_request(req)
     seed = req.seed
     stages = _stages(req)
+    for stage in stages:
+        stage.num_steps  # noqa: B018 - a bad respacing fails before the plan is printed
     labels = _labels(req, stages[0], seed)
     out_dir = req.out if req.out is not None else default_out_dir()
     return RunPlan(stages, req.num_samples, seed, labels, req.classes, Path(out_dir), device, req.dtype,
@@ -267,6 +322,7 @@ class RunResult:
     images: int
     device: str
     dtype: str
+    new: int = 0  # images written by this call (``images`` less those a resumed run already had)
 
 
 def _load(stage: Stage, plan: RunPlan):
@@ -306,6 +362,7 @@ def execute(plan: RunPlan, *, indices: list[int] | None = None,
             "settings": {k: info[k] for k in ("stages", "seed", "classes")}}
     wanted = list(range(plan.num_samples)) if indices is None else list(indices)
     computed: dict[str, int] = {}
+    batches: dict[str, int | None] = {}
     writer = base = None
     for s_idx, stage in enumerate(plan.stages):
         folder = out if s_idx == len(plan.stages) - 1 else out / stage.name
@@ -317,7 +374,9 @@ def execute(plan: RunPlan, *, indices: list[int] | None = None,
             return [k for k in wanted if k not in done]
 
         todo = team.from_root(pending, f"listing the finished {stage.name} samples")
-        computed[stage.name] = _run_stage(plan, stage, wanted, todo, writer, base, team, progress, on_stage)
+        computed[stage.name], batches[stage.name] = _run_stage(plan, stage, wanted, todo, writer, base, team,
+                                                               progress, on_stage)
+        written = len(todo)  # the last stage's: the run's images
         base = writer
     seconds = time.perf_counter() - start
     dtype = str(fast.resolve_dtype(plan.dtype, plan.device)).replace("torch.", "")
@@ -326,10 +385,13 @@ def execute(plan: RunPlan, *, indices: list[int] | None = None,
         dtype += f" (classifier {clf_dtype})"
     run_info = {**info, "seconds": round(seconds, 3), "torch": torch.__version__,
                 "python": platform.python_version(), "resolved_dtype": dtype,
-                "processes": team.world_size, "computed": computed}
+                "processes": team.world_size, "computed": computed,
+                # "batch_size" is what was asked for ("auto"); the float results depend on the
+                # batch a sample is computed in, so record the one used (None: nothing to compute)
+                "resolved_batch_size": batches}
     files = team.from_root(lambda: writer.finalize(plan.num_samples, run_info, plan.nrow),
                            "writing samples.npz, grid.png and run.json")
-    return RunResult(out, files, seconds, len(wanted), plan.device, dtype)
+    return RunResult(out, files, seconds, len(wanted), plan.device, dtype, new=written)
 
 
 def _blocks(wanted: list[int], todo: list[int], batch: int) -> list[list[int]]:
@@ -345,16 +407,17 @@ def _blocks(wanted: list[int], todo: list[int], batch: int) -> list[list[int]]:
 
 
 def _run_stage(plan: RunPlan, stage: Stage, wanted: list[int], todo: list[int], writer: SampleWriter,
-               base: SampleWriter | None, team, progress, on_stage) -> int:
+               base: SampleWriter | None, team, progress, on_stage) -> tuple[int, int | None]:
     """Sample the blocks holding ``todo`` with one stage (this process: its share of them);
     ``base``: the previous stage's samples, which condition an upsampler (as uint8, quantised
-    as the reference does). Returns the number of samples computed."""
+    as the reference does). Returns the number of samples computed and the batch size used."""
     if not todo:
         if on_stage is not None:
             on_stage(stage, 0)
-        return 0
+        return 0, None
     unet, clf, batch, _ = team.agree(lambda: _load(stage, plan), f"loading the {stage.name} models")
-    blocks = _blocks(wanted, todo, team.least(batch))  # one batch size for every process
+    batch = team.least(batch)  # one batch size for every process
+    blocks = _blocks(wanted, todo, batch)
     mine = team.split(blocks)
     rows = None
     if base is not None:
@@ -380,7 +443,7 @@ def _run_stage(plan: RunPlan, stage: Stage, wanted: list[int], todo: list[int], 
                          progress=step_progress, on_batch=on_batch, cuda_graph=plan.cuda_graph)
 
     team.sample(generate if mine else None, write, progress, stage.num_steps)
-    return sum(map(len, blocks))
+    return sum(map(len, blocks)), batch
 
 
 def request_dict(req: SampleRequest) -> dict[str, Any]:
