@@ -164,20 +164,26 @@ def _registry_stage(name: str, req: SampleRequest, *, stage: str, guidance: floa
     return Stage(stage, name, unet_path, settings, clf if clf_path else None, clf_path)
 
 
-def _check_classes(req: SampleRequest, entry, classifier: str | None) -> None:
-    """Resolve --class against the registry's class count (``_labels`` resolves it again
-    against the weights' own config)."""
+def _chosen_classes(spec: str | None, name: str, class_cond: bool, num_classes: int | None,
+                    guided: bool) -> list[int] | None:
+    """--class resolved for one model (None: not given); refused for an unconditional model
+    that no classifier guides."""
     from .imagenet import resolve_classes
+
+    chosen = resolve_classes(spec, num_classes or 1000) if spec else None
+    if chosen is not None and not class_cond and not guided:
+        raise UsageError(f"{name} is unconditional: --class needs a classifier and --guidance > 0")
+    return chosen
+
+
+def _check_classes(req: SampleRequest, entry, classifier: str | None) -> None:
+    """--class against the registry's class counts, before any download (``_labels`` resolves
+    it again against the weights' own configs)."""
     from .registry import load_registry
 
-    if not req.classes:
-        return
-    if entry.class_cond:
-        resolve_classes(req.classes, entry.num_classes or 1000)
-    elif classifier is not None:
-        resolve_classes(req.classes, load_registry().get(classifier).num_classes or 1000)
-    elif resolve_classes(req.classes, 1000) is not None:  # (a bad value: its own error)
-        raise UsageError(f"{entry.name} is unconditional: --class needs a classifier and --guidance > 0")
+    clf_classes = load_registry().get(classifier).num_classes if classifier is not None else None
+    _chosen_classes(req.classes, entry.name, bool(entry.class_cond),
+                    entry.num_classes if entry.class_cond else clf_classes, classifier is not None)
 
 
 def _file_stage(req: SampleRequest) -> Stage:
@@ -255,16 +261,13 @@ def _validate_numbers(req: SampleRequest) -> None:
 
 
 def _labels(req: SampleRequest, stage: Stage, seed: int) -> list[int] | None:
-    from .imagenet import resolve_classes
     from .weights import read_config
 
     cfg = read_config(stage.unet_path)
     clf_cfg = read_config(stage.classifier_path) if stage.classifier_path else None
     guided = stage.settings.guidance > 0 and clf_cfg is not None
     num_classes = cfg.num_classes if cfg.class_cond else (clf_cfg.num_classes if clf_cfg else 0)
-    chosen = resolve_classes(req.classes, num_classes or 1000) if req.classes else None
-    if chosen is not None and not cfg.class_cond and not guided:
-        raise UsageError(f"{stage.unet} is unconditional: --class needs a classifier and --guidance > 0")
+    chosen = _chosen_classes(req.classes, stage.unet, cfg.class_cond, num_classes, guided)
     if chosen is None:
         if not (cfg.class_cond or guided):
             return None
