@@ -12,6 +12,7 @@ Image k of a run depends only on (seed, k, models, settings): see noise.py.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,6 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from . import fast
 from .config import UNetConfig
 from .denoiser import Denoiser
 from .errors import UsageError
@@ -130,13 +132,17 @@ def sample_batch(unet: UNet, indices: Sequence[int], *, seed: int, settings: Sam
     x = noise.initial((cfg.in_channels, cfg.image_size, cfg.image_size))
     y = None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.long, device=device)
     graph = cuda_graph and device.type == "cuda"
+    if graph and any(fast.is_compiled(m) for m in (unet, classifier) if m is not None):
+        raise UsageError("cuda_graph and a compiled model do not combine: choose one")
     fn = Denoiser(graphed_unet(unet) if graph else unet, schedule, y=y if cfg.class_cond else None, low_res=low_res)
     if settings.guidance > 0:
         if classifier is None or y is None:
             raise UsageError("classifier guidance needs a classifier and class labels")
         fn = classifier_guidance(fn, classifier, schedule, y, settings.guidance, cuda_graph=graph)
     step = (lambda i, _x: progress(len(indices))) if progress else None
-    with torch.inference_mode(settings.guidance == 0), torch.no_grad():
+    # On cuda:N the current device must be N too: the fused Triton kernels launch on it.
+    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with on_device, torch.inference_mode(settings.guidance == 0), torch.no_grad():
         return SAMPLERS[settings.sampler](fn, x, schedule, noise=noise, clip_x0=settings.clip_x0,
                                           variance=cfg.variance, eta=settings.eta, callback=step)
 

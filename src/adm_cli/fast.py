@@ -37,8 +37,14 @@ into its fast form *in place* (parameter names and shapes stay OpenAI's, so ``st
   no faster steps afterwards. So it is off by default (``adm sample --compile`` turns it on).
   ``compile="reduce-overhead"`` also replays CUDA graphs (GPU only; ignored on CPU).
 
-``exact=True`` keeps the reference's arithmetic (einsum attention, float32) for bit-level
-comparisons; it is what ``dtype="float32", exact=True`` means everywhere in the tests.
+``exact=True`` keeps the reference's arithmetic (einsum attention, float32; on CPU also NCHW and
+plain convolutions unless asked otherwise) for bit-level comparisons; it is what
+``dtype="float32", exact=True`` means everywhere in the tests.
+
+``prepare`` may be called again on a prepared model (another device, dtype or layout): it starts
+from the plain modules, and drops CUDA graphs captured over the old weights. Weights loaded under
+``torch.inference_mode`` are made ordinary tensors first (inference tensors have no version
+counter, which the packed-weight caches read).
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ from torch import nn
 
 from .errors import UsageError
 from . import fused, layers
-from .layers import GroupNorm32
+from .layers import GroupNorm32, version_key
 from .models import Classifier, UNet, set_exact_attention
 
 _DTYPES = {
@@ -151,9 +157,13 @@ def prepare(model: nn.Module, *, device: torch.device | str | None = None, dtype
         else bool(fused_kernels) and not exact
     if use_fused and not fused.available():
         raise UsageError("fused kernels need Triton (it comes with PyTorch's CUDA builds)")
+    _outside_inference_mode(model)
     model.eval().requires_grad_(False)
-    if dt != torch.float32:  # cast before the move: half the bytes cross to the device
-        model.to(dtype=dt)
+    _unprepare(model)  # a second prepare starts from plain modules, not from the first one's choices
+    # Cast before the move: half the bytes cross to the device. Always cast, so that a model
+    # prepared before in another dtype gets this one.
+    model.to(dtype=dt)
+    if dt != torch.float32:
         for m in _keep_float32(model, device, use_fused):
             m.float()
     model.to(device=device)
@@ -167,11 +177,12 @@ def prepare(model: nn.Module, *, device: torch.device | str | None = None, dtype
         # copy NHWC -> NCHW and the next conv copy back (measured on an H200, 512x512 guided
         # step: 41% of GPU time in those copies). Under torch.compile the norms are generated
         # kernels and NHWC costs nothing.
-        channels_last = device.type != "cuda" or bool(compile) or use_fused
+        # ``exact``: the reference's NCHW layout and plain convolutions, for bit-level comparisons.
+        channels_last = (device.type != "cuda" and not exact) or bool(compile) or use_fused
     if use_fused and not channels_last:
         raise UsageError("the fused kernels work on channels_last activations")
-    if channels_last:
-        model.to(memory_format=torch.channels_last)  # 4-D weights only; models.py follows the input conv
+    # 4-D weights only; models.py follows the input conv's layout.
+    model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     set_exact_attention(model, exact)
     if prepack is None:  # the classifier runs under autograd, where the packed path steps aside
         # (and the fused residual blocks call their convs' weights directly: no use for it)
@@ -188,6 +199,33 @@ def prepare(model: nn.Module, *, device: torch.device | str | None = None, dtype
     if compile:
         _compile(model, device, compile)
     return model
+
+
+def _outside_inference_mode(model: nn.Module) -> None:
+    """Parameters and buffers made under ``torch.inference_mode`` (a model loaded inside it) as
+    ordinary tensors: an inference tensor has no version counter, and converting one in place
+    (``.to``) outside that mode leaves a parameter that most ops then refuse."""
+    with torch.inference_mode(False):
+        for m in model.modules():
+            for name, p in m._parameters.items():
+                if p is not None and p.is_inference():
+                    m._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+            for name, b in m._buffers.items():
+                if b is not None and b.is_inference():
+                    m._buffers[name] = b.detach().clone()
+
+
+def _unprepare(model: nn.Module) -> None:
+    """Undo what an earlier ``prepare`` left that this one may not want: prepacked convolutions
+    (and their packed weight copies) and CUDA graphs captured over the old weights."""
+    from .graphs import forget_graphs
+
+    for m in model.modules():
+        if isinstance(m, PrepackedConv2d):
+            m.__class__ = nn.Conv2d
+            for name in ("_packed", "_packed_key", "_bias4"):
+                m.__dict__.pop(name, None)
+    forget_graphs(model)
 
 
 class PrepackedConv2d(nn.Conv2d):
@@ -215,7 +253,7 @@ class PrepackedConv2d(nn.Conv2d):
         w = self.weight
         if torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32:
             return super().forward(x)
-        key = (tuple(x.shape), w._version, w.data_ptr())
+        key = (tuple(x.shape), *version_key(w))
         if self._packed_key != key:
             self._packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
                 w.detach().to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation), self.groups,
@@ -239,7 +277,7 @@ class PrepackedConv2d(nn.Conv2d):
                 or self.kernel_size != (3, 3) or self.stride != (1, 1) or self.padding != (1, 1)
                 or self.dilation != (1, 1) or self.groups != 1):
             return self(F.interpolate(x, scale_factor=2, mode="nearest"))
-        key = ("up", tuple(x.shape), w._version, w.data_ptr())
+        key = ("up", tuple(x.shape), *version_key(w), *version_key(self.bias))  # the bias is folded too
         if self._packed_key != key:
             folded = _fold_for_upsample(w.detach())
             self._packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
@@ -278,17 +316,22 @@ def _prepack_works() -> bool:
     global _PREPACK_OK
     if _PREPACK_OK is None:
         try:
-            conv = nn.Conv2d(8, 8, 3, padding=1).requires_grad_(False)
-            x = torch.randn(1, 8, 5, 5).contiguous(memory_format=torch.channels_last)
-            want = conv(x)
-            conv.__class__ = PrepackedConv2d
-            conv._packed = conv._packed_key = None
-            with torch.no_grad():
-                got = conv(x)
-            _PREPACK_OK = torch.backends.mkldnn.is_available() and torch.allclose(got, want, atol=1e-5)
+            _PREPACK_OK = _check_prepack()
         except Exception:  # noqa: BLE001 - any failure means: do not use the private ops
             _PREPACK_OK = False
     return _PREPACK_OK
+
+
+def _check_prepack() -> bool:
+    with torch.inference_mode(False):  # a caller's inference mode must not decide this for good
+        conv = nn.Conv2d(8, 8, 3, padding=1).requires_grad_(False)
+        x = torch.randn(1, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+        want = conv(x)
+        conv.__class__ = PrepackedConv2d
+        conv._packed = conv._packed_key = None
+        with torch.no_grad():
+            got = conv(x)
+        return torch.backends.mkldnn.is_available() and torch.allclose(got, want, atol=1e-5)
 
 
 def _compile(model: nn.Module, device: torch.device, how: bool | str) -> None:
@@ -373,8 +416,8 @@ def auto_batch_size(unet: nn.Module, classifier: nn.Module | None, settings: Any
                     num_samples: int, cuda_graph: bool = False) -> int:
     """The largest batch (<= num_samples) whose step fits in the free device memory.
 
-    CUDA: two eager probe steps (batch 1 and 2) give the memory per image; the batch is what
-    fits in 85% of the free memory (plus what PyTorch already holds in its cache), rounded down
+    CUDA: two eager probe steps (batch 1 and 2, after an unmeasured one) give the memory per
+    image; the batch is what fits in 85% of the free memory (plus what PyTorch already holds in its cache), rounded down
     to a multiple of 8 when above 8 (tensor-core friendly). ``settings.guidance`` > 0 counts the
     classifier's forward and backward; ``cuda_graph`` counts the two networks' memory as held at
     once (see ``_peak_bytes``). CPU / MPS: ``CPU_BATCH`` (``ADM_CPU_BATCH`` overrides).
@@ -385,6 +428,9 @@ def auto_batch_size(unet: nn.Module, classifier: nn.Module | None, settings: Any
     if device.type != "cuda":
         return min(num_samples, cpu_batch_size())
     clf = classifier if guided else None
+    # A first, unmeasured probe: one-time allocations (cuBLAS workspaces, cuDNN's algorithm
+    # search) would otherwise land in the batch-1 peak only and shrink the per-image difference.
+    _peak_bytes(unet, clf, 1, device, cuda_graph)
     one = _peak_bytes(unet, clf, 1, device, cuda_graph)
     two = _peak_bytes(unet, clf, 2, device, cuda_graph)
     per_image = max(two - one, 1)

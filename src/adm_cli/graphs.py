@@ -27,13 +27,48 @@ from typing import Callable
 import torch
 
 _POOLS: dict[torch.device, tuple] = {}
+_CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
 def _pool(device: torch.device) -> tuple:
     """The memory pool every capture on ``device`` shares (see the module docstring)."""
     if device not in _POOLS:
-        _POOLS[device] = torch.cuda.graph_pool_handle()
+        with torch.cuda.device(device):
+            _POOLS[device] = torch.cuda.graph_pool_handle()
     return _POOLS[device]
+
+
+def _capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """A side stream on ``device`` to capture on (``torch.cuda.graph``'s own default is one
+    stream for the whole process, made on whichever device was current first)."""
+    if device not in _CAPTURE_STREAMS:
+        _CAPTURE_STREAMS[device] = torch.cuda.Stream(device=device)
+    return _CAPTURE_STREAMS[device]
+
+
+class _Captures(dict):
+    """The graphs kept on a module. A copy or a pickle of the module gets none: captured graphs
+    belong to the original's weights (a deep copy replaying them would run the original)."""
+
+    def __deepcopy__(self, memo):
+        return _Captures()
+
+    def __reduce__(self):
+        return (_Captures, ())
+
+
+def _captures(module: torch.nn.Module) -> _Captures:
+    kept = module.__dict__.get("_adm_captures")
+    if kept is None:
+        kept = _Captures()
+        object.__setattr__(module, "_adm_captures", kept)  # not a submodule: no state_dict entry
+    return kept
+
+
+def forget_graphs(module: torch.nn.Module) -> None:
+    """Drop the graphs captured for ``module`` (``fast.prepare`` calls this: a capture reads
+    the weights at the addresses they had, which a new dtype, device or layout changes)."""
+    module.__dict__.pop("_adm_captures", None)
 
 
 class StepGraph:
@@ -44,27 +79,32 @@ class StepGraph:
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         if not args[0].is_cuda:
             return self.fn(*args)
-        # Inference-mode buffers cannot be written outside inference mode: one capture per mode.
-        key = (torch.is_inference_mode_enabled(), *((tuple(a.shape), a.dtype, a.device) for a in args))
-        entry = self._graphs.get(key)
-        if entry is None:
-            entry = self._graphs[key] = self._capture(args)
-        graph, inputs, output = entry
-        for buf, a in zip(inputs, args):
-            buf.copy_(a)
-        graph.replay()
-        return output.clone()
+        # Inference-mode buffers cannot be written outside inference mode: one capture per mode;
+        # and one per grad mode (a capture without grad returns outputs that have none).
+        key = (torch.is_inference_mode_enabled(), torch.is_grad_enabled(),
+               *((tuple(a.shape), a.dtype, a.device) for a in args))
+        device = args[0].device
+        with torch.cuda.device(device):  # the fused kernels launch on the current device
+            entry = self._graphs.get(key)
+            if entry is None:
+                entry = self._graphs[key] = self._capture(args)
+            graph, inputs, output = entry
+            for buf, a in zip(inputs, args):
+                buf.copy_(a)
+            graph.replay()
+            return output.clone()
 
     def _capture(self, args: tuple) -> tuple:
+        device = args[0].device
         inputs = [a.clone() for a in args]
-        side = torch.cuda.Stream(device=args[0].device)
-        side.wait_stream(torch.cuda.current_stream(args[0].device))
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(self.warmup):
                 self.fn(*inputs)
-        torch.cuda.current_stream(args[0].device).wait_stream(side)
+        torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=_pool(args[0].device)):
+        with torch.cuda.graph(graph, pool=_pool(device), stream=_capture_stream(device)):
             output = self.fn(*inputs)
         return graph, inputs, output
 
@@ -88,11 +128,10 @@ class GraphedUNet:
 
 
 def graphed_unet(unet: torch.nn.Module) -> GraphedUNet:
-    graphed = getattr(unet, "_adm_graphed", None)
-    if graphed is None or graphed.unet is not unet:  # (a deep copy carries its original's)
-        graphed = GraphedUNet(unet)
-        object.__setattr__(unet, "_adm_graphed", graphed)  # not a submodule: no state_dict entry
-    return graphed
+    captures = _captures(unet)
+    if "unet" not in captures:
+        captures["unet"] = GraphedUNet(unet)
+    return captures["unet"]
 
 
 def graphed_classifier_grad(classifier: torch.nn.Module, scale: float) -> StepGraph:
@@ -100,10 +139,8 @@ def graphed_classifier_grad(classifier: torch.nn.Module, scale: float) -> StepGr
     backward in one graph), kept on the classifier per scale."""
     from .guidance import classifier_grad
 
-    owner, graphs = getattr(classifier, "_adm_grad_graphs", (None, None))
-    if owner is not classifier:  # none yet, or a deep copy's inherited ones
-        graphs = {}
-        object.__setattr__(classifier, "_adm_grad_graphs", (classifier, graphs))
-    if scale not in graphs:
-        graphs[scale] = StepGraph(lambda x, t, y: classifier_grad(classifier, x, t, y, scale))
-    return graphs[scale]
+    captures = _captures(classifier)
+    key = ("grad", scale)
+    if key not in captures:
+        captures[key] = StepGraph(lambda x, t, y: classifier_grad(classifier, x, t, y, scale))
+    return captures[key]

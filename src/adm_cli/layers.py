@@ -194,11 +194,23 @@ class ResBlock(nn.Module):
         if not isinstance(skip, nn.Conv2d):
             return conv_bias(conv, like)
         biases = (conv.bias, skip.bias)
-        key = tuple(None if b is None else (b.data_ptr(), b._version) for b in biases)
+        key = tuple(version_key(b) for b in biases)
         kept = self.__dict__.get("_bias_sum")  # (biases, key, sum): not a buffer, not in state_dict
         if kept is None or any(a is not b for a, b in zip(kept[0], biases)) or kept[1] != key:
             kept = self.__dict__["_bias_sum"] = (biases, key, conv_bias(conv, like) + conv_bias(skip, like))
         return kept[2]
+
+
+def version_key(t: torch.Tensor | None) -> tuple:
+    """What identifies a parameter's current values cheaply: its storage and in-place version.
+    Tensors made under ``torch.inference_mode`` (weights loaded there) have no version counter;
+    they are identified by storage alone (an in-place write to them is not seen)."""
+    if t is None:
+        return (None,)
+    try:
+        return (t.data_ptr(), t._version)
+    except RuntimeError:  # (``is_inference()`` can be False for such a parameter after a ``.to``)
+        return (t.data_ptr(), None)
 
 
 def conv_bias(conv: nn.Conv2d, like: torch.Tensor) -> torch.Tensor:
