@@ -73,3 +73,45 @@ def test_a_plan_recorded_with_steps_beside_respacing_still_resumes():
     assert plan_difference(old, new) is None
     other = {"stages": [{"sampler": "ddim", "steps": None, "respacing": "ddim12", "num_steps": 12}], "seed": 1}
     assert plan_difference(old, other)[0] in ("stages[0].num_steps", "stages[0].respacing")
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"WORLD_SIZE": "abc"}, "WORLD_SIZE must be a non-negative integer"),
+    ({"WORLD_SIZE": "2", "RANK": "x", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}, "RANK must be"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1", "ADM_DIST_TIMEOUT": "inf"},
+     "ADM_DIST_TIMEOUT must be a number of seconds in"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1", "ADM_DIST_TIMEOUT": "nan"},
+     "ADM_DIST_TIMEOUT must be a number of seconds in"),
+])
+def test_bad_launcher_variables_are_one_line(monkeypatch, tmp_path, env, message):
+    cli._register()
+    monkeypatch.delenv("ADM_DEBUG", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    res = CliRunner().invoke(cli.app, ["sample", "--model", "demo-digits", "-n", "1", "--quiet", "--out",
+                                       str(tmp_path / "run")])
+    assert res.exit_code != 0 and res.output.strip().startswith("error: ") and message in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
+def test_generate_checks_its_arguments():
+    from test_fast import TINY, TINY_CLF, exact
+
+    unet = exact(TINY["new-order"])  # 10 classes
+    quick = api.SamplerSettings("ddim", steps=2)
+    out = api.generate(unet, classes=[3, 4], settings=quick)  # one image per label, as the docstring shows
+    assert out.images.shape[0] == 2 and out.labels.tolist() == [3, 4]
+    for kwargs, message in (
+        (dict(indices=[]), "indices must be a non-empty list"),
+        (dict(num_samples=2, classes=[3, 10]), "class label 10 is out of range"),
+        (dict(num_samples=2, classes=[-1, 3]), "class label -1 is out of range"),
+        (dict(num_samples=1, settings=api.SamplerSettings("ddim", steps=2, guidance=1.0)), "needs a classifier"),
+    ):
+        with pytest.raises(UsageError, match=message):
+            api.generate(unet, **{"settings": quick, **kwargs})
+    uncond = exact(TINY["new-order"].replace(class_cond=False))
+    with pytest.raises(UsageError, match="needs a classifier"):
+        api.generate(uncond, num_samples=1, settings=api.SamplerSettings("ddim", steps=2, guidance=1.0))
+    clf = exact(TINY_CLF, seed=4)
+    with pytest.raises(UsageError, match="class label 12 is out of range"):
+        api.generate(uncond, classes=[12], classifier=clf, settings=api.SamplerSettings("ddim", steps=2, guidance=1.0))

@@ -314,3 +314,99 @@ def test_cuda_index_beyond_the_device_count(tmp_path, files, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     res, out = _sample(tmp_path, files, "--device", "cuda:1")
     assert "this machine has 1 CUDA device(s)" in _one_error_line(res) and not out.exists()
+
+
+def _same_run_files(a, b, names):
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_resume_compares_weights_by_content_not_by_path(tmp_path, files):
+    """A resume used to accept any file of the same name (mixing two models in one run) and to
+    write the typed path into each PNG (a byte-identical copy elsewhere changed the files)."""
+    from adm_cli.weights import load_model, read_config, save_weights
+
+    whole, whole_out = _sample(tmp_path, files, "--steps", "2", "-n", "3", "--class", "4", name="whole")
+    assert whole.exit_code == 0, whole.output
+    copy_dir, other_dir = tmp_path / "copy", tmp_path / "other"
+    copy_dir.mkdir()
+    other_dir.mkdir()
+    (copy_dir / "unet.safetensors").write_bytes(files["unet"].read_bytes())
+    model = load_model(files["unet"])
+    with torch.no_grad():
+        model.out[2].weight.mul_(1.05)
+    save_weights(other_dir / "unet.safetensors", model.state_dict(), read_config(files["unet"]))
+
+    out = _finished_then_cut(tmp_path, files)
+    args = ["sample", "--out", str(out), "--seed", "5", "--device", "cpu", "--quiet", "--steps", "2", "-n", "3",
+            "--class", "4", "--resume"]
+    res = runner.invoke(app, [*args, "--weights", str(other_dir / "unet.safetensors")])
+    assert res.exit_code == 2 and "weights_sha256" in res.output and "--resume" in res.output, res.output
+    res = runner.invoke(app, [*args, "--weights", str(copy_dir / "unet.safetensors")])
+    assert res.exit_code == 0, res.output
+    _same_run_files(whole_out, out, ["000000.png", "000001.png", "000002.png", "grid.png", "samples.npz"])
+    with Image.open(out / "000002.png") as im:
+        settings = json.loads(im.text["settings"])
+    stage = settings["stages"][0]
+    assert stage["model"] == "unet.safetensors" and len(stage["weights_sha256"]) == 64
+    assert "weights" not in stage and str(tmp_path) not in json.dumps(settings)
+    run = json.loads((out / "run.json").read_text())
+    assert run["stages"][0]["weights_sha256"] == stage["weights_sha256"]
+
+
+def test_resume_refuses_another_grid_layout(tmp_path, files):
+    out = _finished_then_cut(tmp_path, files)
+    res, _ = _sample(tmp_path, files, "--steps", "2", "-n", "3", "--resume", "--nrow", "1")
+    assert res.exit_code == 2 and "nrow" in _one_error_line(res)
+
+
+def test_resume_removes_only_its_own_temporary_files(tmp_path, files):
+    out = _finished_then_cut(tmp_path, files)
+    ours = [out / ".000002.png.0123456789ab.incomplete", out / ".samples.npz.fedcba987654.incomplete"]
+    theirs = [out / "project" / ".video.mp4.incomplete", out / "project" / "deep" / ".notes.txt.0123456789ab.incomplete",
+              out / ".draft.incomplete"]
+    for path in ours + theirs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    res, _ = _sample(tmp_path, files, "--steps", "2", "-n", "3", "--resume")
+    assert res.exit_code == 0, res.output
+    assert not any(p.exists() for p in ours) and all(p.exists() for p in theirs)
+
+
+def test_finalize_streams_the_npz_and_caps_the_grid(tmp_path, monkeypatch):
+    """samples.npz is written image by image (the old code held ~5.5x the images in memory) and
+    grid.png shows the first GRID_MAX samples; finalizing again keeps identical files."""
+    import tracemalloc
+
+    from adm_cli import outputs
+
+    monkeypatch.setattr(outputs, "GRID_MAX", 5)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (400, 48, 48, 3), dtype=np.uint8)
+    labels = rng.integers(0, 1000, 400)
+    writer = outputs.SampleWriter(tmp_path, {"seed": "0"})
+    writer.write_batch(range(400), images, labels)
+    tracemalloc.start()
+    try:
+        writer.finalize(400, {"seed": 0}, nrow=5)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < images.nbytes / 2, (peak, images.nbytes)  # the images are 2.8 MB
+    with np.load(tmp_path / "samples.npz") as npz:
+        assert np.array_equal(npz["arr_0"], images) and npz["arr_1"].tolist() == labels.tolist()
+    with Image.open(tmp_path / "grid.png") as im:
+        assert im.size == (5 * 50 + 2, 1 * 50 + 2)
+        grid = np.asarray(im.convert("RGB"))
+    assert np.array_equal(grid[2:50, 2 + 4 * 50:2 + 4 * 50 + 48], images[4])
+    before = {name: (tmp_path / name).read_bytes() for name in ("samples.npz", "grid.png")}
+    (tmp_path / "run.json").unlink()  # as if killed before run.json: a resume finalizes again
+    writer.finalize(400, {"seed": 0}, nrow=5)
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+
+
+def test_unconditional_samples_have_no_label_array(tmp_path, files):
+    res, out = _sample(tmp_path, files, "--steps", "2", "-n", "2", model="uncond")
+    assert res.exit_code == 0, res.output
+    with np.load(out / "samples.npz") as npz:
+        assert npz.files == ["arr_0"] and npz["arr_0"].shape == (2, 16, 16, 3)

@@ -248,3 +248,33 @@ def test_hung_rank_ends_the_run(setup):
     assert rc != 0 and len(_errors(text)) == 1, text
     assert "lost contact" in _errors(text)[0] and "ADM_DIST_TIMEOUT=3" in _errors(text)[0]
     assert 3 <= latency < 3 + 20, latency
+
+
+def _by_hand(setup, out: Path, *per_rank: list[str], timeout: float = 120) -> list[tuple[int, str]]:
+    """Two processes started by hand (as torchrun would start them), each with its own arguments."""
+    port = str(_free_port())
+    procs = []
+    for rank, extra in enumerate(per_rank):
+        env = _env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(len(per_rank)),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        cmd = [sys.executable, "-m", "adm_cli", "sample", "--out", str(out), *COMMON, *extra]
+        procs.append(_start(cmd, env, setup["root"]))
+    return [_finish(p, timeout) for p in procs]
+
+
+def test_ranks_given_other_seeds_or_weights_are_refused(setup):
+    """Rank 0's seed used to overrule another rank's silently, and weights were compared by file
+    name; a copy with other values under the same name was sampled from."""
+    other = setup["root"] / "other"
+    other.mkdir(exist_ok=True)
+    changed = save_weights(other / "unet.safetensors",
+                           randomize(build_model(UNET), seed=5, std=0.02).state_dict(), UNET, overwrite=True)
+    weights = ["--weights", str(setup["weights"])]
+    for name, second, word in (("seeds", [*weights, "--seed", "9"], "--seed"),
+                               ("weights", ["--weights", str(changed), "--seed", "5"], "weights_sha256")):
+        out = setup["root"] / f"refused-{name}"
+        (rc0, text0), (rc1, _) = _by_hand(setup, out, [*weights, "--seed", "5"], second)
+        assert rc0 != 0 and rc1 != 0
+        lines = _errors(text0)
+        assert len(lines) == 1 and "rank 1 was started with" in lines[0] and word in lines[0], text0
+        assert not out.exists() or not list(out.glob("*.png"))  # refused before any sample

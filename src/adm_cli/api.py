@@ -152,7 +152,8 @@ def generate(unet: UNet, *, num_samples: int | None = None, indices: Sequence[in
              settings: SamplerSettings = SamplerSettings(), batch_size: int = 8,
              low_res: np.ndarray | None = None, progress: ProgressFn | None = None,
              on_batch: Callable[[Samples], None] | None = None, cuda_graph: bool = False) -> Samples:
-    """Sample ``num_samples`` images (or exactly the sample ``indices``), in batches.
+    """Sample ``num_samples`` images (or exactly the sample ``indices``), in batches;
+    ``num_samples`` left out with ``classes`` given: one image per label.
 
     ``classes``: one label per sample index 0..N-1 (``labels[k]`` for index k); None with a
     class-conditional model or guidance draws them from ``random_labels(seed, ...)``.
@@ -161,20 +162,31 @@ def generate(unet: UNet, *, num_samples: int | None = None, indices: Sequence[in
     ``cuda_graph``: see ``sample_batch``.
     """
     if indices is None:
+        if num_samples is None and classes is not None:
+            num_samples = len(classes)  # one sample per label given
         if num_samples is None or num_samples < 1:
-            raise UsageError(f"--num-samples must be at least 1, got {num_samples}")
+            raise UsageError(f"num_samples (-n) must be at least 1, got {num_samples}")
         indices = list(range(num_samples))
     indices = [int(k) for k in indices]
+    if not indices or min(indices) < 0:
+        raise UsageError("indices must be a non-empty list of sample indices >= 0")
     if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+        raise UsageError(f"batch_size must be at least 1, got {batch_size}")
     cfg: UNetConfig = unet.config
-    total = max(indices, default=-1) + 1
+    if settings.guidance > 0 and classifier is None:
+        raise UsageError("classifier guidance (guidance > 0) needs a classifier")
+    total = max(indices) + 1
     needs_labels = cfg.class_cond or settings.guidance > 0
+    num_classes = cfg.num_classes if cfg.class_cond else classifier.config.num_classes if needs_labels else None
     if classes is None and needs_labels:
-        classes = random_labels(seed, total, cfg.num_classes if cfg.class_cond else classifier.config.num_classes)
+        classes = random_labels(seed, total, num_classes)
     label_arr = None if classes is None else np.asarray(classes, dtype=np.int64)
     if label_arr is not None and len(label_arr) < total:
         raise UsageError(f"got {len(label_arr)} class labels for {total} samples")
+    if label_arr is not None and num_classes is not None and len(label_arr) and \
+            not (0 <= label_arr.min() and label_arr.max() < num_classes):
+        bad = next(int(c) for c in label_arr if not 0 <= c < num_classes)
+        raise UsageError(f"class label {bad} is out of range: this model has classes 0..{num_classes - 1}")
     device = model_device(unet)
     start = time.perf_counter()
     images, labels = [], []

@@ -79,9 +79,22 @@ def timeout_s() -> float:
         value = float(raw)
     except ValueError:
         value = 0.0
-    if value <= 0:
-        raise UsageError(f"ADM_DIST_TIMEOUT must be a number of seconds > 0, got {raw!r}")
+    if not 0 < value <= MAX_TIMEOUT_S:  # (NaN fails too; inf cannot be a timedelta)
+        raise UsageError(f"ADM_DIST_TIMEOUT must be a number of seconds in (0, {MAX_TIMEOUT_S:g}], got {raw!r}")
     return value
+
+
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+
+
+def _env_int(name: str, default: int | None = None) -> int:
+    """A launcher variable (RANK, WORLD_SIZE, LOCAL_RANK) as a non-negative integer."""
+    raw = os.environ.get(name, "").strip()
+    if not raw and default is not None:
+        return default
+    if not (raw.isascii() and raw.isdigit()):
+        raise UsageError(f"{name} must be a non-negative integer (torchrun sets it), got {raw!r}")
+    return int(raw)
 
 
 def _line(exc: BaseException) -> str:
@@ -118,13 +131,15 @@ def _flat(blocks: Sequence[list[int]]) -> list[int]:
 
 def join(device: str = "auto") -> "Solo | Group":
     """This run's processes: a ``Group`` under torchrun (WORLD_SIZE > 1), else ``Solo``."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+    if _env_int("WORLD_SIZE", 1) <= 1:
         return Solo()
     missing = [k for k in _REQUIRED_ENV if not os.environ.get(k)]
     if missing:
         raise DistributedError(f"WORLD_SIZE > 1 but {', '.join(missing)} is not set: start the run with torchrun")
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local = int(os.environ.get("LOCAL_RANK", rank))
+    rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
+    if rank >= world:
+        raise UsageError(f"RANK {rank} is not below WORLD_SIZE {world}")
+    local = _env_int("LOCAL_RANK", rank)
     timeout = timeout_s()
     gpu = device not in ("cpu", "mps") and torch.cuda.is_available()
     if gpu and local < torch.cuda.device_count():
@@ -260,6 +275,16 @@ class Group(Solo):
             resolved = resolve_request(request)
             return resolved.seed, resolved.classes
 
+        # What each process was given, before rank 0's seed and classes replace it: a rank
+        # started with another --seed (or batch, grid, ...) must not be quietly overruled.
+        given = {"--seed": request.seed, "--class": request.classes, "--batch-size": request.batch_size,
+                 "--nrow": request.nrow, "--compile": request.compile, "--cuda-graph": request.cuda_graph}
+        everyone = self._all_gather(given)
+        for r, theirs in enumerate(everyone):
+            for flag, value in theirs.items():
+                if value != everyone[0][flag]:
+                    raise PeerError(f"rank {r} was started with {flag} {value!r} but rank 0 with "
+                                    f"{everyone[0][flag]!r}; give every process the same command")
         seed, classes = self.from_root(fixed, "reading the output folder")
         # Only rank 0 reads the output folder (it need not be shared between machines).
         request = replace(request, seed=seed, classes=classes, resume=request.resume and self.is_root)

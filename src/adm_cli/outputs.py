@@ -9,15 +9,17 @@ files an uninterrupted one would.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
 import os
 import re
 import uuid
+import zipfile
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, BinaryIO, Callable, Iterable, Mapping
 
 import numpy as np
 from PIL import Image, PngImagePlugin
@@ -31,21 +33,47 @@ _PNG_RE = re.compile(r"^(\d{6,})\.png$")
 PLAN_NAME = "run-plan.json"
 
 
+# Our temporary files: ".<name>.<12 hex digits>.incomplete", one per writer (threads too).
+_TMP_RE = re.compile(r"^\..+\.[0-9a-f]{12}\.incomplete$")
+# grid.png shows at most this many samples (the first ones): a grid of a 50,000-sample run would
+# be a 57,000-pixel square, gigabytes in memory, and no use to look at.
+GRID_MAX = 256
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
-    if path.exists():
+    _atomic_stream(path, lambda f: f.write(data))
+
+
+def _atomic_stream(path: Path, write: Callable[[BinaryIO], Any], *, same_ok: bool = False) -> None:
+    """Write a file through ``write(f)`` under a temporary name, then rename it into place.
+    An existing file is never replaced; with ``same_ok`` one with the same bytes is kept
+    (a resumed run killed while finalizing), compared by hash, not by reading it whole."""
+    if path.exists() and not same_ok:
         raise OutputError(f"refusing to overwrite existing file {path}")
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.incomplete")  # one per writer, threads too
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.incomplete")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        if path.exists():
+            if _digest(path) != _digest(tmp):
+                raise OutputError(f"refusing to overwrite existing file {path}")
+            return
         os.replace(tmp, path)
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def png_bytes(image: np.ndarray, text: Mapping[str, Any] | None = None) -> bytes:
@@ -111,9 +139,12 @@ def prepare_out_dir(path: Path, *, resume: bool = False) -> Path:
     """Create the output folder, or check that it can be (re)used without overwriting."""
     check_out_dir(path, resume=resume)
     if path.is_dir() and resume:
-        # Temporary files of writers killed mid-write: never counted as samples; tidy them away.
-        for stale in path.rglob(".*.incomplete"):
-            stale.unlink(missing_ok=True)
+        # Our temporary files left by writers killed mid-write (in the folder and its stage
+        # folders): never counted as samples; tidy them away. Nothing else is touched.
+        for folder in (path, *(p for p in path.iterdir() if p.is_dir())):
+            for stale in folder.iterdir():
+                if _TMP_RE.match(stale.name) and stale.is_file():
+                    stale.unlink(missing_ok=True)
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".adm-write-test-{os.getpid()}"
@@ -149,23 +180,33 @@ def read_run_plan(out_dir: Path | None) -> dict | None:
     return recorded
 
 
-def _identity(info: Mapping[str, Any]) -> dict[str, Any]:
-    """The part of a described plan (``RunPlan.describe()``) that decides the images: it must
-    match between the processes of one run and between a run and its --resume. Left out: the
-    device, the batch size, where the weight files live (a model is compared by file name) and
-    the steps shorthand (the resolved respacing, kept, decides the timesteps; a plan recorded
-    before --respacing cleared the steps still resumes)."""
+# Recorded by later versions only: a plan from an earlier one that lacks them is not refused.
+_NEWER_STAGE_KEYS = ("weights_sha256", "classifier_sha256")
+_NEWER_KEYS = ("nrow",)
+
+
+def _identity(info: Mapping[str, Any], like: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The part of a described plan (``RunPlan.describe()``) that decides the files: it must
+    match between the processes of one run and between a run and its --resume. The weights
+    count by content (sha256) and model name; left out: the device, the batch size, where the
+    weight files live and the steps shorthand (the resolved respacing, kept, decides the
+    timesteps; a plan recorded before --respacing cleared the steps still resumes). ``like``:
+    the recorded plan, whose missing newer keys are left out here too."""
+    old_stages = (like or {}).get("stages") or [{}]
+    skip_stage = [k for k in _NEWER_STAGE_KEYS if like is not None and k not in old_stages[0]]
+
     def stage(s: Mapping[str, Any]) -> dict:
         names = {k: Path(s[k]).name if s.get(k) else None for k in ("model", "classifier")}
-        drop = ("weights", "classifier_weights", "model", "classifier", "steps")
+        drop = ("weights", "classifier_weights", "model", "classifier", "steps", *skip_stage)
         return {**{k: v for k, v in s.items() if k not in drop}, **names}
 
-    keep = {k: info.get(k) for k in ("num_samples", "seed", "labels", "dtype")}
-    return {"stages": [stage(s) for s in info.get("stages", [])], **keep}
+    keys = ("num_samples", "seed", "labels", "dtype", *(k for k in _NEWER_KEYS if like is None or k in like))
+    return {"stages": [stage(s) for s in info.get("stages", [])], **{k: info.get(k) for k in keys}}
 
 
 def plan_difference(a: Mapping[str, Any], b: Mapping[str, Any]) -> tuple[str, Any, Any] | None:
-    """The first setting (name, value in a, value in b) on which two described plans differ."""
+    """The first setting (name, value in a, value in b) on which two described plans differ
+    (``a``: the recorded or the root process's one)."""
     def walk(x: Any, y: Any, path: str):
         if isinstance(x, dict) and isinstance(y, dict):
             for key in sorted(set(x) | set(y)):
@@ -177,7 +218,7 @@ def plan_difference(a: Mapping[str, Any], b: Mapping[str, Any]) -> tuple[str, An
         return None if x == y else (path, x, y)
 
     # through JSON, so that a plan read back from run-plan.json compares equal to a fresh one
-    return walk(*(json.loads(json.dumps(_identity(i), default=str)) for i in (a, b)), "")
+    return walk(*(json.loads(json.dumps(_identity(i, like=a), default=str)) for i in (a, b)), "")
 
 
 def open_run_dir(path: Path, plan: Mapping[str, Any], *, resume: bool = False) -> Path:
@@ -194,12 +235,16 @@ def open_run_dir(path: Path, plan: Mapping[str, Any], *, resume: bool = False) -
     return path
 
 
-def _publish(path: Path, data: bytes) -> None:
-    """Write ``data`` unless an identical file is already there (a resumed run killed while
-    finalizing); a different file is never overwritten."""
-    if path.exists() and path.read_bytes() == data:
-        return
-    _atomic_write(path, data)
+def _npz_member(zf: zipfile.ZipFile, name: str, shape: tuple, dtype: np.dtype, chunks: Iterable[np.ndarray]) -> None:
+    """One .npy member of an npz written from ``chunks`` (C order) as they come, as
+    ``np.savez`` lays it out (stored, not compressed), with a fixed timestamp so that the same
+    arrays give the same bytes."""
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    with zf.open(info, "w", force_zip64=True) as member:
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
+        np.lib.format.write_array_header_1_0(member, header)
+        for chunk in chunks:
+            member.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
 
 
 class SampleWriter:
@@ -228,18 +273,38 @@ class SampleWriter:
             return np.asarray(im.convert("RGB")), int(im.text.get("class", -1))
 
     def finalize(self, num_samples: int, run_info: Mapping[str, Any], nrow: int | None = None) -> dict[str, Path]:
-        """Assemble samples.npz, grid.png and run.json from the per-sample PNGs."""
+        """Assemble samples.npz, grid.png (the first ``GRID_MAX`` samples) and run.json from
+        the per-sample PNGs, reading them one at a time: memory stays at one image plus the
+        grid, whatever the number of samples. ``arr_1`` (labels) only when the samples have
+        classes, as OpenAI's sampling script writes it."""
         missing = [k for k in range(num_samples) if not (self.out_dir / PNG_NAME.format(k)).exists()]
         if missing:
             raise OutputError(f"{len(missing)} samples are missing in {self.out_dir} (first: {missing[0]}); rerun with --resume")
-        pairs = [self.read_sample(k) for k in range(num_samples)]
-        images = np.stack([p[0] for p in pairs])
-        labels = np.array([p[1] for p in pairs], dtype=np.int64)
-        buf = io.BytesIO()
-        np.savez(buf, images, labels)
+        first, _ = self.read_sample(0)
+        labels = np.empty(num_samples, dtype=np.int64)
+        shown = min(num_samples, GRID_MAX)
+        grid_images = np.empty((shown, *first.shape), dtype=np.uint8)
+
+        def images() -> Iterable[np.ndarray]:
+            for k in range(num_samples):
+                image, labels[k] = self.read_sample(k)
+                if image.shape != first.shape:
+                    raise OutputError(f"{self.out_dir / PNG_NAME.format(k)} is {image.shape[1]}x{image.shape[0]}, "
+                                      f"not {first.shape[1]}x{first.shape[0]} like sample 0")
+                if k < shown:
+                    grid_images[k] = image
+                yield image
+
+        def write_npz(f: BinaryIO) -> None:
+            with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+                _npz_member(zf, "arr_0.npy", (num_samples, *first.shape), np.uint8, images())
+                if (labels >= 0).any():
+                    _npz_member(zf, "arr_1.npy", (num_samples,), np.int64, [labels])
+
         paths = {"npz": self.out_dir / "samples.npz", "grid": self.out_dir / "grid.png", "run": self.out_dir / "run.json"}
-        _publish(paths["npz"], buf.getvalue())
-        _publish(paths["grid"], png_bytes(make_grid(images, nrow), self.text))
+        _atomic_stream(paths["npz"], write_npz, same_ok=True)
+        grid = png_bytes(make_grid(grid_images, nrow), self.text)
+        _atomic_stream(paths["grid"], lambda f: f.write(grid), same_ok=True)
         if not paths["run"].exists():  # run.json last: present means the run was complete (kept on --resume)
             _atomic_write(paths["run"], (json.dumps(run_info, indent=2, sort_keys=True, default=str) + "\n").encode())
         (self.out_dir / PLAN_NAME).unlink(missing_ok=True)  # run.json records the same plan

@@ -25,6 +25,7 @@ from .errors import UsageError
 from .outputs import SampleWriter, check_out_dir, default_out_dir, open_run_dir, read_run_plan
 from .samplers import DEFAULT_STEPS
 from .schedule import space_timesteps
+from .weights import file_sha256
 
 UPSAMPLE_BASE = {256: 64, 512: 128}  # the paper's ADM-G + ADM-U pipelines
 MAX_SAMPLES = 10_000_000  # --num-samples: the labels of every sample are planned (and recorded) up front
@@ -110,13 +111,15 @@ class RunPlan:
         """The run's settings as plain data (run.json, PNG text chunks)."""
         return {
             "adm_cli_version": __version__,
-            "stages": [{"name": s.name, "model": s.unet, "weights": str(s.unet_path), "classifier": s.classifier,
+            "stages": [{"name": s.name, "model": s.unet, "weights": str(s.unet_path),
+                        "weights_sha256": file_sha256(s.unet_path), "classifier": s.classifier,
                         "classifier_weights": str(s.classifier_path) if s.classifier_path else None,
+                        "classifier_sha256": file_sha256(s.classifier_path) if s.classifier_path else None,
                         **s.settings.to_dict(), "respacing": s.respacing, "num_steps": s.num_steps}
                        for s in self.stages],
             "num_samples": self.num_samples, "seed": self.seed, "classes": self.class_spec, "labels": self.labels,
             "device": self.device, "dtype": self.dtype, "batch_size": self.batch_size, "compile": self.compile,
-            "cuda_graph": self.cuda_graph,
+            "cuda_graph": self.cuda_graph, "nrow": self.nrow,
         }
 
 
@@ -361,8 +364,13 @@ def execute(plan: RunPlan, *, indices: list[int] | None = None,
     out = plan.out_dir
     team.from_root(lambda: open_run_dir(out, plan.describe(), resume=plan.resume), "preparing the output folder")
     info = plan.describe()
+    # What every PNG records: the settings and the weights by name and content, not where this
+    # machine keeps them (so a run resumed elsewhere, or with the same file by another path,
+    # writes the same bytes).
+    stages = [{k: (Path(v).name if k in ("model", "classifier") and v else v) for k, v in s.items()
+               if k not in ("weights", "classifier_weights")} for s in info["stages"]]
     text = {"adm": "adm-cli " + __version__, "seed": str(plan.seed),
-            "settings": {k: info[k] for k in ("stages", "seed", "classes")}}
+            "settings": {"stages": stages, "seed": info["seed"], "classes": info["classes"]}}
     wanted = list(range(plan.num_samples)) if indices is None else list(indices)
     computed: dict[str, int] = {}
     batches: dict[str, int | None] = {}

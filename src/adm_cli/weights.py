@@ -8,6 +8,7 @@ Files are written to a temporary name beside the target and renamed when complet
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -21,6 +22,24 @@ from .errors import ConfigError, WeightsError
 from .models import build_model
 
 FORMAT_VERSION = "1"
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, kept per (path, size, mtime) for the process: a run records
+    the weights it sampled with by content, not by where the file lies (~1 s per GB)."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
 
 
 def atomic_target(path: Path) -> Path:
