@@ -115,3 +115,11 @@ def test_generate_checks_its_arguments():
     clf = exact(TINY_CLF, seed=4)
     with pytest.raises(UsageError, match="class label 12 is out of range"):
         api.generate(uncond, classes=[12], classifier=clf, settings=api.SamplerSettings("ddim", steps=2, guidance=1.0))
+
+
+def test_plans_on_other_kinds_of_device_differ():
+    """CPU and CUDA generators draw different noise: a run cannot be resumed (or shared) across
+    them; another GPU index is the same run."""
+    plan = {"stages": [], "num_samples": 2, "seed": 1, "labels": None, "dtype": "auto", "device": "cpu"}
+    assert plan_difference(plan, {**plan, "device": "cuda:0"})[0] == "device_type"
+    assert plan_difference({**plan, "device": "cuda:0"}, {**plan, "device": "cuda:3"}) is None

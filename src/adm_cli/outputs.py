@@ -188,8 +188,8 @@ _NEWER_KEYS = ("nrow",)
 def _identity(info: Mapping[str, Any], like: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The part of a described plan (``RunPlan.describe()``) that decides the files: it must
     match between the processes of one run and between a run and its --resume. The weights
-    count by content (sha256) and model name; left out: the device, the batch size, where the
-    weight files live and the steps shorthand (the resolved respacing, kept, decides the
+    count by content (sha256) and model name, the device by its kind; left out: the device's
+    index, the batch size, where the weight files live and the steps shorthand (the resolved respacing, kept, decides the
     timesteps; a plan recorded before --respacing cleared the steps still resumes). ``like``:
     the recorded plan, whose missing newer keys are left out here too."""
     old_stages = (like or {}).get("stages") or [{}]
@@ -201,7 +201,10 @@ def _identity(info: Mapping[str, Any], like: Mapping[str, Any] | None = None) ->
         return {**{k: v for k, v in s.items() if k not in drop}, **names}
 
     keys = ("num_samples", "seed", "labels", "dtype", *(k for k in _NEWER_KEYS if like is None or k in like))
-    return {"stages": [stage(s) for s in info.get("stages", [])], **{k: info.get(k) for k in keys}}
+    # The kind of device counts (CPU and CUDA generators draw different noise), not its index.
+    kind = str(info.get("device") or "").split(":")[0]
+    return {"stages": [stage(s) for s in info.get("stages", [])], **{k: info.get(k) for k in keys},
+            "device_type": kind}
 
 
 def plan_difference(a: Mapping[str, Any], b: Mapping[str, Any]) -> tuple[str, Any, Any] | None:
