@@ -123,3 +123,13 @@ def test_plans_on_other_kinds_of_device_differ():
     plan = {"stages": [], "num_samples": 2, "seed": 1, "labels": None, "dtype": "auto", "device": "cpu"}
     assert plan_difference(plan, {**plan, "device": "cuda:0"})[0] == "device_type"
     assert plan_difference({**plan, "device": "cuda:0"}, {**plan, "device": "cuda:3"}) is None
+
+
+def test_an_empty_respacing_means_every_step():
+    """--respacing "" is the reference's "all T steps"; it used to fall back to the default."""
+    from adm_cli.runner import SampleRequest, plan_run
+
+    assert api.SamplerSettings("ddim", respacing="").respacing_for(1000) == ""
+    plan = plan_run(SampleRequest(model="demo-digits", respacing="", sampler="ddim", classes="1", num_samples=1,
+                                  device="cpu"))
+    assert plan.stages[0].num_steps == plan.stages[0].diffusion_steps

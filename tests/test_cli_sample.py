@@ -109,6 +109,21 @@ def test_noise_streams_do_not_depend_on_the_batch():
         assert torch.equal(whole(x), torch.cat([p(x[:1]) for p in parts]))
 
 
+def test_the_upsampler_stage_has_noise_of_its_own():
+    """Both stages used S + k: the upsampler's x_T began with the very numbers of the base
+    image's x_T (and its next ones were the base's step noise)."""
+    from adm_cli.noise import SampleNoise, seeds_for
+
+    base = SampleNoise(seeds_for(5, range(3)))
+    up = SampleNoise(seeds_for(5, range(3), stream=1))
+    x_base, x_up = base.initial((3, 8, 8)), up.initial((3, 8, 8))
+    assert not torch.isclose(x_base.flatten(), x_up.flatten()).any()
+    assert not torch.isclose(base(x_base).flatten(), x_up.flatten()).any()
+    # still one stream per sample: the same whatever the batch, and fixed by (S, k, stage)
+    assert seeds_for(5, [2], stream=1) == seeds_for(5, range(3), stream=1)[2:] == seeds_for(5, [2], 1)
+    assert len(set(seeds_for(5, range(100), 1)) | set(seeds_for(5, range(100)))) == 200
+
+
 def test_random_classes_are_recorded(tmp_path, files):
     res, out = _sample(tmp_path, files, "--sampler", "ddim", "--steps", "2", "-n", "3")
     assert res.exit_code == 0, res.output

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from adm_cli import cli_weights  # noqa: F401 - registers the commands on the app
 from adm_cli.cache import ensure_converted_file
 from adm_cli.cli import app
-from adm_cli.config import ClassifierConfig
+from adm_cli.config import ClassifierConfig, UNetConfig
 from adm_cli.convert import Network, convert_checkpoint, fitting_presets, mmagic_to_openai, openai_to_mmagic
 from adm_cli.download import sha256_file
 from adm_cli.errors import ConfigError, ConversionError, UnsafePickleError, WeightsError
@@ -426,6 +426,24 @@ def test_config_errors_in_the_cli_and_for_classifiers(tmp_path):
         ClassifierConfig.from_flags({**flags, "num_head_channels": -1})
     with pytest.raises(ConfigError, match=r"^classifier_width: must be positive, got '0'"):
         ClassifierConfig.from_flags({**flags, "classifier_width": "0"})
+
+
+def test_flags_that_change_the_output_meaning_are_refused(tmp_path):
+    """predict_xstart and rescale_timesteps are not architecture: dropped silently, they gave
+    wrong samples (x0 read as eps; timesteps not rescaled for T != 1000)."""
+    cfg = small("64x64")
+    src = write_openai(tmp_path / "m.pt", reference_model(cfg).state_dict())
+    flags = {k: v for k, v in cfg.to_dict().items() if k != "kind"}
+    with pytest.raises(ConfigError, match="^predict_xstart = true"):
+        convert_checkpoint(src, config={**flags, "predict_xstart": "True"})
+    with pytest.raises(ConfigError, match="^rescale_timesteps = true with diffusion_steps = 4000"):
+        convert_checkpoint(src, config={**flags, "rescale_timesteps": True, "diffusion_steps": 4000})
+    assert _only(tmp_path) == ["m.pt"]
+    # their defaults, and rescaling at T = 1000 (the identity), are fine
+    assert UNetConfig.from_flags({**flags, "predict_xstart": False, "rescale_timesteps": True}) == cfg
+    clf = {k: v for k, v in small("64x64_classifier").to_dict().items() if k != "kind"}
+    with pytest.raises(ConfigError, match="^rescale_timesteps"):
+        ClassifierConfig.from_flags({**clf, "rescale_timesteps": "true", "diffusion_steps": 4000})
 
 
 # -- never run pickled code ------------------------------------------------------------------------

@@ -183,3 +183,26 @@ def test_small_model_without_names_takes_indices_only():
 def test_names_must_match_num_classes():
     with pytest.raises(ValueError):
         resolve_classes("1", 10, ["a", "b"])
+
+
+@pytest.mark.parametrize("label,index", [
+    ("projectile, missile", 744), ("skunk, polecat, wood pussy", 361),
+    ("ruffed grouse, partridge, Bonasa umbellus", 82), ("chime, bell, gong", 494),
+    ("bathtub, bathing tub, bath, tub", 435), ("harmonica, mouth organ, harp, mouth harp", 593),
+])
+def test_a_whole_pasted_label_is_its_one_class(label, index):
+    """One of these synonyms alone is another class's name (polecat, missile, bell, tub, harp):
+    split at every comma, the label used to mix that class into the run."""
+    assert resolve_classes(label) == [index]
+    assert resolve_classes(f"207, {label.upper()}, 1") == [207, index, 1]
+    alone = label.split(", ")[1:]  # the synonyms still work one at a time, as before
+    assert all(len(resolve_classes(s)) == 1 for s in alone if s.lower() not in ("bath", "partridge"))
+
+
+def test_every_full_imagenet_label_resolves_to_its_class():
+    labels = [", ".join(class_synonyms(i)) for i in range(1000)]
+    shared = {"crane", "cardigan", "maillot"}  # one-name labels that are another class's display name too
+    for label in shared:
+        with pytest.raises(UsageError, match="ambiguous"):
+            resolve_classes(label)
+    assert all(resolve_classes(label) == [i] for i, label in enumerate(labels) if label not in shared)

@@ -16,12 +16,13 @@ from conftest import randomize
 from reference import gd, reference_classifier, reference_diffusion, reference_unet, space_timesteps as ref_space
 
 
-@pytest.mark.parametrize("spec", ["250", "ddim25", "ddim50", "25,25", "10,15,20", "1000", "", "ddim1000", "7"])
+@pytest.mark.parametrize("spec", ["250", "ddim25", "ddim50", "25,25", "10,15,20", "1000", "", "ddim1000", "7",
+                                  "0,10", "10,0", "0,3,0"])
 def test_respacing_matches_reference(spec):
     assert space_timesteps(1000, spec) == sorted(ref_space(1000, spec or [1000]))
 
 
-@pytest.mark.parametrize("spec", ["ddim300", "ddimx", "2000", "abc", "0", "300,300,300,300"])
+@pytest.mark.parametrize("spec", ["ddim300", "ddimx", "2000", "abc", "0", "300,300,300,300", " ", "0,0", "-1,5"])
 def test_bad_respacing_raises(spec):
     with pytest.raises(RespacingError):
         space_timesteps(1000, spec)
@@ -196,3 +197,72 @@ def test_dpmpp_2m_first_step_and_last_are_ddim_steps():
         a = sample_dpmpp_2m(fn, x, sched, noise=None)
         b = sample_ddim(fn, x, sched, noise=None)
     assert (a - b).abs().max().item() <= 1e-5  # the two formulas round differently
+
+
+def _fixed_variance_models(schedule: str):
+    cfg = UNetConfig(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="8",
+                     num_head_channels=32, learn_sigma=False, class_cond=True, noise_schedule=schedule,
+                     resblock_updown=True, num_classes=10)
+    ref = randomize(reference_unet(cfg), seed=3, std=0.02)
+    ours = build_model(cfg).eval()
+    ours.load_state_dict(ref.state_dict())
+    return cfg, ref, ours
+
+
+def _run_both(cfg, ref, ours, sampler, spec, *, sigma_small=False, eta=0.0, guided=None, monkeypatch):
+    """(reference, ours) for one run with the same x_T and step noise; ``guided``: (classifier
+    pair, scale)."""
+    shape = (3, 3, 16, 16)
+    g = torch.Generator().manual_seed(11)
+    x_t = torch.randn(shape, generator=g)
+    noises = [torch.randn(shape, generator=g) for _ in range(len(space_timesteps(1000, spec)))]
+    y = torch.tensor([1, 4, 9])
+    cond_fn = None
+    if guided is not None:
+        (rclf, oclf), scale = guided
+
+        def cond_fn(x, t, y=None):
+            with torch.enable_grad():
+                x_in = x.detach().requires_grad_(True)
+                lp = F.log_softmax(rclf(x_in, t), dim=-1)[torch.arange(len(x)), y]
+                return torch.autograd.grad(lp.sum(), x_in)[0] * scale
+    diffusion = reference_diffusion(cfg, spec, sigma_small=sigma_small)
+    monkeypatch.setattr(torch, "randn_like", _Replay(noises))
+    loop = diffusion.p_sample_loop if sampler == "ddpm" else diffusion.ddim_sample_loop
+    with torch.no_grad():
+        expected = loop(ref, shape, noise=x_t.clone(), clip_denoised=True, model_kwargs={"y": y}, cond_fn=cond_fn,
+                        progress=False, device=torch.device("cpu"), **({} if sampler == "ddpm" else {"eta": eta}))
+    monkeypatch.undo()
+    sched = Schedule.create(cfg.noise_schedule, 1000, spec)
+    fn = Denoiser(ours, sched, y=y)
+    if guided is not None:
+        fn = classifier_guidance(fn, guided[0][1], sched, y, guided[1])
+    run = sample_ddpm if sampler == "ddpm" else sample_ddim
+    with torch.no_grad():
+        got = run(fn, x_t.clone(), sched, noise=_Replay(noises), eta=eta, variance="small" if sigma_small else "large")
+    return expected, got
+
+
+@pytest.mark.parametrize("sigma_small", [True, False], ids=["fixed-small", "fixed-large"])
+def test_guided_ddpm_with_fixed_variance_matches_reference(sigma_small, monkeypatch):
+    """The guidance shift Sigma g uses beta~_t unclipped for fixed-small (0 on the last step); a
+    large scale makes any other choice visible (1.5e-4 at scale 100 with the clipped one)."""
+    cfg, ref, ours = _fixed_variance_models("linear")
+    _, _, _, rclf, oclf = _tiny("linear", True)
+    expected, got = _run_both(cfg, ref, ours, "ddpm", "10", sigma_small=sigma_small, guided=((rclf, oclf), 100.0),
+                              monkeypatch=monkeypatch)
+    assert expected.abs().max() > 0.1
+    assert (got - expected).abs().max().item() <= 2e-5
+
+
+def test_ddim_eta_one_never_takes_the_root_of_a_negative(monkeypatch):
+    """At eta = 1, 1 - alpha_bar' - sigma^2 is 0 up to rounding; on cosine "3" float32 makes it
+    negative and the reference's images NaN (black). Ours clamps it and stays next to eta just
+    below 1, which the reference computes."""
+    cfg, ref, ours = _fixed_variance_models("cosine")
+    expected, got = _run_both(cfg, ref, ours, "ddim", "3", eta=1.0, monkeypatch=monkeypatch)
+    assert torch.isnan(expected).any()  # the reference's float32 formula
+    assert torch.isfinite(got).all()
+    near, _ = _run_both(cfg, ref, ours, "ddim", "3", eta=1.0 - 1e-6, monkeypatch=monkeypatch)
+    # sqrt(1 - alpha_bar' - sigma^2) is ~1e-3 there instead of 0: about one uint8 level (2 / 255)
+    assert torch.isfinite(near).all() and (got - near).abs().max().item() <= 2 / 255

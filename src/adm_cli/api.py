@@ -70,7 +70,7 @@ class SamplerSettings:
             raise UsageError(f"--guidance must be >= 0, got {self.guidance}")
 
     def respacing_for(self, diffusion_steps: int) -> str:
-        if self.respacing:
+        if self.respacing is not None:  # ("" is a choice too: every one of the T steps)
             spec = self.respacing
         else:
             steps = self.steps or DEFAULT_STEPS[self.sampler]
@@ -120,15 +120,16 @@ def model_device(model: torch.nn.Module) -> torch.device:
 def sample_batch(unet: UNet, indices: Sequence[int], *, seed: int, settings: SamplerSettings,
                  labels: Sequence[int] | None = None, classifier: Classifier | None = None,
                  low_res: torch.Tensor | None = None, progress: ProgressFn | None = None,
-                 cuda_graph: bool = False) -> torch.Tensor:
+                 cuda_graph: bool = False, stream: int = 0) -> torch.Tensor:
     """Sample the images with these indices as one batch; returns x_0 in [-1, 1], float32 NCHW.
 
     ``cuda_graph`` (CUDA only, else ignored): replay the network calls of each step as CUDA
-    graphs (graphs.py; captured on the first batch of each shape). Not yet timed on a GPU."""
+    graphs (graphs.py; captured on the first batch of each shape). Not yet timed on a GPU.
+    ``stream``: which random stream of the run (``noise.seeds_for``; 1 for an upsampler stage)."""
     cfg: UNetConfig = unet.config
     device = model_device(unet)
     schedule = Schedule.create(cfg.noise_schedule, cfg.diffusion_steps, settings.respacing_for(cfg.diffusion_steps))
-    noise = SampleNoise(seeds_for(seed, indices), device)
+    noise = SampleNoise(seeds_for(seed, indices, stream), device)
     x = noise.initial((cfg.in_channels, cfg.image_size, cfg.image_size))
     y = None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.long, device=device)
     graph = cuda_graph and device.type == "cuda"
@@ -151,7 +152,8 @@ def generate(unet: UNet, *, num_samples: int | None = None, indices: Sequence[in
              seed: int = 0, classes: Sequence[int] | None = None, classifier: Classifier | None = None,
              settings: SamplerSettings = SamplerSettings(), batch_size: int = 8,
              low_res: np.ndarray | None = None, progress: ProgressFn | None = None,
-             on_batch: Callable[[Samples], None] | None = None, cuda_graph: bool = False) -> Samples:
+             on_batch: Callable[[Samples], None] | None = None, cuda_graph: bool = False,
+             stream: int = 0) -> Samples:
     """Sample ``num_samples`` images (or exactly the sample ``indices``), in batches;
     ``num_samples`` left out with ``classes`` given: one image per label.
 
@@ -159,7 +161,7 @@ def generate(unet: UNet, *, num_samples: int | None = None, indices: Sequence[in
     class-conditional model or guidance draws them from ``random_labels(seed, ...)``.
     ``low_res``: uint8 NHWC base images, one per index, for a super-resolution model.
     ``on_batch`` receives each finished batch (to write outputs as they complete).
-    ``cuda_graph``: see ``sample_batch``.
+    ``cuda_graph``, ``stream``: see ``sample_batch``.
     """
     if indices is None:
         if num_samples is None and classes is not None:
@@ -195,7 +197,7 @@ def generate(unet: UNet, *, num_samples: int | None = None, indices: Sequence[in
         lab = None if label_arr is None else label_arr[chunk]
         lr = None if low_res is None else from_uint8(low_res[chunk], device)
         x = sample_batch(unet, chunk, seed=seed, settings=settings, labels=lab, classifier=classifier,
-                         low_res=lr, progress=progress, cuda_graph=cuda_graph)
+                         low_res=lr, progress=progress, cuda_graph=cuda_graph, stream=stream)
         batch = Samples(to_uint8(x), np.full(len(chunk), -1) if lab is None else lab, np.asarray(chunk))
         if on_batch is not None:
             on_batch(batch)

@@ -104,6 +104,20 @@ def _parse_float(value: Any, name: str) -> float:
     return number
 
 
+def _refuse_other_parameterisations(flags: Mapping[str, Any], diffusion_steps: int) -> None:
+    """Flags that are not architecture but change what the network's output or input means:
+    ignoring them would sample wrongly without a word. Every published ADM model has their
+    defaults (eps prediction; timesteps given as integers 0..T-1)."""
+    norm = {str(k).replace("-", "_"): v for k, v in flags.items()}
+    if "predict_xstart" in norm and _parse_bool(norm["predict_xstart"], "predict_xstart"):
+        raise ConfigError("predict_xstart = true (a model that predicts x0) is not supported: adm-cli samples "
+                          "eps-predicting models, as every published ADM checkpoint is")
+    if "rescale_timesteps" in norm and _parse_bool(norm["rescale_timesteps"], "rescale_timesteps") \
+            and diffusion_steps != 1000:
+        raise ConfigError(f"rescale_timesteps = true with diffusion_steps = {diffusion_steps} (timesteps scaled "
+                          "to 0..1000) is not supported: the published ADM models take 0..T-1")
+
+
 def _coerce(cls, flags: Mapping[str, Any], aliases: Mapping[str, str] = {}) -> dict:
     """Typed values from flags as a script or a JSON/TOML file gives them ("64" or 64); a value
     of the wrong type or size raises ConfigError naming the flag (never a TypeError later)."""
@@ -233,7 +247,9 @@ class UNetConfig:
         values = _coerce(cls, flags, {"large_size": "image_size"})
         if "image_size" not in values:
             raise ConfigError("config needs image_size (or large_size)")
-        return cls(**values)
+        config = cls(**values)
+        _refuse_other_parameterisations(flags, config.diffusion_steps)
+        return config
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "unet", **dataclasses.asdict(self)}
@@ -291,7 +307,9 @@ class ClassifierConfig:
         values = _coerce(cls, flags)
         if "image_size" not in values:
             raise ConfigError("classifier config needs image_size")
-        return cls(**values)
+        config = cls(**values)
+        _refuse_other_parameterisations(flags, config.diffusion_steps)
+        return config
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "classifier", **dataclasses.asdict(self)}

@@ -100,6 +100,12 @@ def _vocab(names: list[str] | None) -> tuple[tuple[str, ...], ...]:
     return tuple((str(n),) for n in names)
 
 
+@lru_cache(maxsize=4)
+def _full_labels(vocab: tuple[tuple[str, ...], ...]) -> dict[str, int]:
+    """Each class's synonyms joined as ImageNet lists them, normalised, when there are several."""
+    return {_norm(", ".join(syn)): i for i, syn in enumerate(vocab) if len(syn) > 1}
+
+
 def _describe(i: int, vocab: tuple[tuple[str, ...], ...], matched: str | None = None) -> str:
     shown = vocab[i][0] if vocab[i] else str(i)
     if matched is not None and _norm(matched) != _norm(shown):
@@ -156,8 +162,9 @@ def resolve_classes(
 ) -> list[int] | None:
     """Parse a ``--class`` value into class indices, or ``None`` for "pick at random".
 
-    ``spec`` is a comma list of indices and/or names (``"207,hamster,1"``); the comma always
-    separates items (synonyms are matched one at a time). With ``names`` (one per class), names are
+    ``spec`` is a comma list of indices and/or names (``"207,hamster,1"``); synonyms are matched
+    one at a time, except that a whole ImageNet label pasted as it is listed ("skunk, polecat,
+    wood pussy") is its one class. With ``names`` (one per class), names are
     matched against those; otherwise a 1000-class model uses the ImageNet synonyms and any other
     model accepts indices only. Raises :class:`UsageError` for a bad value.
     """
@@ -171,8 +178,21 @@ def resolve_classes(
     vocab = _vocab(names) if use_names else ()
 
     out: list[int] = []
-    for raw in str(spec).split(","):
-        item = " ".join(raw.split())
+    items = [" ".join(raw.split()) for raw in str(spec).split(",")]
+    full = _full_labels(vocab) if use_names else {}
+    longest = max((len(syn) for syn in vocab), default=1)  # synonyms in the longest label
+    j = 0
+    while j < len(items):
+        # A whole label pasted as is ("skunk, polecat, wood pussy") is that one class, even
+        # where one of its synonyms alone is another class's name ("polecat").
+        run = next((k for k in range(min(len(items), j + longest), j + 1, -1)
+                    if _norm(", ".join(items[j:k])) in full), None)
+        if run is not None:
+            out.append(full[_norm(", ".join(items[j:run]))])
+            j = run
+            continue
+        item = items[j]
+        j += 1
         if not item:
             continue  # "207," or "207,,1": stray commas are harmless
         if _INT_RE.fullmatch(item):

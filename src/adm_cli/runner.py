@@ -154,7 +154,7 @@ def _registry_stage(name: str, req: SampleRequest, *, stage: str, guidance: floa
         clf = name  # an mmagic adm-g file carries its own classifier
     sampler = req.sampler or entry.sampler or "ddpm"
     steps = req.steps or (entry.steps if sampler == (entry.sampler or "ddpm") else None)
-    settings = api.SamplerSettings(sampler, steps=None if req.respacing else steps or DEFAULT_STEPS.get(sampler),
+    settings = api.SamplerSettings(sampler, steps=None if req.respacing is not None else steps or DEFAULT_STEPS.get(sampler),
                                    respacing=req.respacing, eta=req.eta, guidance=scale)
     # Bad steps and classes fail here, from the registry, before a download of up to 2 GB.
     if (cfg := entry.config_for("unet")) is not None:
@@ -199,7 +199,7 @@ def _file_stage(req: SampleRequest) -> Stage:
         clf_path = ensure_converted_file(req.classifier_weights, role="classifier")
     scale = req.guidance if req.guidance is not None else (1.0 if clf_path else 0.0)
     sampler = req.sampler or "ddpm"
-    settings = api.SamplerSettings(sampler, steps=None if req.respacing else req.steps or DEFAULT_STEPS.get(sampler),
+    settings = api.SamplerSettings(sampler, steps=None if req.respacing is not None else req.steps or DEFAULT_STEPS.get(sampler),
                                    respacing=req.respacing, eta=req.eta, guidance=scale)
     if scale > 0 and clf_path is None:
         raise UsageError("--guidance > 0 with --weights needs --classifier-weights")
@@ -451,7 +451,8 @@ def _run_stage(plan: RunPlan, stage: Stage, wanted: list[int], todo: list[int], 
         for block in mine:
             api.generate(unet, indices=block, seed=plan.seed, classes=plan.labels, classifier=clf,
                          settings=stage.settings, batch_size=len(block), low_res=low_res,
-                         progress=step_progress, on_batch=on_batch, cuda_graph=plan.cuda_graph)
+                         progress=step_progress, on_batch=on_batch, cuda_graph=plan.cuda_graph,
+                         stream=0 if base is None else 1)  # the upsampler: noise of its own
 
     team.sample(generate if mine else None, write, progress, stage.num_steps)
     return sum(map(len, blocks)), batch

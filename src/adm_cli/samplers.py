@@ -67,7 +67,10 @@ def sample_ddpm(model_fn: ModelFn, x: torch.Tensor, schedule: Schedule, *, noise
             x0 = x0.clamp(-1, 1)
         mean = tab["coef_x0"][i] * x0 + tab["coef_xt"][i] * x
         log_var = _log_variance(tab, i, pred, variance)
-        mean = shift_mean(mean, torch.exp(log_var), pred.grad)
+        # The guidance shift Sigma g uses the variance itself: for fixed-small that is beta~_t
+        # unclipped (0 at t = 0, where the log variance above is clipped), as in the reference.
+        fixed_small = variance != "large" and not (pred.v is not None and variance == "learned")
+        mean = shift_mean(mean, tab["var_small"][i] if fixed_small else torch.exp(log_var), pred.grad)
         x = mean + torch.exp(0.5 * log_var) * noise(x) if i > 0 else mean
         if callback is not None:
             callback(i, x)
@@ -90,7 +93,9 @@ def sample_ddim(model_fn: ModelFn, x: torch.Tensor, schedule: Schedule, *, noise
         eps = _eps_from_x0(tab, i, x, x0)
         ab, ab_prev = tab["alpha_bar"][i], tab["alpha_bar_prev"][i]
         sigma = eta * torch.sqrt((1 - ab_prev) / (1 - ab)) * torch.sqrt(1 - ab / ab_prev)
-        x = x0 * torch.sqrt(ab_prev) + torch.sqrt(1 - ab_prev - sigma ** 2) * eps
+        # (1 - alpha_bar' - sigma^2 is 0 at eta = 1 up to float32 rounding, which can make it
+        # slightly negative: clamped, or its square root is NaN and the image black.)
+        x = x0 * torch.sqrt(ab_prev) + torch.sqrt((1 - ab_prev - sigma ** 2).clamp(min=0)) * eps
         if eta > 0 and i > 0:
             x = x + sigma * noise(x)
         if callback is not None:

@@ -41,10 +41,13 @@ def space_timesteps(steps: int, spec: str | int) -> list[int]:
 
     ``"ddimN"``: the evenly strided set range(0, T, k) with exactly N members.
     ``"a,b,c"``: split the T steps into that many near-equal sections and take a, b, c steps
-    evenly (rounded) from each, both ends included. ``"N"`` is one section; ``""`` keeps all T.
+    evenly (rounded) from each, both ends included (a 0 takes none from its section). ``"N"`` is
+    one section; ``""`` keeps all T.
     """
     text = str(spec).strip()
     if text == "":
+        if str(spec):  # " ": the reference refuses it too; an empty string is a choice, blanks a slip
+            raise RespacingError(f"bad respacing {spec!r}: blank (give '' for all {steps} steps)")
         return list(range(steps))
     if text.startswith("ddim"):
         try:
@@ -64,7 +67,7 @@ def space_timesteps(steps: int, spec: str | int) -> list[int]:
     start = 0
     for i, count in enumerate(counts):
         section = size + (1 if i < extra else 0)
-        if count < 1 or count > section:
+        if count < 0 or count > section:  # (0 takes nothing from its section, as in the reference)
             raise RespacingError(
                 f"bad respacing {text!r}: cannot take {count} steps from a section of {section}"
             )
@@ -76,6 +79,8 @@ def space_timesteps(steps: int, spec: str | int) -> list[int]:
             chosen.add(start + round(pos))
             pos += stride
         start += section
+    if not chosen:
+        raise RespacingError(f"bad respacing {text!r}: it selects no step")
     return sorted(chosen)
 
 
@@ -123,6 +128,7 @@ class Schedule:
             "coef_x0": b * np.sqrt(ab_prev) / (1.0 - ab),  # posterior mean: coef_x0 x0 + coef_xt x_t
             "coef_xt": (1.0 - ab_prev) * np.sqrt(1.0 - b) / (1.0 - ab),
             "log_var_small": post_logvar,  # fixed small: beta~_t (clipped at t = 0)
+            "var_small": post_var,  # beta~_t itself (0 at t = 0): what guidance shifts the mean by
             "log_var_large": np.log(np.append(post_var[1], b[1:])) if len(b) > 1 else np.log(b),
             "log_beta": np.log(b),
             **_dpm_solver_tables(ab, ab_prev),
