@@ -56,9 +56,9 @@ class _Replay:
         return out.clone()
 
 
-def _tiny(schedule: str, class_cond: bool):
+def _tiny(schedule: str, class_cond: bool, learn_sigma: bool = True):
     cfg = UNetConfig(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="8",
-                     num_head_channels=32, learn_sigma=True, class_cond=class_cond, noise_schedule=schedule,
+                     num_head_channels=32, learn_sigma=learn_sigma, class_cond=class_cond, noise_schedule=schedule,
                      resblock_updown=True, num_classes=10)
     ref = randomize(reference_unet(cfg), seed=3, std=0.02)
     ours = build_model(cfg).eval()
@@ -200,13 +200,7 @@ def test_dpmpp_2m_first_step_and_last_are_ddim_steps():
 
 
 def _fixed_variance_models(schedule: str):
-    cfg = UNetConfig(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="8",
-                     num_head_channels=32, learn_sigma=False, class_cond=True, noise_schedule=schedule,
-                     resblock_updown=True, num_classes=10)
-    ref = randomize(reference_unet(cfg), seed=3, std=0.02)
-    ours = build_model(cfg).eval()
-    ours.load_state_dict(ref.state_dict())
-    return cfg, ref, ours
+    return _tiny(schedule, True, learn_sigma=False)[:3]
 
 
 def _run_both(cfg, ref, ours, sampler, spec, *, sigma_small=False, eta=0.0, guided=None, monkeypatch):
