@@ -22,6 +22,7 @@ instead of each holding a private pool for the whole run.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -84,7 +85,11 @@ class StepGraph:
         key = (torch.is_inference_mode_enabled(), torch.is_grad_enabled(),
                *((tuple(a.shape), a.dtype, a.device) for a in args))
         device = args[0].device
-        with torch.cuda.device(device):  # the fused kernels launch on the current device
+        # Capture and replay run on the current device (the fused kernels launch there, replay
+        # uses its stream). ``api.sample_batch`` already makes it the input's; a direct caller
+        # on another device gets it switched here (an integer check per call otherwise).
+        switch = torch.cuda.current_device() != device.index
+        with torch.cuda.device(device) if switch else contextlib.nullcontext():
             entry = self._graphs.get(key)
             if entry is None:
                 entry = self._graphs[key] = self._capture(args)

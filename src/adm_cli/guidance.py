@@ -58,7 +58,7 @@ def classifier_guidance(model_fn: ModelFn, classifier: torch.nn.Module, schedule
     return guided
 
 
-def shift_mean(mean: torch.Tensor, variance: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+def shift_mean(mean: torch.Tensor, variance: torch.Tensor | None, grad: torch.Tensor | None) -> torch.Tensor:
     """DDPM guidance: mu + Sigma g (Algorithm 1)."""
     return mean if grad is None else mean.float() + variance * grad
 

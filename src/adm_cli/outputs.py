@@ -9,7 +9,6 @@ files an uninterrupted one would.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -24,6 +23,7 @@ from typing import Any, BinaryIO, Callable, Iterable, Mapping
 import numpy as np
 from PIL import Image, PngImagePlugin
 
+from .download import sha256_file
 from .errors import OutputError, UsageError
 
 PNG_NAME = "{:06d}.png"
@@ -57,7 +57,7 @@ def _atomic_stream(path: Path, write: Callable[[BinaryIO], Any], *, same_ok: boo
             f.flush()
             os.fsync(f.fileno())
         if path.exists():
-            if _digest(path) != _digest(tmp):
+            if sha256_file(path) != sha256_file(tmp):
                 raise OutputError(f"refusing to overwrite existing file {path}")
             return
         os.replace(tmp, path)
@@ -66,14 +66,6 @@ def _atomic_stream(path: Path, write: Callable[[BinaryIO], Any], *, same_ok: boo
     finally:
         if tmp.exists():
             tmp.unlink()
-
-
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def png_bytes(image: np.ndarray, text: Mapping[str, Any] | None = None) -> bytes:
@@ -185,20 +177,26 @@ _NEWER_STAGE_KEYS = ("weights_sha256", "classifier_sha256")
 _NEWER_KEYS = ("nrow",)
 
 
+def portable_stage(stage: Mapping[str, Any]) -> dict[str, Any]:
+    """A described stage without where this machine keeps the weights: the models by file (or
+    registry) name, the weights by sha256 only. What the PNGs record and what runs compare."""
+    names = {k: Path(stage[k]).name if stage.get(k) else None for k in ("model", "classifier")}
+    return {**{k: v for k, v in stage.items() if k not in ("weights", "classifier_weights")}, **names}
+
+
 def _identity(info: Mapping[str, Any], like: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The part of a described plan (``RunPlan.describe()``) that decides the files: it must
     match between the processes of one run and between a run and its --resume. The weights
     count by content (sha256) and model name, the device by its kind; left out: the device's
-    index, the batch size, where the weight files live and the steps shorthand (the resolved respacing, kept, decides the
-    timesteps; a plan recorded before --respacing cleared the steps still resumes). ``like``:
-    the recorded plan, whose missing newer keys are left out here too."""
+    index, the batch size, where the weight files live and the steps shorthand (the resolved
+    respacing, kept, decides the timesteps; a plan recorded before --respacing cleared the
+    steps still resumes). ``like``: the recorded plan, whose missing newer keys are left out
+    here too."""
     old_stages = (like or {}).get("stages") or [{}]
-    skip_stage = [k for k in _NEWER_STAGE_KEYS if like is not None and k not in old_stages[0]]
+    skip = ("steps", *(k for k in _NEWER_STAGE_KEYS if like is not None and k not in old_stages[0]))
 
     def stage(s: Mapping[str, Any]) -> dict:
-        names = {k: Path(s[k]).name if s.get(k) else None for k in ("model", "classifier")}
-        drop = ("weights", "classifier_weights", "model", "classifier", "steps", *skip_stage)
-        return {**{k: v for k, v in s.items() if k not in drop}, **names}
+        return {k: v for k, v in portable_stage(s).items() if k not in skip}
 
     keys = ("num_samples", "seed", "labels", "dtype", *(k for k in _NEWER_KEYS if like is None or k in like))
     # The kind of device counts (CPU and CUDA generators draw different noise), not its index.

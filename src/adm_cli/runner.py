@@ -22,7 +22,7 @@ import torch
 from . import __version__, api
 from .config import UNetConfig
 from .errors import UsageError
-from .outputs import SampleWriter, check_out_dir, default_out_dir, open_run_dir, read_run_plan
+from .outputs import SampleWriter, check_out_dir, default_out_dir, open_run_dir, portable_stage, read_run_plan
 from .samplers import DEFAULT_STEPS
 from .schedule import space_timesteps
 from .weights import file_sha256
@@ -367,10 +367,9 @@ def execute(plan: RunPlan, *, indices: list[int] | None = None,
     # What every PNG records: the settings and the weights by name and content, not where this
     # machine keeps them (so a run resumed elsewhere, or with the same file by another path,
     # writes the same bytes).
-    stages = [{k: (Path(v).name if k in ("model", "classifier") and v else v) for k, v in s.items()
-               if k not in ("weights", "classifier_weights")} for s in info["stages"]]
     text = {"adm": "adm-cli " + __version__, "seed": str(plan.seed),
-            "settings": {"stages": stages, "seed": info["seed"], "classes": info["classes"]}}
+            "settings": {"stages": [portable_stage(s) for s in info["stages"]], "seed": info["seed"],
+                         "classes": info["classes"]}}
     wanted = list(range(plan.num_samples)) if indices is None else list(indices)
     computed: dict[str, int] = {}
     batches: dict[str, int | None] = {}

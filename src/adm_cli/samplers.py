@@ -30,12 +30,17 @@ def _eps_from_x0(tab: dict, i: int, x: torch.Tensor, x0: torch.Tensor) -> torch.
     return (tab["sqrt_recip_ab"][i] * x - x0) / tab["sqrt_recipm1_ab"][i]
 
 
-def _log_variance(tab: dict, i: int, pred: Prediction, variance: str) -> torch.Tensor:
-    """log Sigma_t: learned interpolation v, or the fixed small / large choice."""
+def _variance(tab: dict, i: int, pred: Prediction, variance: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log Sigma_t, Sigma_t): learned interpolation v, or the fixed small / large choice.
+    Sigma_t is what guidance shifts the mean by: for fixed-small that is beta~_t unclipped (0 at
+    t = 0, where its log is clipped), as in the reference."""
     if pred.v is not None and variance == "learned":
         frac = (pred.v + 1) / 2  # Nichol & Dhariwal eq. 15
-        return frac * tab["log_beta"][i] + (1 - frac) * tab["log_var_small"][i]
-    return tab["log_var_large" if variance == "large" else "log_var_small"][i]
+        log_var = frac * tab["log_beta"][i] + (1 - frac) * tab["log_var_small"][i]
+        return log_var, None if pred.grad is None else torch.exp(log_var)  # (a full-size exp: only if used)
+    if variance == "large":
+        return tab["log_var_large"][i], torch.exp(tab["log_var_large"][i])
+    return tab["log_var_small"][i], tab["var_small"][i]
 
 
 def _guided_x0(tab: dict, i: int, x: torch.Tensor, pred: Prediction, clip_x0: bool) -> torch.Tensor:
@@ -66,11 +71,8 @@ def sample_ddpm(model_fn: ModelFn, x: torch.Tensor, schedule: Schedule, *, noise
         if clip_x0:
             x0 = x0.clamp(-1, 1)
         mean = tab["coef_x0"][i] * x0 + tab["coef_xt"][i] * x
-        log_var = _log_variance(tab, i, pred, variance)
-        # The guidance shift Sigma g uses the variance itself: for fixed-small that is beta~_t
-        # unclipped (0 at t = 0, where the log variance above is clipped), as in the reference.
-        fixed_small = variance != "large" and not (pred.v is not None and variance == "learned")
-        mean = shift_mean(mean, tab["var_small"][i] if fixed_small else torch.exp(log_var), pred.grad)
+        log_var, var = _variance(tab, i, pred, variance)
+        mean = shift_mean(mean, var, pred.grad)
         x = mean + torch.exp(0.5 * log_var) * noise(x) if i > 0 else mean
         if callback is not None:
             callback(i, x)

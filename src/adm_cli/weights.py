@@ -8,7 +8,6 @@ Files are written to a temporary name beside the target and renamed when complet
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -18,6 +17,7 @@ from typing import Mapping
 import torch
 
 from .config import AnyConfig, config_from_dict
+from .download import sha256_file
 from .errors import ConfigError, WeightsError
 from .models import build_model
 
@@ -34,11 +34,7 @@ def file_sha256(path: str | Path) -> str:
     st = path.stat()
     key = (str(path), st.st_size, st.st_mtime_ns)
     if key not in _DIGESTS:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
-        _DIGESTS[key] = h.hexdigest()
+        _DIGESTS[key] = sha256_file(path)
     return _DIGESTS[key]
 
 
