@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -10,7 +11,10 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from adm_cli import runner as run_api
 from adm_cli.cli import _register, app
+from adm_cli.errors import OutputError
+from adm_cli.outputs import hold_run_dir, open_run_dir
 from adm_cli.config import ClassifierConfig, UNetConfig
 from adm_cli.models import build_model
 from conftest import randomize
@@ -315,6 +319,81 @@ def test_resume_reports_what_it_computed_and_records_the_batch(tmp_path, files):
     assert res.exit_code == 0 and "done: 3 images in" in res.output and "already there" not in res.output
     run = json.loads((auto / "run.json").read_text())
     assert run["batch_size"] == "auto" and run["resolved_batch_size"] == {"base": 2}
+
+
+def test_resume_with_auto_batch_computes_in_the_recorded_batches(tmp_path, files, monkeypatch):
+    # auto gave 2 at first (here from ADM_CPU_BATCH, on a GPU from a measurement); a resume
+    # where auto would now give 3 samples in the recorded batches of 2, as the uninterrupted run did
+    monkeypatch.setenv("ADM_CPU_BATCH", "2")
+    out = _finished_then_cut(tmp_path, files, "--batch-size", "auto")
+    assert json.loads((out / "run-plan.json").read_text())["resolved_batch_size"] == {"base": 2}
+    res, _ = _loud(tmp_path, files, "--steps", "2", "-n", "3", "--class", "4", "--resume", env={"ADM_CPU_BATCH": "3"})
+    assert res.exit_code == 0, res.output
+    run = json.loads((out / "run.json").read_text())
+    assert run["resolved_batch_size"] == {"base": 2} and run["computed"] == {"base": 1}  # block [2], not [0, 1, 2]
+    # a resume with nothing left to compute still reports the batches the samples were made in
+    (out / "run.json").rename(out / "run-plan.json")
+    (out / "grid.png").unlink()
+    res, _ = _loud(tmp_path, files, "--steps", "2", "-n", "3", "--class", "4", "--resume")
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "run.json").read_text())["resolved_batch_size"] == {"base": 2}
+
+
+def test_resume_with_another_explicit_batch_records_both(tmp_path, files):
+    out = _finished_then_cut(tmp_path, files, "--batch-size", "2")
+    res, _ = _loud(tmp_path, files, "--steps", "2", "-n", "3", "--class", "4", "--resume", "--batch-size", "1")
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "run.json").read_text())["resolved_batch_size"] == {"base": [2, 1]}
+
+
+def test_a_run_in_progress_holds_its_output_folder(tmp_path, files):
+    out = _finished_then_cut(tmp_path, files)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with hold_run_dir(out):  # as a run in progress holds it
+        res, _ = _sample(tmp_path, files, "--steps", "2", "-n", "3", "--class", "4", "--resume")
+        assert "is in use by another adm sample run" in _one_error_line(res)
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+        with pytest.raises(OutputError, match="in use"):  # held until the end: also past the early check
+            open_run_dir(out, json.loads((out / "run-plan.json").read_text()), resume=True, held=contextlib.ExitStack())
+    seen = []
+
+    def probe(*_):  # while this run samples, the folder is held
+        with pytest.raises(OutputError, match="in use"), hold_run_dir(out):
+            pass
+        seen.append(1)
+
+    plan = run_api.plan_run(run_api.SampleRequest(weights=files["unet"], out=out, resume=True, steps=2, num_samples=3,
+                                                  classes="4", seed=5, device="cpu", batch_size="1"))
+    run_api.execute(plan, progress=probe)
+    assert seen and (out / "run.json").is_file()
+    with hold_run_dir(out):  # and let go when it ends
+        pass
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: "
+                                                "can't allocate memory: you tried to allocate 1 bytes.")])
+def test_running_out_of_memory_is_one_line_and_resumable(tmp_path, files, monkeypatch, error):
+    real, calls = run_api.api.generate, []
+
+    def generate(*args, **kwargs):  # the second batch does not fit
+        calls.append(1)
+        if len(calls) == 2:
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run_api.api, "generate", generate)
+    res, out = _sample(tmp_path, files, "--steps", "2", "-n", "3", "--batch-size", "2")
+    line = _one_error_line(res)
+    assert res.exit_code == 1 and "out of cpu memory sampling the base stage in batches of 2: pass a smaller --batch-size (or auto)" in line
+    assert sorted(p.name for p in out.glob("*.png")) == ["000000.png", "000001.png"]
+    monkeypatch.setattr(run_api.api, "generate", real)
+    res, _ = _sample(tmp_path, files, "--steps", "2", "-n", "3", "--batch-size", "2", "--resume")
+    assert res.exit_code == 0, res.output
+    monkeypatch.setattr(run_api.api, "generate", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):  # any other error is not mistaken for memory
+        run_api.execute(run_api.plan_run(run_api.SampleRequest(weights=files["unet"], out=tmp_path / "bug", steps=2,
+                                                               num_samples=1, seed=1, device="cpu")))
 
 
 def test_highest_seed_runs_and_respacing_records_no_steps(tmp_path, files):

@@ -55,6 +55,10 @@ class OutputError(AdmError):
     """An output folder or file that cannot be written."""
 
 
+class DeviceMemoryError(AdmError):
+    """The device (or host) ran out of memory: the batch does not fit."""
+
+
 class DistributedError(AdmError):
     """A multi-process run that failed in another rank or could not start."""
 

@@ -9,6 +9,7 @@ files an uninterrupted one would.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -18,7 +19,7 @@ import uuid
 import zipfile
 from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Mapping
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 from PIL import Image, PngImagePlugin
@@ -44,11 +45,13 @@ def _atomic_write(path: Path, data: bytes) -> None:
     _atomic_stream(path, lambda f: f.write(data))
 
 
-def _atomic_stream(path: Path, write: Callable[[BinaryIO], Any], *, same_ok: bool = False) -> None:
+def _atomic_stream(path: Path, write: Callable[[BinaryIO], Any], *, same_ok: bool = False,
+                   replace: bool = False) -> None:
     """Write a file through ``write(f)`` under a temporary name, then rename it into place.
-    An existing file is never replaced; with ``same_ok`` one with the same bytes is kept
-    (a resumed run killed while finalizing), compared by hash, not by reading it whole."""
-    if path.exists() and not same_ok:
+    An existing file is never replaced (``replace``: our own plan, rewritten whole); with
+    ``same_ok`` one with the same bytes is kept (a resumed run killed while finalizing),
+    compared by hash, not by reading it whole."""
+    if path.exists() and not (same_ok or replace):
         raise OutputError(f"refusing to overwrite existing file {path}")
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.incomplete")
     try:
@@ -56,7 +59,7 @@ def _atomic_stream(path: Path, write: Callable[[BinaryIO], Any], *, same_ok: boo
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        if path.exists():
+        if path.exists() and not replace:
             if sha256_file(path) != sha256_file(tmp):
                 raise OutputError(f"refusing to overwrite existing file {path}")
             return
@@ -108,13 +111,17 @@ def _sample_file(path: Path) -> str | None:
     return None
 
 
-def check_out_dir(path: Path, *, resume: bool = False) -> None:
+def check_out_dir(path: Path, *, resume: bool = False, held: bool = False) -> None:
     """Refuse an output folder that cannot be used, creating nothing (so that a bad --out
-    fails before weights are fetched or the plan is printed)."""
+    fails before weights are fetched or the plan is printed). ``held``: this process holds
+    the folder (``hold_run_dir``); otherwise a run in progress there is refused."""
     if path.exists() and not path.is_dir():
         raise OutputError(f"--out {path} exists and is not a folder")
     if not path.is_dir():
         return
+    if not held:
+        with hold_run_dir(path):  # a probe: taken and let go
+            pass
     if not resume:
         summary = ("grid.png", "samples.npz", "run.json", PLAN_NAME)
         taken = [p.name for p in path.iterdir() if p.name in summary or _PNG_RE.match(p.name)]
@@ -127,18 +134,25 @@ def check_out_dir(path: Path, *, resume: bool = False) -> None:
                           "recording their run; choose a new --out")
 
 
-def prepare_out_dir(path: Path, *, resume: bool = False) -> Path:
-    """Create the output folder, or check that it can be (re)used without overwriting."""
+def prepare_out_dir(path: Path, *, resume: bool = False, held: contextlib.ExitStack | None = None) -> Path:
+    """Create the output folder, or check that it can be (re)used without overwriting;
+    ``held``: hold it (``hold_run_dir``) until this stack closes, checked again once held."""
     check_out_dir(path, resume=resume)
-    if path.is_dir() and resume:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot write to output folder {path}: {exc.strerror or exc}") from None
+    if held is not None:
+        held.enter_context(hold_run_dir(path))
+        check_out_dir(path, resume=resume, held=True)  # a run that ended meanwhile left its files
+    if resume:
         # Our temporary files left by writers killed mid-write (in the folder and its stage
-        # folders): never counted as samples; tidy them away. Nothing else is touched.
+        # folders): never counted as samples; tidy them away (held: no live writer's).
         for folder in (path, *(p for p in path.iterdir() if p.is_dir())):
             for stale in folder.iterdir():
                 if _TMP_RE.match(stale.name) and stale.is_file():
                     stale.unlink(missing_ok=True)
     try:
-        path.mkdir(parents=True, exist_ok=True)
         probe = path / f".adm-write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
@@ -222,18 +236,75 @@ def plan_difference(a: Mapping[str, Any], b: Mapping[str, Any]) -> tuple[str, An
     return walk(*(json.loads(json.dumps(_identity(i, like=a), default=str)) for i in (a, b)), "")
 
 
-def open_run_dir(path: Path, plan: Mapping[str, Any], *, resume: bool = False) -> Path:
+@contextlib.contextmanager
+def hold_run_dir(path: Path) -> Iterator[None]:
+    """Hold an output folder for one run: a second `adm sample` on the same --out (a --resume
+    started while the first still runs) is refused instead of racing it for the same samples.
+    An advisory lock on the folder itself (flock), so nothing is left behind and a killed run
+    holds nothing. Where folders cannot be locked (Windows, some network filesystems) runs go
+    on without: every file is still written whole and never over another."""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    fd = None
+    if fcntl is not None:
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise OutputError(f"--out {path} is in use by another adm sample run; wait for it to end "
+                                  "(then --resume it if it stopped early) or choose another folder") from None
+            except OSError:  # e.g. ENOLCK: no locks on this filesystem
+                pass
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
+def open_run_dir(path: Path, plan: Mapping[str, Any], *, resume: bool = False,
+                 held: contextlib.ExitStack | None = None) -> dict[str, Any]:
     """Create (on --resume: reopen) the output folder and record the plan before any sample;
-    a resumed run must have the recorded plan."""
-    prepare_out_dir(path, resume=resume)
+    a resumed run must have the recorded plan. ``held``: the folder is held for the run
+    (``hold_run_dir``) until this stack closes. Returns the recorded plan (``plan`` for a new run)."""
+    prepare_out_dir(path, resume=resume, held=held)
     recorded = read_run_plan(path)
     if recorded is None:
         write_run_plan(path, plan)
-    elif (diff := plan_difference(recorded, plan)) is not None:
+        return dict(plan)
+    if (diff := plan_difference(recorded, plan)) is not None:
         key, then, now = diff
         raise UsageError(f"--resume: {path} was started with {key} = {json.dumps(then)}, this command gives "
                          f"{json.dumps(now)}; repeat the original command or choose a new --out")
-    return path
+    return recorded
+
+
+def batch_record(old: Any, used: int | None) -> Any:
+    """The batch size(s) a stage's samples were computed with: one int; a list in order of use
+    when calls of one run differed (an explicit --batch-size on --resume); None: none yet."""
+    seen = old if isinstance(old, list) else ([] if old is None else [old])
+    if used is not None and used not in seen:
+        seen = [*seen, used]
+    return seen[0] if len(seen) == 1 else (seen or None)
+
+
+def record_batch(out_dir: Path, stage: str, batch: int) -> None:
+    """Add the batch size a stage now samples with to the recorded plan, so that a --resume
+    with --batch-size auto computes in the same batches (floats depend on the batch size)."""
+    path = Path(out_dir) / PLAN_NAME
+    recorded = read_run_plan(out_dir)
+    if recorded is None or not path.is_file():  # run.json: the run is complete
+        return
+    batches = dict(recorded.get("resolved_batch_size") or {})
+    if batch_record(batches.get(stage), batch) == batches.get(stage):
+        return
+    batches[stage] = batch_record(batches.get(stage), batch)
+    data = json.dumps({**recorded, "resolved_batch_size": batches}, indent=2, sort_keys=True, default=str) + "\n"
+    _atomic_stream(path, lambda f: f.write(data.encode()), replace=True)
 
 
 def _npz_member(zf: zipfile.ZipFile, name: str, shape: tuple, dtype: np.dtype, chunks: Iterable[np.ndarray]) -> None:

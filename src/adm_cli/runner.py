@@ -8,6 +8,7 @@ options into a ``SampleRequest`` and prints.
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import re
 import secrets
@@ -21,8 +22,9 @@ import torch
 
 from . import __version__, api
 from .config import UNetConfig
-from .errors import UsageError
-from .outputs import SampleWriter, check_out_dir, default_out_dir, open_run_dir, portable_stage, read_run_plan
+from .errors import DeviceMemoryError, UsageError
+from .outputs import (SampleWriter, batch_record, check_out_dir, default_out_dir, open_run_dir, portable_stage,
+                      read_run_plan, record_batch)
 from .samplers import DEFAULT_STEPS
 from .schedule import space_timesteps
 from .weights import file_sha256
@@ -331,7 +333,19 @@ class RunResult:
     new: int = 0  # images written by this call (``images`` less those a resumed run already had)
 
 
-def _load(stage: Stage, plan: RunPlan):
+def _recorded_batches(recorded: dict) -> dict[str, int | list[int]]:
+    """The batch sizes a plan records per stage (only well-formed ones: the file is editable)."""
+    def ok(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    found = recorded.get("resolved_batch_size")
+    return {k: v for k, v in found.items() if ok(v) or (isinstance(v, list) and v and all(map(ok, v)))} \
+        if isinstance(found, dict) else {}
+
+
+def _load(stage: Stage, plan: RunPlan, recorded_batch=None):
+    """The stage's networks, prepared, and the batch size: --batch-size N; with "auto" the one
+    this run recorded (a --resume computes in the batches it began with), else measured."""
     from . import fast
     from .weights import load_model
 
@@ -340,7 +354,9 @@ def _load(stage: Stage, plan: RunPlan):
     clf = None
     if stage.classifier_path is not None:
         clf = fast.prepare(load_model(stage.classifier_path), device=plan.device, dtype=dtype, compile=plan.compile)
-    if plan.batch_size == "auto":
+    if plan.batch_size == "auto" and recorded_batch is not None:
+        batch = recorded_batch[-1] if isinstance(recorded_batch, list) else recorded_batch
+    elif plan.batch_size == "auto":
         batch = fast.auto_batch_size(unet, clf, stage.settings, plan.device, plan.num_samples, plan.cuda_graph)
     else:
         batch = int(plan.batch_size)
@@ -356,13 +372,21 @@ def execute(plan: RunPlan, *, indices: list[int] | None = None,
     of the batches still to do, and rank 0 alone touches the output folder. None: this process
     does everything (``distributed.Solo``); both go through the same calls below.
     """
-    from . import fast
     from .distributed import Solo
 
     team = team or Solo()
+    with contextlib.ExitStack() as held:  # rank 0 holds the output folder until the run ends
+        return _execute(plan, indices, progress, on_stage, team, held)
+
+
+def _execute(plan: RunPlan, indices, progress, on_stage, team, held: contextlib.ExitStack) -> RunResult:
+    from . import fast
+
     start = time.perf_counter()
     out = plan.out_dir
-    team.from_root(lambda: open_run_dir(out, plan.describe(), resume=plan.resume), "preparing the output folder")
+    recorded = team.from_root(lambda: open_run_dir(out, plan.describe(), resume=plan.resume, held=held),
+                              "preparing the output folder")
+    known = _recorded_batches(recorded)
     info = plan.describe()
     # What every PNG records: the settings and the weights by name and content, not where this
     # machine keeps them (so a run resumed elsewhere, or with the same file by another path,
@@ -384,8 +408,9 @@ def execute(plan: RunPlan, *, indices: list[int] | None = None,
             return [k for k in wanted if k not in done]
 
         todo = team.from_root(pending, f"listing the finished {stage.name} samples")
-        computed[stage.name], batches[stage.name] = _run_stage(plan, stage, wanted, todo, writer, base, team,
-                                                               progress, on_stage)
+        computed[stage.name], used = _run_stage(plan, stage, wanted, todo, writer, base, team, progress, on_stage,
+                                                known.get(stage.name))
+        batches[stage.name] = batch_record(known.get(stage.name), used)
         written = len(todo)  # the last stage's: the run's images
         base = writer
     seconds = time.perf_counter() - start
@@ -397,7 +422,8 @@ def execute(plan: RunPlan, *, indices: list[int] | None = None,
                 "python": platform.python_version(), "resolved_dtype": dtype,
                 "processes": team.world_size, "computed": computed,
                 # "batch_size" is what was asked for ("auto"); the float results depend on the
-                # batch a sample is computed in, so record the one used (None: nothing to compute)
+                # batch a sample is computed in, so record the one used (a list: calls of this
+                # run used several; None: nothing was computed)
                 "resolved_batch_size": batches}
     files = team.from_root(lambda: writer.finalize(plan.num_samples, run_info, plan.nrow),
                            "writing samples.npz, grid.png and run.json")
@@ -416,8 +442,25 @@ def _blocks(wanted: list[int], todo: list[int], batch: int) -> list[list[int]]:
     return [members[j] for j in sorted({k // batch for k in todo})]
 
 
+@contextlib.contextmanager
+def _out_of_memory(plan: RunPlan, what: str, batch: int | None):
+    """Running out of device (or host) memory as one line that names the remedy: the
+    traceback of an allocation failure says nothing more to a user."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not isinstance(exc, torch.OutOfMemoryError) and "can't allocate memory" not in str(exc):
+            raise
+        if batch is None:
+            remedy = "the device cannot hold these networks (is another process using it?)"
+        else:
+            remedy = f"pass a smaller --batch-size{'' if plan.batch_size == 'auto' else ' (or auto)'}"
+        raise DeviceMemoryError(f"out of {plan.device} memory {what}{f' in batches of {batch}' if batch else ''}: "
+                                f"{remedy}") from exc
+
+
 def _run_stage(plan: RunPlan, stage: Stage, wanted: list[int], todo: list[int], writer: SampleWriter,
-               base: SampleWriter | None, team, progress, on_stage) -> tuple[int, int | None]:
+               base: SampleWriter | None, team, progress, on_stage, recorded_batch=None) -> tuple[int, int | None]:
     """Sample the blocks holding ``todo`` with one stage (this process: its share of them);
     ``base``: the previous stage's samples, which condition an upsampler (as uint8, quantised
     as the reference does). Returns the number of samples computed and the batch size used."""
@@ -425,8 +468,13 @@ def _run_stage(plan: RunPlan, stage: Stage, wanted: list[int], todo: list[int], 
         if on_stage is not None:
             on_stage(stage, 0)
         return 0, None
-    unet, clf, batch, _ = team.agree(lambda: _load(stage, plan), f"loading the {stage.name} models")
+    def load():
+        with _out_of_memory(plan, f"loading the {stage.name} models", None):
+            return _load(stage, plan, recorded_batch)
+
+    unet, clf, batch, _ = team.agree(load, f"loading the {stage.name} models")
     batch = team.least(batch)  # one batch size for every process
+    team.from_root(lambda: record_batch(plan.out_dir, stage.name, batch), "recording the batch size")
     blocks = _blocks(wanted, todo, batch)
     mine = team.split(blocks)
     rows = None
@@ -448,10 +496,11 @@ def _run_stage(plan: RunPlan, stage: Stage, wanted: list[int], todo: list[int], 
             low_res = np.zeros((plan.num_samples, *rows.shape[1:]), dtype=np.uint8)  # indexed by sample
             low_res[[k for block in mine for k in block]] = rows
         for block in mine:
-            api.generate(unet, indices=block, seed=plan.seed, classes=plan.labels, classifier=clf,
-                         settings=stage.settings, batch_size=len(block), low_res=low_res,
-                         progress=step_progress, on_batch=on_batch, cuda_graph=plan.cuda_graph,
-                         stream=0 if base is None else 1)  # the upsampler: noise of its own
+            with _out_of_memory(plan, f"sampling the {stage.name} stage", batch):
+                api.generate(unet, indices=block, seed=plan.seed, classes=plan.labels, classifier=clf,
+                             settings=stage.settings, batch_size=len(block), low_res=low_res,
+                             progress=step_progress, on_batch=on_batch, cuda_graph=plan.cuda_graph,
+                             stream=0 if base is None else 1)  # the upsampler: noise of its own
 
     team.sample(generate if mine else None, write, progress, stage.num_steps)
     return sum(map(len, blocks)), batch
