@@ -94,6 +94,28 @@ def test_bad_launcher_variables_are_one_line(monkeypatch, tmp_path, env, message
     assert len(res.output.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("env,silent", [
+    ({"WORLD_SIZE": "abc"}, True),
+    ({"WORLD_SIZE": "2"}, True),  # no MASTER_ADDR / MASTER_PORT
+    ({"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1", "ADM_DIST_TIMEOUT": "abc"}, True),
+    ({"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1", "LOCAL_RANK": "-1"}, False),  # its own
+])
+def test_an_error_every_rank_meets_alike_is_printed_by_rank_0_only(monkeypatch, tmp_path, env, silent):
+    cli._register()
+    monkeypatch.delenv("ADM_DEBUG", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    outputs = {}
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        res = CliRunner().invoke(cli.app, ["sample", "--model", "demo-digits", "-n", "1", "--quiet", "--out",
+                                           str(tmp_path / "run")])
+        assert res.exit_code != 0 and not (tmp_path / "run").exists()
+        outputs[rank] = res.output.strip()
+    assert outputs["0"].startswith("error: ") and len(outputs["0"].splitlines()) == 1
+    assert outputs["1"] == ("" if silent else outputs["0"])
+
+
 def test_generate_checks_its_arguments():
     from test_fast import TINY, TINY_CLF, exact
 

@@ -11,6 +11,7 @@ from rich.text import Text
 from rich.progress import ProgressColumn, BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from . import distributed
+from .errors import AdmError
 from .cli import app, handle_errors
 from .runner import RunPlan, SampleRequest, check_output, execute
 
@@ -69,7 +70,12 @@ def sample(
 
     Under torchrun, the processes share the samples and rank 0 writes them (see the README).
     """
-    team = distributed.join(device)  # a single process outside torchrun
+    try:
+        team = distributed.join(device)  # a single process outside torchrun
+    except AdmError as exc:
+        if getattr(exc, "rank0_prints", False) and distributed.launch_says_not_root():
+            raise typer.Exit(exc.exit_code) from None
+        raise
     console = Console(stderr=True, quiet=quiet or not team.is_root)  # only rank 0 prints
     request = SampleRequest(
         res=res, model=model, classifier=classifier, guidance=guidance, weights=weights,

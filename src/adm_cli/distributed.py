@@ -129,18 +129,39 @@ def _flat(blocks: Sequence[list[int]]) -> list[int]:
     return [k for block in blocks for k in block]
 
 
+def launch_says_not_root() -> bool:
+    """Whether the launcher made this process a rank other than 0 (RANK > 0): one whose copy of
+    an error every process meets alike (a bad ADM_DIST_TIMEOUT) is left to rank 0 to print."""
+    raw = os.environ.get("RANK", "").strip()
+    return raw.isascii() and raw.isdigit() and int(raw) > 0
+
+
+def _everywhere(exc: AdmError) -> AdmError:
+    exc.rank0_prints = True  # the same settings give every process this error
+    return exc
+
+
 def join(device: str = "auto") -> "Solo | Group":
-    """This run's processes: a ``Group`` under torchrun (WORLD_SIZE > 1), else ``Solo``."""
-    if _env_int("WORLD_SIZE", 1) <= 1:
+    """This run's processes: a ``Group`` under torchrun (WORLD_SIZE > 1), else ``Solo``.
+    Errors in settings that every process shares are marked ``rank0_prints``."""
+    try:
+        world = _env_int("WORLD_SIZE", 1)
+    except UsageError as exc:
+        raise _everywhere(exc) from None
+    if world <= 1:
         return Solo()
     missing = [k for k in _REQUIRED_ENV if not os.environ.get(k)]
     if missing:
-        raise DistributedError(f"WORLD_SIZE > 1 but {', '.join(missing)} is not set: start the run with torchrun")
-    rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
+        raise _everywhere(DistributedError(f"WORLD_SIZE > 1 but {', '.join(missing)} is not set: "
+                                           "start the run with torchrun"))
+    rank = _env_int("RANK")
     if rank >= world:
         raise UsageError(f"RANK {rank} is not below WORLD_SIZE {world}")
     local = _env_int("LOCAL_RANK", rank)
-    timeout = timeout_s()
+    try:
+        timeout = timeout_s()
+    except UsageError as exc:
+        raise _everywhere(exc) from None
     gpu = device not in ("cpu", "mps") and torch.cuda.is_available()
     if gpu and local < torch.cuda.device_count():
         torch.cuda.set_device(local)  # before the group exists, as NCCL wants (Group.device checks the count)
