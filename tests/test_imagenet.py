@@ -201,8 +201,24 @@ def test_a_whole_pasted_label_is_its_one_class(label, index):
 
 def test_every_full_imagenet_label_resolves_to_its_class():
     labels = [", ".join(class_synonyms(i)) for i in range(1000)]
-    shared = {"crane", "cardigan", "maillot"}  # one-name labels that are another class's display name too
+    shared = {"crane", "maillot"}  # one-name labels that are another class's display name too
     for label in shared:
         with pytest.raises(UsageError, match="ambiguous"):
             resolve_classes(label)
     assert all(resolve_classes(label) == [i] for i, label in enumerate(labels) if label not in shared)
+
+
+@pytest.mark.parametrize("item,index", [
+    ("Cardigan", 264), ("cardigan", 474),  # the corgi and the sweater differ only in case
+    ("jack o lantern", 607), ("jack-o-lantern", 607), ("JACK-O'-LANTERN", 607),
+    ("carpenters kit", 477), ("carpenter\u2019s kit", 477), ("RV", 757), ("st. bernard", 247),
+])
+def test_case_apostrophes_and_dots(item, index):
+    assert resolve_classes(item) == [index]
+
+
+def test_case_decides_only_between_names_that_differ_in_case_alone():
+    with pytest.raises(UsageError, match="264 Cardigan, 474 cardigan"):
+        resolve_classes("CARDIGAN")
+    with pytest.raises(UsageError, match="ambiguous"):  # "Crane" has no exact-case class
+        resolve_classes("Crane")

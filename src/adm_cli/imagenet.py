@@ -5,10 +5,11 @@ standard index order (sorted WordNet ids): ``wnid<TAB>synonym, synonym, ...``. T
 is the display name (``207`` -> ``golden retriever``).
 
 :func:`resolve_classes` turns a ``--class`` value into class indices. A value is a comma list of
-items; each item is an index (``207``) or a name, case-insensitive, matched against every synonym:
-an exact display name wins, then an exact synonym, then whole words of a synonym, then any
-substring; a tier with one class resolves, a tier with several is ambiguous (``retriever``), an
-empty tier falls through to the next. Errors are :class:`~adm_cli.errors.UsageError` with one line.
+items; each item is an index (``207``) or a name, matched against every synonym regardless of
+case, apostrophes, dots and hyphens: an exact display name wins, then an exact synonym, then whole
+words of a synonym, then any substring; a tier with one class resolves, a tier with several is
+ambiguous (``retriever``) unless exactly one display name has the item's own case (``Cardigan``,
+the corgi; ``cardigan``, the sweater), an empty tier falls through to the next. Errors are :class:`~adm_cli.errors.UsageError` with one line.
 """
 
 from __future__ import annotations
@@ -83,9 +84,12 @@ def label_name(i: int, num_classes: int = NUM_IMAGENET_CLASSES) -> str:
 # --------------------------------------------------------------------------- resolution
 
 
+_DROPPED = str.maketrans("", "", "'\u2019.")  # "jack-o'-lantern", "carpenter’s kit", "R.V."
+
+
 def _norm(s: str) -> str:
-    """Case-, underscore-, hyphen- and spacing-insensitive form of a name."""
-    return " ".join(s.casefold().replace("_", " ").replace("-", " ").split())
+    """Case-, apostrophe-, dot-, underscore-, hyphen- and spacing-insensitive form of a name."""
+    return " ".join(s.casefold().translate(_DROPPED).replace("_", " ").replace("-", " ").split())
 
 
 @lru_cache(maxsize=1)
@@ -152,6 +156,8 @@ def _match_name(item: str, vocab, num_classes: int) -> int:
                     break
         if len(hits) == 1:
             return next(iter(hits))
+        if tier == "display" and len(cased := [i for i in hits if vocab[i][0] == item]) == 1:
+            return cased[0]  # names that differ only in case: "Cardigan" (the corgi), "cardigan"
         if hits:
             raise _ambiguous(item, hits, vocab)
     raise _unknown(item, vocab, num_classes)
