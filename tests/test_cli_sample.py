@@ -150,7 +150,13 @@ def test_unconditional_model_needs_a_classifier_for_class(tmp_path, files):
 @pytest.mark.parametrize("args,message", [
     (["--class", "1000"], "out of range"),
     (["--class", "golden retreiver"], "golden retriever"),
-    (["--steps", "0"], "--steps must be at least 1"),
+    (["--steps", "0"], "--steps must be at least 2"),
+    # one timestep: the network would 'denoise' pure noise as if at t = 0 (the reference crashes)
+    (["--steps", "1"], "--steps must be at least 2"),
+    (["--respacing", "1"], "it selects one step (t = 0)"),
+    (["--respacing", "0,1"], "it selects one step (t = 500)"),
+    (["--sampler", "ddim", "--eta", "1.5"], "--eta must be in [0, 1]"),  # 1 - a' - sigma^2 < 0
+    (["--sampler", "ddim", "--eta", "-0.1"], "--eta must be in [0, 1]"),
     (["--num-samples", "0"], "--num-samples must be at least 1"),
     (["--respacing", "ddim7x"], "respacing"),
     (["--batch-size", "zero"], "--batch-size"),

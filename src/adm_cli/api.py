@@ -40,9 +40,10 @@ ProgressFn = Callable[[int], None]
 class SamplerSettings:
     """How to sample. ``respacing`` is the reference's string ("250", "ddim25", "10,15,20");
     ``steps`` is the shorthand the paper's scripts use: "N" for DDPM, "ddimN" for DDIM; DPM-Solver++
-    takes "N" too (N steps evenly from t = T - 1 to 0, as DPM-Solver and diffusers space them: the
-    first step starts from pure noise, where "ddimN" starts at (N - 1) T / N). None:
-    ``DEFAULT_STEPS``."""
+    takes "N" too: N model calls at timesteps evenly spaced from T - 1 down to 0, the first one on
+    pure noise (where "ddimN" starts at (N - 1) T / N), then the first-order step from t = 0 onto
+    the clean image; that is DPM-Solver's N - 1 time-uniform steps followed by its
+    ``denoise_to_zero`` call. None: ``DEFAULT_STEPS``."""
 
     sampler: str = "ddpm"
     steps: int | None = None
@@ -54,14 +55,16 @@ class SamplerSettings:
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
             raise UsageError(f"unknown sampler {self.sampler!r} (choose from {', '.join(SAMPLERS)})")
-        if self.steps is not None and self.steps < 1:
-            raise UsageError(f"--steps must be at least 1, got {self.steps}")
+        if self.steps is not None and self.steps < 2:  # one step: the network alone on pure noise
+            raise UsageError(f"--steps must be at least 2, got {self.steps}")
         # NaN passes every comparison below and gives black images (and NaN, not JSON, in run.json)
         for flag, value in (("--eta", self.eta), ("--guidance", self.guidance)):
             if not math.isfinite(value):
                 raise UsageError(f"{flag} must be a finite number, got {value}")
-        if self.eta < 0:
-            raise UsageError(f"--eta must be >= 0, got {self.eta}")
+        if not 0 <= self.eta <= 1:
+            # DDIM's sigma_t = eta * sqrt((1 - a') / (1 - a)) * sqrt(1 - a / a'): beyond eta = 1 the
+            # direction term's 1 - a' - sigma^2 goes negative (the reference gives NaN there)
+            raise UsageError(f"--eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got {self.eta}")
         if self.eta > 0 and self.sampler == "dpm++2m":
             raise UsageError("--eta is DDIM's stochasticity; dpm++2m is deterministic (leave --eta at 0)")
         if self.eta > 0 and self.sampler == "ddpm":  # it would be ignored, yet recorded

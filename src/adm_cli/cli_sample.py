@@ -47,7 +47,7 @@ def sample(
     sampler: Optional[str] = typer.Option(None, "--sampler", help="ddpm, ddim or dpm++2m (DPM-Solver++(2M): a deterministic second-order solver, good in 15-25 steps). Default: the model's paper sampler (ddpm)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps: respacing 'N' for DDPM and dpm++2m, 'ddimN' for DDIM. Default: the model's (250 for DDPM, 25 for DDIM, 20 for dpm++2m)."),
     respacing: Optional[str] = typer.Option(None, "--respacing", help="Any respacing string the reference accepts ('250', 'ddim25', '10,15,20'), instead of --steps (not with it)."),
-    eta: float = typer.Option(0.0, "--eta", help="DDIM stochasticity (0: deterministic)."),
+    eta: float = typer.Option(0.0, "--eta", help="DDIM stochasticity, 0 to 1 (0: deterministic; 1: as much noise as DDPM's posterior)."),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier guidance scale (0 disables). Default: the paper's scale for the model."),
     classifier: Optional[str] = typer.Option(None, "--classifier", help="Registry classifier name. Default: the model's paired classifier."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="A converted .safetensors (or raw .pt/.pth, converted into the cache) instead of a registry model."),

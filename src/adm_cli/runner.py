@@ -242,12 +242,13 @@ def _validate_numbers(req: SampleRequest) -> None:
         raise UsageError(f"--num-samples must be at least 1, got {req.num_samples}")
     if req.num_samples > MAX_SAMPLES:
         raise UsageError(f"--num-samples must be at most {MAX_SAMPLES:,}, got {req.num_samples}; "
-                         "split larger sets into runs with different --seed")
+                         "split larger sets into runs whose --seed values are at least -n apart "
+                         "(sample k uses seed S + k)")
     if req.seed is not None and not 0 <= req.seed <= SEED_LIMIT - req.num_samples:
         raise UsageError(f"--seed must be in 0..{SEED_LIMIT - req.num_samples} for {req.num_samples} samples "
                          f"(sample k uses seed S + k, below 2**63), got {req.seed}")
-    if req.steps is not None and req.steps < 1:
-        raise UsageError(f"--steps must be at least 1, got {req.steps}")
+    if req.steps is not None and req.steps < 2:
+        raise UsageError(f"--steps must be at least 2, got {req.steps}")
     if req.steps is not None and req.respacing is not None:
         raise UsageError("--steps and --respacing both choose the timesteps: give one of them")
     # ASCII digits only: str.isdigit() also accepts "²", which int() then rejects.

@@ -81,6 +81,11 @@ def space_timesteps(steps: int, spec: str | int) -> list[int]:
         start += section
     if not chosen:
         raise RespacingError(f"bad respacing {text!r}: it selects no step")
+    if len(chosen) == 1 and steps > 1:
+        # One timestep (t = 0 for "1") would have the network denoise pure noise as if it were
+        # at that t: clipped noise, not a sample. The reference cannot run it either.
+        raise RespacingError(f"bad respacing {text!r}: it selects one step (t = {min(chosen)}); "
+                             "a sampler needs at least 2")
     return sorted(chosen)
 
 
