@@ -128,9 +128,15 @@ def test_generate_checks_its_arguments():
         (dict(num_samples=2, classes=[3, 10]), "class label 10 is out of range"),
         (dict(num_samples=2, classes=[-1, 3]), "class label -1 is out of range"),
         (dict(num_samples=1, settings=api.SamplerSettings("ddim", steps=2, guidance=1.0)), "needs a classifier"),
+        (dict(num_samples=1, seed=-5), r"seed must be in 0..2\*\*63 - 1"),
+        (dict(num_samples=2, seed=2 ** 63 - 1), r"seed must be in 0..2\*\*63 - 2"),
+        (dict(num_samples=1, classifier=unet, settings=api.SamplerSettings("ddim", steps=2, guidance=1.0)),
+         "classifier must be a noisy-image classifier, got a UNet"),
     ):
         with pytest.raises(UsageError, match=message):
             api.generate(unet, **{"settings": quick, **kwargs})
+    with pytest.raises(UsageError, match="needs a diffusion U-Net, got a Classifier"):
+        api.generate(exact(TINY_CLF, seed=4), num_samples=1, settings=quick)
     uncond = exact(TINY["new-order"].replace(class_cond=False))
     with pytest.raises(UsageError, match="needs a classifier"):
         api.generate(uncond, num_samples=1, settings=api.SamplerSettings("ddim", steps=2, guidance=1.0))

@@ -510,3 +510,110 @@ def test_unconditional_samples_have_no_label_array(tmp_path, files):
     assert res.exit_code == 0, res.output
     with np.load(out / "samples.npz") as npz:
         assert npz.files == ["arr_0"] and npz["arr_0"].shape == (2, 16, 16, 3)
+
+
+# --- a user's walk through the README: each case once gave a traceback, a wrong result or a stuck folder
+
+def test_networks_in_the_wrong_role_or_of_another_shape_are_refused_before_anything_is_written(tmp_path, files):
+    other = tmp_path / "clf8.safetensors"  # a classifier of another image size
+    model = randomize(build_model(CLASSIFIER.replace(image_size=8)), seed=3, std=0.02)
+    torch.save(model.state_dict(), tmp_path / "clf8.pt")
+    (tmp_path / "clf8.json").write_text(json.dumps(_flags(CLASSIFIER.replace(image_size=8))))
+    assert runner.invoke(app, ["convert-weights", str(tmp_path / "clf8.pt"), str(other),
+                               "--config", str(tmp_path / "clf8.json")]).exit_code == 0
+    for extra, message in (
+        (["--weights", str(files["classifier"])], "holds a classifier, not a diffusion model"),
+        (["--classifier-weights", str(files["uncond"]), "--guidance", "1"], "holds a diffusion model, not a classifier"),
+        (["--classifier-weights", str(other), "--guidance", "1"], "its image size is 8, the model's 16"),
+    ):
+        res, out = _sample(tmp_path, files, "--steps", "2", "-n", "1", *extra)
+        assert message in _one_error_line(res) and not out.exists(), res.output
+
+
+def test_registry_classifier_that_cannot_guide_the_model_is_refused_before_a_download(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADM_HOME", str(tmp_path / "cache"))  # empty: a download would be needed
+    res = runner.invoke(app, ["sample", "--model", "demo-digits-uncond", "--classifier", "128x128_classifier",
+                              "--offline", "-n", "1", "--out", str(tmp_path / "run")])
+    assert "its image size is 128, the model's 32" in _one_error_line(res)
+    assert not (tmp_path / "cache" / "128x128_classifier").exists()
+
+
+def test_options_that_would_be_ignored_are_refused(tmp_path, files):
+    for extra, message in (
+        (["--classifier-weights", str(files["classifier"])], "--classifier-weights goes with --weights"),
+        (["--config", str(tmp_path / "x.json")], "--config goes with --weights"),
+    ):
+        res = runner.invoke(app, ["sample", "--model", "demo-digits", "-n", "1", "--out", str(tmp_path / "r"), *extra])
+        assert message in _one_error_line(res)
+
+
+@pytest.mark.parametrize("out,message", [("", "--out is empty"), ("afile/sub", "afile is not a folder")])
+def test_an_out_that_cannot_be_created_fails_first(tmp_path, files, monkeypatch, out, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    res = runner.invoke(app, ["sample", "--weights", str(files["unet"]), "--out", out, "--steps", "2", "-n", "1"])
+    assert message in _one_error_line(res)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_no_mps_device_is_one_line_and_leaves_no_plan(tmp_path, files, monkeypatch):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    res = runner.invoke(app, ["sample", "--weights", str(files["unet"]), "--device", "mps", "--out",
+                              str(tmp_path / "m"), "-n", "1"])
+    assert "no MPS device" in _one_error_line(res) and not (tmp_path / "m").exists()
+
+
+def test_a_damaged_sample_is_named_at_the_end(tmp_path, files):
+    out = _finished_then_cut(tmp_path, files)
+    (out / "000001.png").write_bytes((out / "000001.png").read_bytes()[:100])
+    res, _ = _sample(tmp_path, files, "--steps", "2", "-n", "3", "--class", "4", "--resume")
+    line = _one_error_line(res)
+    assert "000001.png is damaged" in line and "delete it and rerun with --resume" in line
+    assert not (out / "samples.npz").exists() and not list(out.glob(".*incomplete"))
+    (out / "000001.png").unlink()
+    res, _ = _sample(tmp_path, files, "--steps", "2", "-n", "3", "--class", "4", "--resume")
+    assert res.exit_code == 0 and (out / "samples.npz").is_file()
+
+
+def test_resume_accepts_the_same_weights_under_another_name(tmp_path, files):
+    copy = tmp_path / "renamed.safetensors"
+    copy.write_bytes(files["unet"].read_bytes())
+    out = _finished_then_cut(tmp_path, files)
+    first = Image.open(out / "000000.png").text
+    res = runner.invoke(app, ["sample", "--weights", str(copy), "--out", str(out), "--seed", "5", "--device", "cpu",
+                              "--quiet", "--steps", "2", "-n", "3", "--class", "4", "--resume"])
+    assert res.exit_code == 0, res.output
+    assert Image.open(out / "000002.png").text["settings"] == first["settings"]  # the recorded name, kept
+    # (other content under any name is refused: test_resume_compares_weights_by_content_not_by_path)
+
+
+def test_a_changed_seed_is_named_on_resume(tmp_path, files):
+    out = _finished_then_cut(tmp_path, files)
+    res, _ = _sample(tmp_path, files, "--steps", "2", "-n", "3", "--resume", "--seed", "6")
+    assert "started with seed = 5, this command gives 6" in _one_error_line(res)
+    res, _ = _sample(tmp_path, files, "--steps", "2", "-n", "4", "--class", "4", "--resume")
+    assert "started with num_samples = 3, this command gives 4" in _one_error_line(res)
+
+
+def test_resume_of_nothing_says_so_and_blank_class_is_random(tmp_path, files):
+    res, out = _loud(tmp_path, files, "--steps", "2", "-n", "2", "--resume", "--class", "")
+    assert res.exit_code == 0, res.output
+    assert "nothing to resume in" in res.output and "classes random" in res.output
+    assert json.loads((out / "run.json").read_text())["labels"] is not None
+
+
+def test_values_that_are_no_image_fail_instead_of_writing_black(tmp_path, files):
+    res, out = _sample(tmp_path, files, "--steps", "2", "-n", "2", "--classifier-weights", str(files["classifier"]),
+                       "--guidance", "1e308")
+    assert "NaN or infinite" in _one_error_line(res) and not list(out.glob("*.png"))
+
+
+def test_convert_refuses_an_output_name_the_readers_would_misread(tmp_path, files):
+    res = runner.invoke(app, ["convert-weights", str(files["unet"].with_suffix(".pt")), str(tmp_path / "y.pt"),
+                              "--config", str(files["unet"].with_suffix(".json"))])
+    assert "must end in .safetensors" in _one_error_line(res) and not (tmp_path / "y.pt").exists()
+
+
+def test_version():
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.output.strip().startswith("adm-cli ")

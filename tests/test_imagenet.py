@@ -222,3 +222,10 @@ def test_case_decides_only_between_names_that_differ_in_case_alone():
         resolve_classes("CARDIGAN")
     with pytest.raises(UsageError, match="ambiguous"):  # "Crane" has no exact-case class
         resolve_classes("Crane")
+
+
+def test_ambiguous_names_with_no_fuller_form_ask_for_the_index():
+    with pytest.raises(UsageError, match="134 crane, 517 crane; give the index$"):
+        resolve_classes("crane")
+    with pytest.raises(UsageError, match="give a fuller name or an index$"):  # 639 is also "tank suit"
+        resolve_classes("maillot")

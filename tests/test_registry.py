@@ -212,3 +212,10 @@ def test_adm_models_lists_every_entry(reg, tmp_path):
         assert re.search(rf"│ {re.escape(e.name)}( \*)? +│ {e.resolution} ", result.output), e.name
     assert "2.21 GB" in result.output and "bundled" in result.output
     assert "256x256_diffusion *" in result.output
+
+
+def test_adm_models_piped_is_not_cut_to_80_columns(tmp_path, monkeypatch):
+    monkeypatch.delenv("COLUMNS", raising=False)
+    result = CliRunner().invoke(app, ["models"], env={"ADM_HOME": str(tmp_path)})
+    assert result.exit_code == 0 and "…" not in result.output, result.output
+    assert re.search(r"│ 64x64_classifier +│ 64 +│ - +│ classifier +│", result.output), result.output

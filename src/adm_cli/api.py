@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from . import fast
-from .config import UNetConfig
+from .config import ClassifierConfig, UNetConfig
 from .denoiser import Denoiser
-from .errors import UsageError
+from .errors import SamplingError, UsageError
 from .graphs import graphed_unet
 from .guidance import classifier_guidance
 from .models import Classifier, UNet
@@ -177,10 +177,16 @@ def generate(unet: UNet, *, num_samples: int | None = None, indices: Sequence[in
         raise UsageError("indices must be a non-empty list of sample indices >= 0")
     if batch_size < 1:
         raise UsageError(f"batch_size must be at least 1, got {batch_size}")
+    total = max(indices) + 1
+    if not 0 <= seed <= 2 ** 63 - total:  # sample k's generator seed S + k must be a signed 64-bit seed
+        raise UsageError(f"seed must be in 0..2**63 - {total} for these samples, got {seed}")
     cfg: UNetConfig = unet.config
+    if not isinstance(cfg, UNetConfig):
+        raise UsageError(f"generate needs a diffusion U-Net, got a {type(unet).__name__}")
+    if classifier is not None and not isinstance(classifier.config, ClassifierConfig):
+        raise UsageError(f"classifier must be a noisy-image classifier, got a {type(classifier).__name__}")
     if settings.guidance > 0 and classifier is None:
         raise UsageError("classifier guidance (guidance > 0) needs a classifier")
-    total = max(indices) + 1
     needs_labels = cfg.class_cond or settings.guidance > 0
     num_classes = cfg.num_classes if cfg.class_cond else classifier.config.num_classes if needs_labels else None
     if classes is None and needs_labels:
@@ -201,6 +207,10 @@ def generate(unet: UNet, *, num_samples: int | None = None, indices: Sequence[in
         lr = None if low_res is None else from_uint8(low_res[chunk], device)
         x = sample_batch(unet, chunk, seed=seed, settings=settings, labels=lab, classifier=classifier,
                          low_res=lr, progress=progress, cuda_graph=cuda_graph, stream=stream)
+        if not bool(torch.isfinite(x).all()):  # to_uint8 would write NaN as black, silently
+            raise SamplingError(f"sampling gave NaN or infinite values (samples {chunk[0]}..{chunk[-1]}; guidance "
+                                f"{settings.guidance:g}, dtype {str(x.dtype).replace('torch.', '')}): a guidance scale "
+                                "too large, or broken weights; nothing was written for these samples")
         batch = Samples(to_uint8(x), np.full(len(chunk), -1) if lab is None else lab, np.asarray(chunk))
         if on_batch is not None:
             on_batch(batch)

@@ -29,6 +29,20 @@ app = typer.Typer(
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"adm-cli {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Fetch, convert and sample OpenAI's ADM (guided diffusion) ImageNet models."""
+
+
 def fail(message: str, code: int = 1) -> None:
     """Print one error line and exit."""
     typer.echo(f"error: {message}", err=True)

@@ -11,8 +11,9 @@ from rich.text import Text
 from rich.progress import ProgressColumn, BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from . import distributed
-from .errors import AdmError
+from .errors import AdmError, UsageError
 from .cli import app, handle_errors
+from .outputs import read_run_plan
 from .runner import RunPlan, SampleRequest, check_output, execute
 
 
@@ -30,7 +31,7 @@ def _print_plan(console: Console, plan: RunPlan) -> None:
         console.print(f"  weights {s.unet_path}" + (f"\n  classifier {s.classifier_path}" if s.classifier_path else ""))
         console.print(f"  sampler {s.settings.sampler}, respacing {s.respacing!r} ({s.num_steps} steps)"
                       + (f", eta {s.settings.eta:g}" if s.settings.sampler == "ddim" else ""))
-    classes = "random" if plan.class_spec is None and plan.labels else (plan.class_spec or "none (unconditional)")
+    classes = "random" if not (plan.class_spec or "").strip() and plan.labels else (plan.class_spec or "none (unconditional)")
     console.print(f"  {plan.num_samples} samples, seed {plan.seed}, classes {classes}, device {plan.device}, "
                   f"dtype {plan.dtype}{', CUDA graphs' if plan.cuda_graph else ''}, batch {plan.batch_size} "
                   f"-> {plan.out_dir}")
@@ -59,17 +60,19 @@ def sample(
     dtype: str = typer.Option("auto", "--dtype", help="auto (float16 on CUDA, float32 elsewhere), float32, float16, bfloat16."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the networks instead of running the fused GPU kernels. On an H200 it pays only for the 64x64 guided step at batch 64 (60.8 vs 136.4 ms eager, after a 90 s warm-up); at 256 and 512 eager is faster. Off by default."),
     cuda_graph: bool = typer.Option(False, "--cuda-graph", help="Replay each step's network calls as CUDA graphs, captured on the first batch of each size (CUDA only, ignored elsewhere; not with --compile). For runs whose GPU waits on Python and kernel launches, such as 64x64 with guidance at large batches. Not yet timed on a GPU. Off by default."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder. Default: a new timestamped folder under ./samples/."),
+    out: Optional[str] = typer.Option(None, "--out", help="Output folder. Default: a new timestamped folder under ./samples/."),
     nrow: Optional[int] = typer.Option(None, "--nrow", help="Images per grid row. Default: near-square."),
     resume: bool = typer.Option(False, "--resume", help="Reuse --out: skip samples already written, then finish the run. Off by default."),
     offline: bool = typer.Option(False, "--offline", help="Never touch the network; fail if weights are not cached. Off by default (env ADM_OFFLINE=1 turns it on)."),
     mirror: Optional[str] = typer.Option(None, "--mirror", help="Fetch missing weights from this base URL + file name.", envvar="ADM_MIRROR"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors. Off by default."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors and, on stdout, the grid's path. Off by default."),
 ) -> None:
     """Sample images from an ADM model and write a grid, per-image PNGs, samples.npz and run.json.
 
     Under torchrun, the processes share the samples and rank 0 writes them (see the README).
     """
+    if out is not None and not out.strip():  # an unset shell variable: not "the current folder"
+        raise UsageError("--out is empty; give a folder (or leave --out out for a new one under ./samples/)")
     try:
         team = distributed.join(device)  # a single process outside torchrun
     except AdmError as exc:
@@ -81,7 +84,7 @@ def sample(
         res=res, model=model, classifier=classifier, guidance=guidance, weights=weights,
         classifier_weights=classifier_weights, config=config, classes=classes, sampler=sampler, steps=steps,
         respacing=respacing, eta=eta, num_samples=num_samples, batch_size=batch_size, seed=seed, device=device,
-        dtype=dtype, upsample=upsample, out=out, nrow=nrow, offline=offline, mirror=mirror, compile=compile,
+        dtype=dtype, upsample=upsample, out=None if out is None else Path(out), nrow=nrow, offline=offline, mirror=mirror, compile=compile,
         cuda_graph=cuda_graph, resume=resume,
     )
     try:
@@ -104,7 +107,10 @@ def sample(
 def _run(team, request: SampleRequest, console: Console, quiet: bool):
     # --out first: a folder that cannot be used fails before weights are fetched or the plan printed
     team.from_root(lambda: check_output(request), "checking the output folder")
+    fresh = request.resume and team.is_root and read_run_plan(request.out) is None
     plan = team.plan(request)
+    if fresh:  # a mistyped --out would otherwise go unnoticed until the run ends
+        console.print(f"[yellow]note[/]: nothing to resume in {request.out}: starting a new run there")
     _print_plan(console, plan)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("sample-steps"),
                _RateColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]

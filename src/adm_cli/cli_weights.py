@@ -43,6 +43,8 @@ def models() -> None:
         conditional = "class" if e.class_cond else ("-" if e.kind == "classifier" else "no")
         table.add_row(name, str(e.resolution), conditional, e.kind, e.publisher, _size(e), _cached(e))
     console = Console()
+    if not console.is_terminal:  # piped: rich would assume 80 columns and cut the cells to "cl…"
+        console = Console(width=max(console.width, 160))
     console.print(table)
     console.print("* the default of `adm sample --res N`.  Fetch with `adm fetch NAME`.")
 
@@ -105,7 +107,7 @@ _DST_HELP = ("Output file, or a folder to write into: an existing one, or any pa
              "(created if missing). Never SRC itself.")
 _ARCH_HELP = "Architecture preset or registry name; repeat for a U-Net and a classifier."
 _CONFIG_HELP = ("JSON or TOML file of guided-diffusion flags (image_size, num_channels, ...; classifier_* flags "
-                "for a classifier; or [unet] and [classifier] tables) for a custom checkpoint.")
+                "for a classifier; or \\[unet] and \\[classifier] tables) for a custom checkpoint.")
 
 
 @app.command("convert-weights")

@@ -317,6 +317,10 @@ def output_paths(src: Path, dst: str | Path | None, roles: Sequence[str]) -> dic
         stem = f"{src.stem}.adm" if src.suffix == ".safetensors" else src.stem
         return {r: folder / (f"{stem}.{r}.safetensors" if multi else f"{stem}.safetensors") for r in roles}
     dst = Path(dst)
+    if dst.suffix != ".safetensors" and not (dst.exists() and os.path.samefile(dst, src)):
+        # adm sample --weights (and other tools) pick the reader by the name: a .pt name on a
+        # safetensors file would be unpickled and refused (SRC itself: _write_all says so)
+        raise ConversionError(f"output file {dst} must end in .safetensors (or give a folder, ending in /)")
     if not multi:
         return {roles[0]: dst}
     stem = dst.name.removesuffix(".safetensors")

@@ -55,6 +55,10 @@ class OutputError(AdmError):
     """An output folder or file that cannot be written."""
 
 
+class SamplingError(AdmError):
+    """Sampling produced values that are no image (NaN or infinite)."""
+
+
 class DeviceMemoryError(AdmError):
     """The device (or host) ran out of memory: the batch does not fit."""
 

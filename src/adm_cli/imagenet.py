@@ -121,7 +121,10 @@ def _ambiguous(item: str, hits: dict[int, str], vocab) -> UsageError:
     idx = sorted(hits)
     listed = ", ".join(_describe(i, vocab, hits[i]) for i in idx[:_MAX_LISTED])
     more = f" and {len(idx) - _MAX_LISTED} more" if len(idx) > _MAX_LISTED else ""
-    return UsageError(f"class '{item}' is ambiguous: {listed}{more}; give a fuller name or an index")
+    # "crane" (the bird, the machine) has no fuller name: only an index tells them apart
+    same = len({_norm(vocab[i][0]) for i in idx}) == 1 and all(len(vocab[i]) == 1 for i in idx)
+    return UsageError(f"class '{item}' is ambiguous: {listed}{more}; "
+                      + ("give the index" if same else "give a fuller name or an index"))
 
 
 def _unknown(item: str, vocab, num_classes: int) -> UsageError:

@@ -118,6 +118,12 @@ def check_out_dir(path: Path, *, resume: bool = False, held: bool = False) -> No
     if path.exists() and not path.is_dir():
         raise OutputError(f"--out {path} exists and is not a folder")
     if not path.is_dir():
+        # It will be created: its nearest existing ancestor must be a folder we can write in.
+        parent = next((a for a in path.absolute().parents if a.exists() or a.is_symlink()), None)
+        if parent is not None and not parent.is_dir():
+            raise OutputError(f"cannot create --out {path}: {parent} is not a folder")
+        if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+            raise OutputError(f"cannot create --out {path}: {parent} is not writable")
         return
     if not held:
         with hold_run_dir(path):  # a probe: taken and let go
@@ -202,15 +208,21 @@ def _identity(info: Mapping[str, Any], like: Mapping[str, Any] | None = None) ->
     """The part of a described plan (``RunPlan.describe()``) that decides the files: it must
     match between the processes of one run and between a run and its --resume. The weights
     count by content (sha256) and model name, the device by its kind; left out: the device's
-    index, the batch size, where the weight files live and the steps shorthand (the resolved
+    index, the batch size, where the weight files live and what they are called (when their
+    sha256 is recorded) and the steps shorthand (the resolved
     respacing, kept, decides the timesteps; a plan recorded before --respacing cleared the
     steps still resumes). ``like``: the recorded plan, whose missing newer keys are left out
     here too."""
     old_stages = (like or {}).get("stages") or [{}]
     skip = ("steps", *(k for k in _NEWER_STAGE_KEYS if like is not None and k not in old_stages[0]))
 
+    # Where the weights are known by sha256, their file names do not count (a copy renamed is
+    # the same run); a plan from before the sha256 was recorded compares names.
+    by_content = tuple(name for name, sha in (("model", "weights_sha256"), ("classifier", "classifier_sha256"))
+                       if sha not in skip)
+
     def stage(s: Mapping[str, Any]) -> dict:
-        return {k: v for k, v in portable_stage(s).items() if k not in skip}
+        return {k: v for k, v in portable_stage(s).items() if k not in skip and k not in by_content}
 
     keys = ("num_samples", "seed", "labels", "dtype", *(k for k in _NEWER_KEYS if like is None or k in like))
     # The kind of device counts (CPU and CUDA generators draw different noise), not its index.
@@ -222,9 +234,13 @@ def _identity(info: Mapping[str, Any], like: Mapping[str, Any] | None = None) ->
 def plan_difference(a: Mapping[str, Any], b: Mapping[str, Any]) -> tuple[str, Any, Any] | None:
     """The first setting (name, value in a, value in b) on which two described plans differ
     (``a``: the recorded or the root process's one)."""
+    # The settings a user types first: labels follow from the seed and --class, so a changed
+    # --seed is named as such, not as the first label it changed.
+    first = ("seed", "num_samples", "stages", "dtype", "device_type", "nrow")
+
     def walk(x: Any, y: Any, path: str):
         if isinstance(x, dict) and isinstance(y, dict):
-            for key in sorted(set(x) | set(y)):
+            for key in sorted(set(x) | set(y), key=lambda k: (first.index(k) if k in first else len(first), k)):
                 if found := walk(x.get(key), y.get(key), f"{path}.{key}" if path else key):
                     return found
             return None
@@ -341,8 +357,16 @@ class SampleWriter:
             self.write_sample(int(k), img, int(lab))
 
     def read_sample(self, index: int) -> tuple[np.ndarray, int]:
-        with Image.open(self.out_dir / PNG_NAME.format(index)) as im:
-            return np.asarray(im.convert("RGB")), int(im.text.get("class", -1))
+        path = self.out_dir / PNG_NAME.format(index)
+        try:
+            with Image.open(path) as im:
+                return np.asarray(im.convert("RGB")), int(im.text.get("class", -1))
+        except (OSError, SyntaxError, ValueError) as exc:  # PIL's errors for a truncated or altered file
+            if not path.exists():
+                raise
+            # ours are written whole (temporary name, then rename): something else changed it
+            raise OutputError(f"{path} is damaged ({str(exc) or type(exc).__name__}); delete it and rerun "
+                              "with --resume to sample it again") from None
 
     def finalize(self, num_samples: int, run_info: Mapping[str, Any], nrow: int | None = None) -> dict[str, Path]:
         """Assemble samples.npz, grid.png (the first ``GRID_MAX`` samples) and run.json from

@@ -22,7 +22,7 @@ import torch
 
 from . import __version__, api
 from .config import UNetConfig
-from .errors import DeviceMemoryError, UsageError
+from .errors import ConversionError, DeviceMemoryError, UsageError
 from .outputs import (SampleWriter, batch_record, check_out_dir, default_out_dir, open_run_dir, portable_stage,
                       read_run_plan, record_batch)
 from .samplers import DEFAULT_STEPS
@@ -134,6 +134,9 @@ def pick_device(name: str) -> str:
     cuda = re.fullmatch(r"cuda(?::([0-9]+))?", name)
     if name not in ("cpu", "mps") and cuda is None:
         raise UsageError(f"unknown --device {name!r} (auto, cpu, cuda, cuda:N or mps)")
+    mps = getattr(torch.backends, "mps", None)
+    if name == "mps" and not (mps is not None and mps.is_available()):
+        raise UsageError("--device mps was asked for but this machine (or this torch build) has no MPS device")
     if cuda and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but no CUDA device is available")
     if cuda and cuda.group(1) is not None and int(cuda.group(1)) >= torch.cuda.device_count():
@@ -163,10 +166,27 @@ def _registry_stage(name: str, req: SampleRequest, *, stage: str, guidance: floa
         settings.respacing_for(cfg.diffusion_steps)
     if stage == "base":
         _check_classes(req, entry, clf if scale > 0 else None)
+    if clf and scale > 0:  # a classifier that cannot guide this model: refused before a download
+        clf_entry = load_registry().get(clf)
+        if "classifier" not in clf_entry.roles:
+            raise UsageError(f"{clf} holds a diffusion model, not a classifier")
+        unet_cfg, clf_cfg = _entry_config(entry, "unet"), _entry_config(clf_entry, "classifier")
+        if unet_cfg is not None and clf_cfg is not None:
+            _check_pair(unet_cfg, clf_cfg, name, clf)
     fetch = dict(offline=req.offline, mirror=req.mirror, quiet=False)
     unet_path = ensure_weights(name, "unet", **fetch)
     clf_path = ensure_weights(clf, "classifier", **fetch) if (clf and scale > 0) else None
     return Stage(stage, name, unet_path, settings, clf if clf_path else None, clf_path)
+
+
+def _entry_config(entry, role: str):
+    """A registry entry's architecture for ``role``: from the registry, or from the metadata of
+    a bundled file (no download either way); None: known only once the file is fetched."""
+    from .weights import read_config
+
+    if (cfg := entry.config_for(role)) is not None or not entry.bundled:
+        return cfg
+    return read_config(entry.bundled_path())
 
 
 def _chosen_classes(spec: str | None, name: str, class_cond: bool, num_classes: int | None,
@@ -198,7 +218,15 @@ def _file_stage(req: SampleRequest) -> Stage:
     unet_path = ensure_converted_file(req.weights, config=config, role="unet")
     clf_path = None
     if req.classifier_weights is not None:
-        clf_path = ensure_converted_file(req.classifier_weights, role="classifier")
+        try:
+            clf_path = ensure_converted_file(req.classifier_weights, role="classifier")
+        except ConversionError as exc:  # adm sample has no --arch, and --config describes the U-Net
+            tail = "pass --arch PRESET (or a registry name) or --config FILE with its guided-diffusion flags"
+            if tail not in str(exc):
+                raise
+            raise ConversionError(str(exc).replace(tail, (
+                f"convert it first (`adm convert-weights {req.classifier_weights} --arch PRESET` or `--config FILE`) "
+                "and pass the .safetensors file to --classifier-weights"))) from None
     scale = req.guidance if req.guidance is not None else (1.0 if clf_path else 0.0)
     sampler = req.sampler or "ddpm"
     settings = api.SamplerSettings(sampler, steps=None if req.respacing is not None else req.steps or DEFAULT_STEPS.get(sampler),
@@ -216,6 +244,10 @@ def _stages(req: SampleRequest) -> list[Stage]:
         if req.model or req.upsample:
             raise UsageError("--weights cannot be combined with --model or --upsample")
         return [_file_stage(req)]
+    if req.classifier_weights is not None or req.config is not None:
+        given = "--classifier-weights" if req.classifier_weights is not None else "--config"
+        raise UsageError(f"{given} goes with --weights FILE; a registry model brings its own "
+                         "(use --classifier NAME to pick another registry classifier)")
     registry = load_registry()
     if req.upsample:
         if req.res not in UPSAMPLE_BASE:
@@ -235,6 +267,32 @@ def _stages(req: SampleRequest) -> list[Stage]:
     if req.res is not None and entry.resolution != req.res:
         raise UsageError(f"--model {name} makes {entry.resolution}x{entry.resolution} images, not --res {req.res}")
     return [_registry_stage(name, req, stage="base", guidance=req.guidance, classifier=req.classifier)]
+
+
+def _check_stage(stage: Stage) -> None:
+    """The networks' roles and shapes agree: a classifier file given as the diffusion model, a
+    U-Net as the classifier, or a classifier of another resolution, channel count or class
+    count would fail mid-run (or guide with nonsense); refused before the plan is printed."""
+    from .weights import read_config
+
+    cfg = read_config(stage.unet_path)
+    clf = read_config(stage.classifier_path) if stage.classifier_path is not None else None
+    _check_pair(cfg, clf, stage.unet, stage.classifier)
+
+
+def _check_pair(cfg, clf, unet: str, classifier: str | None) -> None:
+    from .config import ClassifierConfig
+
+    if not isinstance(cfg, UNetConfig):
+        raise UsageError(f"{unet} holds a classifier, not a diffusion model")
+    if clf is None:
+        return
+    if not isinstance(clf, ClassifierConfig):
+        raise UsageError(f"{classifier} holds a diffusion model, not a classifier")
+    for what, a, b in (("image size", cfg.image_size, clf.image_size), ("input channels", cfg.in_channels, clf.in_channels),
+                       *([("class count", cfg.num_classes, clf.num_classes)] if cfg.class_cond else [])):
+        if a != b:
+            raise UsageError(f"classifier {classifier} does not fit {unet}: its {what} is {b}, the model's {a}")
 
 
 def _validate_numbers(req: SampleRequest) -> None:
@@ -316,6 +374,7 @@ def plan_run(req: SampleRequest) -> RunPlan:
     seed = req.seed
     stages = _stages(req)
     for stage in stages:
+        _check_stage(stage)
         stage.num_steps  # noqa: B018 - a bad respacing fails before the plan is printed
     labels = _labels(req, stages[0], seed)
     out_dir = req.out if req.out is not None else default_out_dir()
@@ -392,9 +451,12 @@ def _execute(plan: RunPlan, indices, progress, on_stage, team, held: contextlib.
     # What every PNG records: the settings and the weights by name and content, not where this
     # machine keeps them (so a run resumed elsewhere, or with the same file by another path,
     # writes the same bytes).
+    # On --resume the weights files keep the names recorded (a renamed copy is the same run).
+    names = [{k: portable_stage(r)[k] for k in ("model", "classifier") if k in r}
+             for r in recorded.get("stages", [])] if recorded is not None else []
+    stages = [{**portable_stage(s), **(names[i] if i < len(names) else {})} for i, s in enumerate(info["stages"])]
     text = {"adm": "adm-cli " + __version__, "seed": str(plan.seed),
-            "settings": {"stages": [portable_stage(s) for s in info["stages"]], "seed": info["seed"],
-                         "classes": info["classes"]}}
+            "settings": {"stages": stages, "seed": info["seed"], "classes": info["classes"]}}
     wanted = list(range(plan.num_samples)) if indices is None else list(indices)
     computed: dict[str, int] = {}
     batches: dict[str, int | None] = {}
