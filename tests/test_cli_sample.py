@@ -301,6 +301,10 @@ def test_resume_refuses_samples_without_a_plan(tmp_path, files):
         png.rename(out / "base" / png.name)
     res, _ = _sample(tmp_path, files, "--steps", "2", "-n", "3", "--resume")
     assert "holds samples (base/" in _one_error_line(res)
+    (out / "base" / "000000.png").rename(out / "000000.png")
+    res, _ = _sample(tmp_path, files, "--steps", "2", "-n", "3")  # no dead-end advice to pass --resume
+    line = _one_error_line(res)
+    assert "already holds a run (000000.png" in line and "pass --resume" not in line and "no run-plan.json" in line
 
 
 @pytest.mark.parametrize("text,message", [("{", "choose a new --out"), ("[1, 2]", "not a JSON object")])

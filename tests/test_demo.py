@@ -159,3 +159,21 @@ def test_frechet_distance_known_answers():
     mu = rng.normal(size=6)
     ref = mu @ mu + np.trace(s_a + s_b - 2 * linalg.sqrtm(s_a @ s_b).real)
     assert frechet_distance((mu, s_a), (np.zeros(6), s_b)) == pytest.approx(ref, rel=1e-6)
+
+
+def test_the_readme_python_example_runs(tmp_path, monkeypatch):
+    """The README's API example, on the bundled demo models (same calls, CPU, fewer steps)."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = readme.split("### Python API", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    for a, b in (("256x256_diffusion", "demo-digits"), ("256x256_classifier", "demo-digits-classifier"),
+                 ('"cuda"', '"cpu"'), ("[207] * 8", "[7] * 2"), ("num_samples=8", "num_samples=2"),
+                 ("batch_size=8", "batch_size=2"), ("steps=250", "steps=3")):
+        assert a in code, a
+        code = code.replace(a, b)
+    monkeypatch.setenv("ADM_HOME", str(tmp_path))
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    out = scope["out"]
+    assert out.images.shape == (2, 32, 32, 3) and out.images.dtype == np.uint8 and out.labels.tolist() == [7, 7]

@@ -132,7 +132,10 @@ def check_out_dir(path: Path, *, resume: bool = False, held: bool = False) -> No
         summary = ("grid.png", "samples.npz", "run.json", PLAN_NAME)
         taken = [p.name for p in path.iterdir() if p.name in summary or _PNG_RE.match(p.name)]
         if taken:
-            raise OutputError(f"--out {path} already holds a run ({taken[0]}, ...); choose a new folder or pass --resume")
+            # --resume needs the recorded plan: without one it would be refused too (below)
+            resumable = read_run_plan(path) is not None
+            raise OutputError(f"--out {path} already holds a run ({taken[0]}, ...); choose a new folder"
+                              + (" or pass --resume" if resumable else " (no run-plan.json or run.json to --resume from)"))
     elif read_run_plan(path) is None and (found := _sample_file(path)):
         # Without the recorded plan nothing says which run these samples belong to: finishing
         # them with this command's settings could mix two runs.
