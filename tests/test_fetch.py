@@ -353,6 +353,19 @@ def test_offline_is_one_clear_line(env, server, monkeypatch):
     result = CliRunner().invoke(app, ["fetch", "tiny", "--mirror", server.base])
     assert result.exit_code == 1 and result.output.count("\n") == 1 and "adm fetch tiny" in result.output
     assert server.requests == []
+    # one reading of ADM_OFFLINE for fetch and sample: an unknown value is refused by both
+    monkeypatch.setenv("ADM_OFFLINE", "abc")
+    from adm_cli.cli import _register
+
+    _register()
+    sample = ["sample", "--model", "tiny", "--guidance", "0", "-n", "1", "--mirror", server.base]
+    for args in (["fetch", "tiny", "--mirror", server.base], sample):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2 and result.output.startswith("error: ADM_OFFLINE must be 1 or 0"), result.output
+        assert result.output.count("\n") == 1
+    monkeypatch.setenv("ADM_OFFLINE", "off")
+    assert not cache.offline_requested()
+    assert server.requests == []
 
 
 def test_cli_fetch_res_then_models(env, server, files):

@@ -32,6 +32,7 @@ from .safe_load import load_checkpoint
 from .weights import read_metadata
 
 _TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
 
 
 def cache_root() -> Path:
@@ -60,7 +61,12 @@ def converted_path(entry: Entry, role: str) -> Path:
 
 
 def offline_requested(offline: bool = False) -> bool:
-    return offline or os.environ.get("ADM_OFFLINE", "").strip().lower() in _TRUE
+    """--offline, or ADM_OFFLINE set to a true value (one reading for every command: an unknown
+    value is refused rather than taken as "online")."""
+    raw = os.environ.get("ADM_OFFLINE", "").strip().lower()
+    if raw not in _TRUE + _FALSE:
+        raise UsageError(f"ADM_OFFLINE must be 1 or 0 (or true/false, yes/no, on/off), got {os.environ['ADM_OFFLINE']!r}")
+    return offline or raw in _TRUE
 
 
 def urls_for(entry: Entry, mirror: str | None = None) -> list[str]:
