@@ -1,5 +1,6 @@
 """ImageNet-1k class data and the ``--class`` resolver."""
 
+import re
 from importlib import resources
 
 import pytest
@@ -229,3 +230,16 @@ def test_ambiguous_names_with_no_fuller_form_ask_for_the_index():
         resolve_classes("crane")
     with pytest.raises(UsageError, match="give a fuller name or an index$"):  # 639 is also "tank suit"
         resolve_classes("maillot")
+
+
+@pytest.mark.parametrize("item", ["dog", "shark", "retriever", "terrier"])
+def test_each_class_an_ambiguity_message_lists_can_be_pasted_back(item):
+    with pytest.raises(UsageError) as caught:
+        resolve_classes(item)
+    listed = str(caught.value).split("ambiguous: ", 1)[1].split("; give", 1)[0].split(" and ")[0]
+    shown = re.findall(r"(\d+) ([^,]+?)(?=, \d+ |$)", listed)
+    assert len(shown) >= 2, listed
+    for index, text in shown:
+        assert resolve_classes(text) == [int(index)], text
+    with pytest.raises(UsageError, match="'golden retriever' is not a name of class 200"):
+        resolve_classes("Tibetan terrier (golden retriever)")

@@ -26,6 +26,7 @@ _DATA_FILE = "imagenet_classes.txt"
 _MAX_LISTED = 6  # candidates named in an "ambiguous" message
 _MAX_CLOSEST = 5  # suggestions named in an "unknown class" message
 _INT_RE = re.compile(r"[+-]?\d+")
+_SHOWN_RE = re.compile(r"(.+?)\s*\((.+)\)")  # "name (synonym)", as _describe shows a class
 
 __all__ = [
     "NUM_IMAGENET_CLASSES", "class_names", "class_synonyms", "label_name", "resolve_classes", "wnid",
@@ -208,6 +209,12 @@ def resolve_classes(
             i = int(item)
             if not 0 <= i < num_classes:
                 raise UsageError(f"class index {i} is out of range 0-{num_classes - 1}")
+            out.append(i)
+        elif use_names and (pair := _SHOWN_RE.fullmatch(item)):
+            # "Tibetan terrier (chrysanthemum dog)": a class as the ambiguity message shows it
+            i = _match_name(pair.group(1), vocab, num_classes)
+            if _norm(pair.group(2)) not in {_norm(n) for n in vocab[i]}:
+                raise UsageError(f"class '{item}': '{pair.group(2)}' is not a name of class {i} ({vocab[i][0]})")
             out.append(i)
         elif use_names:
             out.append(_match_name(item, vocab, num_classes))
