@@ -551,13 +551,15 @@ def test_options_that_would_be_ignored_are_refused(tmp_path, files):
         assert message in _one_error_line(res)
 
 
-@pytest.mark.parametrize("out,message", [("", "--out is empty"), ("afile/sub", "afile is not a folder")])
+@pytest.mark.parametrize("out,message", [("", "--out is empty"), ("afile/sub", "afile is not a folder"),
+                                         ("dangling", "is a symbolic link to nowhere, which does not exist")])
 def test_an_out_that_cannot_be_created_fails_first(tmp_path, files, monkeypatch, out, message):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "afile").write_text("x")
+    (tmp_path / "dangling").symlink_to("nowhere")
     res = runner.invoke(app, ["sample", "--weights", str(files["unet"]), "--out", out, "--steps", "2", "-n", "1"])
     assert message in _one_error_line(res)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "dangling"]
 
 
 def test_no_mps_device_is_one_line_and_leaves_no_plan(tmp_path, files, monkeypatch):

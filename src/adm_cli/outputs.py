@@ -117,6 +117,8 @@ def check_out_dir(path: Path, *, resume: bool = False, held: bool = False) -> No
     the folder (``hold_run_dir``); otherwise a run in progress there is refused."""
     if path.exists() and not path.is_dir():
         raise OutputError(f"--out {path} exists and is not a folder")
+    if path.is_symlink() and not path.exists():
+        raise OutputError(f"--out {path} is a symbolic link to {os.readlink(path)}, which does not exist")
     if not path.is_dir():
         # It will be created: its nearest existing ancestor must be a folder we can write in.
         parent = next((a for a in path.absolute().parents if a.exists() or a.is_symlink()), None)
