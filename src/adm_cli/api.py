@@ -25,13 +25,13 @@ from . import fast
 from .config import ClassifierConfig, UNetConfig
 from .denoiser import Denoiser
 from .errors import SamplingError, UsageError
+from .fast import prepare  # noqa: F401 - part of the public API
 from .graphs import graphed_unet
 from .guidance import classifier_guidance
 from .models import Classifier, UNet
 from .noise import SampleNoise, seeds_for
 from .samplers import DEFAULT_STEPS, SAMPLERS
 from .schedule import Schedule, space_timesteps
-from .fast import prepare  # noqa: F401 - part of the public API
 from .weights import load_model  # noqa: F401 - part of the public API
 
 ProgressFn = Callable[[int], None]

@@ -237,6 +237,10 @@ def _expected_shapes(cfg: AnyConfig) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
 
 
+# How an unknown file's architecture is given (adm sample, which has no --arch, rewords it).
+ARCH_HINT = "pass --arch PRESET (or a registry name) or --config FILE with its guided-diffusion flags"
+
+
 def _describe_unknown(filename: str, networks: Mapping[str, Network]) -> ConversionError:
     hints = []
     for role, net in networks.items():
@@ -244,8 +248,7 @@ def _describe_unknown(filename: str, networks: Mapping[str, Network]) -> Convers
         hints.append(f"its {role} fits preset {' or '.join(fits)}" if fits else f"no preset fits its {role}")
     return ConversionError(
         f"{filename} is not in the registry and its architecture cannot be read from its tensors "
-        f"(attention order and head size are not stored); {'; '.join(hints)}: "
-        "pass --arch PRESET (or a registry name) or --config FILE with its guided-diffusion flags")
+        f"(attention order and head size are not stored); {'; '.join(hints)}: {ARCH_HINT}")
 
 
 def match_registry(registry: Registry, filename: str, digest: str) -> Entry | None:

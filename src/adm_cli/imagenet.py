@@ -9,7 +9,8 @@ items; each item is an index (``207``) or a name, matched against every synonym 
 case, apostrophes, dots and hyphens: an exact display name wins, then an exact synonym, then whole
 words of a synonym, then any substring; a tier with one class resolves, a tier with several is
 ambiguous (``retriever``) unless exactly one display name has the item's own case (``Cardigan``,
-the corgi; ``cardigan``, the sweater), an empty tier falls through to the next. Errors are :class:`~adm_cli.errors.UsageError` with one line.
+the corgi; ``cardigan``, the sweater), an empty tier falls through to the next. Errors are
+:class:`~adm_cli.errors.UsageError` with one line.
 """
 
 from __future__ import annotations

@@ -266,12 +266,10 @@ def hold_run_dir(path: Path) -> Iterator[None]:
     on without: every file is still written whole and never over another."""
     try:
         import fcntl
-    except ImportError:
-        fcntl = None
-    fd = None
-    if fcntl is not None:
-        with contextlib.suppress(OSError):
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except (ImportError, OSError):  # no flock (Windows), or a folder that cannot be opened
+        fd = None
     try:
         if fd is not None:
             try:
@@ -317,14 +315,14 @@ def record_batch(out_dir: Path, stage: str, batch: int) -> None:
     """Add the batch size a stage now samples with to the recorded plan, so that a --resume
     with --batch-size auto computes in the same batches (floats depend on the batch size)."""
     path = Path(out_dir) / PLAN_NAME
+    if not path.is_file():  # only run.json: the run is complete
+        return
     recorded = read_run_plan(out_dir)
-    if recorded is None or not path.is_file():  # run.json: the run is complete
-        return
     batches = dict(recorded.get("resolved_batch_size") or {})
-    if batch_record(batches.get(stage), batch) == batches.get(stage):
+    if (now := batch_record(batches.get(stage), batch)) == batches.get(stage):
         return
-    batches[stage] = batch_record(batches.get(stage), batch)
-    data = json.dumps({**recorded, "resolved_batch_size": batches}, indent=2, sort_keys=True, default=str) + "\n"
+    data = json.dumps({**recorded, "resolved_batch_size": {**batches, stage: now}}, indent=2, sort_keys=True,
+                      default=str) + "\n"
     _atomic_stream(path, lambda f: f.write(data.encode()), replace=True)
 
 

@@ -22,6 +22,7 @@ import torch
 
 from . import __version__, api
 from .config import UNetConfig
+from .convert import ARCH_HINT
 from .errors import ConversionError, DeviceMemoryError, UsageError
 from .outputs import (SampleWriter, batch_record, check_out_dir, default_out_dir, open_run_dir, portable_stage,
                       read_run_plan, record_batch)
@@ -221,10 +222,9 @@ def _file_stage(req: SampleRequest) -> Stage:
         try:
             clf_path = ensure_converted_file(req.classifier_weights, role="classifier")
         except ConversionError as exc:  # adm sample has no --arch, and --config describes the U-Net
-            tail = "pass --arch PRESET (or a registry name) or --config FILE with its guided-diffusion flags"
-            if tail not in str(exc):
+            if ARCH_HINT not in str(exc):
                 raise
-            raise ConversionError(str(exc).replace(tail, (
+            raise ConversionError(str(exc).replace(ARCH_HINT, (
                 f"convert it first (`adm convert-weights {req.classifier_weights} --arch PRESET` or `--config FILE`) "
                 "and pass the .safetensors file to --classifier-weights"))) from None
     scale = req.guidance if req.guidance is not None else (1.0 if clf_path else 0.0)
@@ -444,17 +444,16 @@ def _execute(plan: RunPlan, indices, progress, on_stage, team, held: contextlib.
 
     start = time.perf_counter()
     out = plan.out_dir
-    recorded = team.from_root(lambda: open_run_dir(out, plan.describe(), resume=plan.resume, held=held),
+    info = plan.describe()
+    recorded = team.from_root(lambda: open_run_dir(out, info, resume=plan.resume, held=held),
                               "preparing the output folder")
     known = _recorded_batches(recorded)
-    info = plan.describe()
     # What every PNG records: the settings and the weights by name and content, not where this
     # machine keeps them (so a run resumed elsewhere, or with the same file by another path,
-    # writes the same bytes).
-    # On --resume the weights files keep the names recorded (a renamed copy is the same run).
-    names = [{k: portable_stage(r)[k] for k in ("model", "classifier") if k in r}
-             for r in recorded.get("stages", [])] if recorded is not None else []
-    stages = [{**portable_stage(s), **(names[i] if i < len(names) else {})} for i, s in enumerate(info["stages"])]
+    # writes the same bytes); on --resume the names recorded (a renamed copy is the same run).
+    stages = [portable_stage(s) for s in info["stages"]]
+    for now, then in zip(stages, recorded.get("stages") or []):
+        now.update({k: portable_stage(then)[k] for k in ("model", "classifier") if k in then})
     text = {"adm": "adm-cli " + __version__, "seed": str(plan.seed),
             "settings": {"stages": stages, "seed": info["seed"], "classes": info["classes"]}}
     wanted = list(range(plan.num_samples)) if indices is None else list(indices)
