@@ -14,7 +14,8 @@ A "step" is one respaced step: a run of ``--steps`` steps, divided. Ours and the
 alternate within every repeat; the table gives medians. FLOPs are the reference's, counted once
 per case with FlopCounterMode (1 multiply-add = 2 FLOPs), so both sides get credit for the same
 work. Peak memory: CUDA max_memory_allocated during the step minus what was allocated before,
-plus the side's own weights (what a process running only that side would hold); n/a on CPU.
+plus the side's own weights (what a process running only that side would hold), plus with
+``--cuda-graph`` what the captures' memory pool holds; n/a on CPU.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.join(ROOT, "src"), os.path.join(ROOT, "tests")]
 
-from adm_cli import api, fast  # noqa: E402
+from adm_cli import api, fast, graphs  # noqa: E402
 from adm_cli.config import PRESETS  # noqa: E402
 from adm_cli.models import build_model  # noqa: E402
 
@@ -113,8 +114,8 @@ def weight_bytes(*modules) -> int:
 class Side:
     """One side of a case: a zero-argument step function, its weights and its timings."""
 
-    def __init__(self, run, modules, steps: int):
-        self.run, self.modules, self.steps = run, modules, steps
+    def __init__(self, run, modules, steps: int, graphed: bool = False):
+        self.run, self.modules, self.steps, self.graphed = run, modules, steps, graphed
         self.times: list[float] = []
         self.peak: int | None = None
 
@@ -129,6 +130,8 @@ class Side:
         self.times.append((time.perf_counter() - start) / self.steps)
         if device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(device) - before + weight_bytes(*self.modules)
+            if self.graphed:  # replays run in the captures' pool, which the allocator's counters miss
+                peak += graphs.pool_bytes(device)
             self.peak = max(self.peak or 0, peak)
 
 
@@ -212,7 +215,7 @@ def make_case(case: Case, args, device: torch.device):
         finally:
             counting.clear()
 
-    return cfg, batch, Side(ours_run, [ours_u, ours_c], steps), Side(ref_run, [ref_u, ref_c], steps), count
+    return cfg, batch, Side(ours_run, [ours_u, ours_c], steps, args.cuda_graph), Side(ref_run, [ref_u, ref_c], steps), count
 
 
 def count_flops(fn) -> float:

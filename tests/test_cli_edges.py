@@ -161,3 +161,20 @@ def test_an_empty_respacing_means_every_step():
     plan = plan_run(SampleRequest(model="demo-digits", respacing="", sampler="ddim", classes="1", num_samples=1,
                                   device="cpu"))
     assert plan.stages[0].num_steps == plan.stages[0].diffusion_steps
+
+
+@pytest.mark.parametrize("device,compile_,flag,want", [
+    ("cuda", False, None, True),    # the default on CUDA: replay the steps as graphs
+    ("cuda", True, None, False),    # --compile alone: its own kernels, no graphs
+    ("cuda", False, False, False),  # --no-cuda-graph
+    ("cpu", False, None, False),    # nothing to replay off CUDA
+    ("cpu", False, True, True),     # asked for: recorded (and ignored when sampling)
+])
+def test_cuda_graphs_default_on_for_cuda(monkeypatch, device, compile_, flag, want):
+    from adm_cli import runner
+    from adm_cli.runner import SampleRequest, plan_run
+
+    monkeypatch.setattr(runner, "pick_device", lambda name: device)  # plan only: nothing runs on it
+    plan = plan_run(SampleRequest(model="demo-digits", classes="1", num_samples=1, compile=compile_,
+                                  cuda_graph=flag))
+    assert plan.cuda_graph is want and plan.describe()["cuda_graph"] is want

@@ -1,10 +1,13 @@
 """CUDA-graph replay of the sampling step (graphs.py): same images as the eager step."""
 
+import contextlib
+import gc
+
 import numpy as np
 import pytest
 import torch
 
-from adm_cli import api, fast
+from adm_cli import api, fast, graphs
 from adm_cli.graphs import StepGraph, graphed_unet
 from test_fast import TINY, TINY_CLF, exact
 
@@ -28,6 +31,51 @@ def test_cuda_graph_flag_is_ignored_on_cpu():
     assert "_adm_captures" not in unet.__dict__
 
 
+def test_capture_pool_outlives_no_graph(monkeypatch):
+    """The shared capture pool is kept while any graph made in it lives, and replaced once all
+    are freed: PyTorch's allocator asserts when a capture reuses a pool no graph holds (on an
+    H100 the 512x512 capture failed so after the 64x64 networks of the run before were freed)."""
+    handles = iter(range(100))
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: (0, next(handles)))
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(graphs, "_POOLS", {})
+    monkeypatch.setattr(graphs, "_POOL_USERS", {})
+
+    class Graph:  # stands in for torch.cuda.CUDAGraph (weak-referenceable, freed when dropped)
+        pass
+
+    dev, other = torch.device("cuda", 0), torch.device("cuda", 1)
+    first = graphs._pool(dev)
+    a, b, c = Graph(), Graph(), Graph()
+    for g, d in ((a, dev), (b, dev), (c, other)):
+        graphs._use_pool(g, d)
+    del a
+    gc.collect()
+    assert graphs._pool(dev) == first  # b still replays in it
+    del b
+    gc.collect()
+    fresh = graphs._pool(dev)
+    assert fresh != first and graphs._pool(dev) == fresh
+    assert graphs._POOL_USERS == {other: 1}  # the other device's pool is untouched
+
+
+@pytest.mark.gpu
+def test_gpu_capture_after_earlier_networks_are_freed():
+    """A second pair of networks captures and replays after the first pair and its graphs are
+    gone (a long-lived process: bench.py's cases, an API user's successive models)."""
+    cfg = TINY["new-order"]
+    settings = api.SamplerSettings("ddpm", steps=3, guidance=1.0)
+    for seed in (0, 1):
+        unet, clf = fast.prepare_models(exact(cfg, seed=seed), exact(TINY_CLF, seed=4 + seed), device="cuda")
+        run = dict(num_samples=2, classes=[1, 2], settings=settings, batch_size=2, seed=7, classifier=clf)
+        eager = api.generate(unet, **run).images.astype(int)
+        assert np.abs(api.generate(unet, cuda_graph=True, **run).images - eager).max() <= 1
+        assert graphs.pool_bytes("cuda") > 0
+        del unet, clf, run
+        gc.collect()
+    assert graphs.pool_bytes("cuda") == 0 and not graphs._POOL_USERS
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_gpu_graphed_sampling_matches_eager(sampler):
@@ -49,3 +97,21 @@ def test_gpu_graphed_sampling_matches_eager(sampler):
     plain = api.generate(unet, **dict(run, settings=unguided, classifier=None)).images.astype(int)
     assert np.abs(api.generate(unet, cuda_graph=True, **dict(run, settings=unguided, classifier=None)).images
                   - plain).max() <= 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_gpu_graphs_every_architecture_and_sampler(name):
+    """What `adm sample` now does by default on CUDA: replayed steps give the eager images for
+    both attention orders, conv resampling without scale-shift, and an upsampler (its low_res
+    input is one more captured argument), under each sampler."""
+    cfg = TINY[name]
+    unet = fast.prepare(exact(cfg), device="cuda")
+    low_res = None
+    if cfg.is_super_res:
+        low_res = np.random.default_rng(0).integers(0, 256, (3, cfg.small_size, cfg.small_size, 3), dtype=np.uint8)
+    for sampler in ("ddpm", "ddim", "dpm++2m"):
+        run = dict(num_samples=3, classes=[1, 2, 3] if cfg.class_cond else None, batch_size=2, seed=5,
+                   settings=api.SamplerSettings(sampler, steps=4), low_res=low_res)
+        eager = api.generate(unet, **run).images.astype(int)
+        assert np.abs(api.generate(unet, cuda_graph=True, **run).images - eager).max() <= 1, sampler

@@ -128,7 +128,10 @@ def sample_batch(unet: UNet, indices: Sequence[int], *, seed: int, settings: Sam
     """Sample the images with these indices as one batch; returns x_0 in [-1, 1], float32 NCHW.
 
     ``cuda_graph`` (CUDA only, else ignored): replay the network calls of each step as CUDA
-    graphs (graphs.py; captured on the first batch of each shape). Not yet timed on a GPU.
+    graphs (graphs.py; captured on the first batch of each shape): worth it where the GPU waits
+    on the host (guided 64x64 at batch 64 on an H100: 86 -> 56 ms per step). The captures stay
+    on the modules, holding their memory pool, until the modules are freed or ``prepare``d
+    again; ``adm sample`` turns this on for CUDA.
     ``stream``: which random stream of the run (``noise.seeds_for``; 1 for an upsampler stage)."""
     cfg: UNetConfig = unet.config
     device = model_device(unet)

@@ -2,9 +2,10 @@
 
 Why: on an H200 the guided 64x64 step at batch 64 with the fused kernels has 52 ms of GPU work
 but took 90-136 ms, because the host needed ~100 ms to issue its few hundred small launches
-(torch.profiler, ``benchmarks/bench.py --profile``). A replayed graph issues them all in one call.
-Not yet timed on a GPU (no session since it was written had one): opt-in only,
-``adm sample --cuda-graph`` / ``api.generate(..., cuda_graph=True)`` / ``bench.py --cuda-graph``.
+(torch.profiler, ``benchmarks/bench.py --profile``). A replayed graph issues them all in one call:
+on an H100 that step went from 86 ms (eager, 73-126 over repeats) to 56 ms
+(``bench.py --cuda-graph``). ``adm sample`` replays on CUDA by default (``--no-cuda-graph`` turns it
+off); the library call is opt-in, ``api.generate(..., cuda_graph=True)``.
 
 ``StepGraph(fn)`` wraps a function of tensors that returns one tensor. The first call with new
 input shapes runs ``fn`` twice on a side stream (cuDNN autotuning, Triton compilation, the
@@ -17,17 +18,22 @@ Memory: every capture on a device draws from one shared pool. A capture keeps on
 allocated (each replay's output is copied out at once, and the inputs live outside the pool), so
 its temporaries are free for the next capture, and replays never overlap (one stream). So the
 U-Net's and the classifier's graphs, and a smaller last batch's, share their scratch memory
-instead of each holding a private pool for the whole run.
+instead of each holding a private pool for the whole run. The pool lives as long as one graph made
+in it does: once every such graph is gone (their networks freed), the next capture starts a new
+pool, since PyTorch's allocator refuses to capture into a pool that no graph uses any more (an
+internal assertion, seen on an H100 when a second network was captured after the first was freed).
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Callable
 
 import torch
 
 _POOLS: dict[torch.device, tuple] = {}
+_POOL_USERS: dict[torch.device, int] = {}  # graphs made in _POOLS[device] and not yet freed
 _CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
@@ -37,6 +43,39 @@ def _pool(device: torch.device) -> tuple:
         with torch.cuda.device(device):
             _POOLS[device] = torch.cuda.graph_pool_handle()
     return _POOLS[device]
+
+
+def _new_graph(device: torch.device) -> torch.cuda.CUDAGraph:
+    """A graph to capture into ``_pool(device)``, counted as one of the pool's users until it is
+    freed (the last one's going drops the pool handle; see the module docstring)."""
+    graph = torch.cuda.CUDAGraph()
+    _use_pool(graph, device)
+    return graph
+
+
+def _use_pool(graph: object, device: torch.device) -> None:
+    _POOL_USERS[device] = _POOL_USERS.get(device, 0) + 1
+    weakref.finalize(graph, _release_pool, device).atexit = False
+
+
+def _release_pool(device: torch.device) -> None:
+    _POOL_USERS[device] -= 1
+    if not _POOL_USERS[device]:
+        del _POOL_USERS[device]
+        _POOLS.pop(device, None)
+
+
+def pool_bytes(device: torch.device | str) -> int:
+    """Device memory the shared capture pool holds now (what the graphs keep reserved between
+    replays; ``torch.cuda.max_memory_allocated`` does not see a replay's temporaries)."""
+    device = torch.device(device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    pool = _POOLS.get(device)
+    if pool is None:
+        return 0
+    return sum(s["total_size"] for s in torch.cuda.memory_snapshot()
+               if s.get("device") == device.index and tuple(s.get("segment_pool_id", ())) == tuple(pool))
 
 
 def _capture_stream(device: torch.device) -> torch.cuda.Stream:
@@ -108,8 +147,9 @@ class StepGraph:
             for _ in range(self.warmup):
                 self.fn(*inputs)
         torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=_pool(device), stream=_capture_stream(device)):
+        pool = _pool(device)  # before the graph: its user count must not drop the handle in between
+        graph = _new_graph(device)
+        with torch.cuda.graph(graph, pool=pool, stream=_capture_stream(device)):
             output = self.fn(*inputs)
         return graph, inputs, output
 

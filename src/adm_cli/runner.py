@@ -62,7 +62,7 @@ class SampleRequest:
     offline: bool = False
     mirror: str | None = None
     compile: bool = False
-    cuda_graph: bool = False
+    cuda_graph: bool | None = None  # None: on for CUDA unless compile (a replay issues a step's launches at once)
     resume: bool = False
 
 
@@ -378,8 +378,9 @@ def plan_run(req: SampleRequest) -> RunPlan:
         stage.num_steps  # noqa: B018 - a bad respacing fails before the plan is printed
     labels = _labels(req, stages[0], seed)
     out_dir = req.out if req.out is not None else default_out_dir()
+    graph = req.cuda_graph if req.cuda_graph is not None else torch.device(device).type == "cuda" and not req.compile
     return RunPlan(stages, req.num_samples, seed, labels, req.classes, Path(out_dir), device, req.dtype,
-                   str(req.batch_size), req.compile, req.nrow, req.resume, cuda_graph=req.cuda_graph)
+                   str(req.batch_size), req.compile, req.nrow, req.resume, cuda_graph=graph)
 
 
 @dataclass
