@@ -115,3 +115,28 @@ def test_gpu_graphs_every_architecture_and_sampler(name):
                    settings=api.SamplerSettings(sampler, steps=4), low_res=low_res)
         eager = api.generate(unet, **run).images.astype(int)
         assert np.abs(api.generate(unet, cuda_graph=True, **run).images - eager).max() <= 1, sampler
+
+
+@pytest.mark.parametrize("exc,kind", [
+    (RuntimeError("operation not permitted when stream is capturing\nCUDA kernel errors might be reported"),
+     "capture"),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "memory"),
+    (RuntimeError("CUDA error: out of memory"), "memory"),
+])
+def test_a_failed_capture_is_one_line_naming_the_way_around(monkeypatch, exc, kind):
+    """Graphs are adm sample's default on CUDA: a capture that fails is a one-line error that
+    names --no-cuda-graph, while running out of memory stays itself (the runner's remedy is a
+    smaller --batch-size)."""
+    from adm_cli.errors import GraphCaptureError
+
+    def fail(self, args):
+        raise exc
+
+    monkeypatch.setattr(StepGraph, "_record", fail)
+    with pytest.raises(GraphCaptureError if kind == "capture" else type(exc)) as got:
+        StepGraph(lambda x: x)._capture((torch.ones(2),))
+    if kind == "capture":
+        assert "\n" not in str(got.value) and "--no-cuda-graph" in str(got.value)
+        assert "operation not permitted when stream is capturing" in str(got.value)
+    else:
+        assert got.value is exc

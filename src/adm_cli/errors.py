@@ -69,3 +69,7 @@ class DistributedError(AdmError):
 
 class KernelError(AdmError):
     """A fused GPU kernel (fused.py) failed to compile or launch on this machine."""
+
+
+class GraphCaptureError(AdmError):
+    """Capturing a sampling step as a CUDA graph (graphs.py) failed on this machine."""

@@ -32,6 +32,8 @@ from typing import Callable
 
 import torch
 
+from .errors import GraphCaptureError
+
 _POOLS: dict[torch.device, tuple] = {}
 _POOL_USERS: dict[torch.device, int] = {}  # graphs made in _POOLS[device] and not yet freed
 _CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
@@ -139,6 +141,19 @@ class StepGraph:
             return output.clone()
 
     def _capture(self, args: tuple) -> tuple:
+        """``_record`` with its failures as one line naming the way around (graphs are the
+        command line's default on CUDA, so a capture that fails must not read as a crash);
+        running out of memory stays itself, whose remedy is a smaller batch."""
+        try:
+            return self._record(args)
+        except RuntimeError as exc:
+            if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc):
+                raise
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise GraphCaptureError(f"capturing the sampling step as a CUDA graph failed ({first}); run with "
+                                    "--no-cuda-graph (api: cuda_graph=False)") from exc
+
+    def _record(self, args: tuple) -> tuple:
         device = args[0].device
         inputs = [a.clone() for a in args]
         side = torch.cuda.Stream(device=device)
