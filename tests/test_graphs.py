@@ -129,12 +129,21 @@ def test_a_failed_capture_is_one_line_naming_the_way_around(monkeypatch, exc, ki
     smaller --batch-size)."""
     from adm_cli.errors import GraphCaptureError
 
-    def fail(self, args):
+    def fail(self, inputs):
         raise exc
 
+    calls = []
     monkeypatch.setattr(StepGraph, "_record", fail)
+    class Stream:  # the warm-up's streams, off CUDA
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: Stream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
     with pytest.raises(GraphCaptureError if kind == "capture" else type(exc)) as got:
-        StepGraph(lambda x: x)._capture((torch.ones(2),))
+        StepGraph(lambda x: calls.append(1) or x)._capture((torch.ones(2),))
+    assert len(calls) == 2  # the eager warm-up ran, outside the wrapping
     if kind == "capture":
         assert "\n" not in str(got.value) and "--no-cuda-graph" in str(got.value)
         assert "operation not permitted when stream is capturing" in str(got.value)

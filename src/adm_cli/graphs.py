@@ -141,32 +141,34 @@ class StepGraph:
             return output.clone()
 
     def _capture(self, args: tuple) -> tuple:
-        """``_record`` with its failures as one line naming the way around (graphs are the
-        command line's default on CUDA, so a capture that fails must not read as a crash);
-        running out of memory stays itself, whose remedy is a smaller batch."""
+        device = args[0].device
+        inputs = [a.clone() for a in args]
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):  # eager calls: their errors are the step's own
+                self.fn(*inputs)
+        torch.cuda.current_stream(device).wait_stream(side)
+        # A failure of the capture itself is one line naming the way around (graphs are the
+        # command line's default on CUDA, so it must not read as a crash); running out of
+        # memory stays itself, whose remedy is a smaller batch.
         try:
-            return self._record(args)
+            graph, output = self._record(inputs)
         except RuntimeError as exc:
             if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc):
                 raise
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise GraphCaptureError(f"capturing the sampling step as a CUDA graph failed ({first}); run with "
                                     "--no-cuda-graph (api: cuda_graph=False)") from exc
+        return graph, inputs, output
 
-    def _record(self, args: tuple) -> tuple:
-        device = args[0].device
-        inputs = [a.clone() for a in args]
-        side = torch.cuda.Stream(device=device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                self.fn(*inputs)
-        torch.cuda.current_stream(device).wait_stream(side)
+    def _record(self, inputs: list) -> tuple:
+        device = inputs[0].device
         pool = _pool(device)  # before the graph: its user count must not drop the handle in between
         graph = _new_graph(device)
         with torch.cuda.graph(graph, pool=pool, stream=_capture_stream(device)):
             output = self.fn(*inputs)
-        return graph, inputs, output
+        return graph, output
 
 
 class GraphedUNet:
