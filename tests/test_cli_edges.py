@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -178,3 +179,50 @@ def test_cuda_graphs_default_on_for_cuda(monkeypatch, device, compile_, flag, wa
     plan = plan_run(SampleRequest(model="demo-digits", classes="1", num_samples=1, compile=compile_,
                                   cuda_graph=flag))
     assert plan.cuda_graph is want and plan.describe()["cuda_graph"] is want
+
+
+@pytest.mark.parametrize("flags,want", [([], True), (["--no-cuda-graph"], False), (["--compile"], False),
+                                        (["--cuda-graph"], True)])
+def test_adm_sample_on_cuda_replays_graphs_unless_told_not_to(monkeypatch, tmp_path, flags, want):
+    """The command line's own default, through the whole CLI to the plan it executes (the
+    plan printed names the graphs)."""
+    from adm_cli import cli_sample, runner
+
+    seen = []
+
+    def stop(plan, **kwargs):
+        seen.append(plan)
+        raise UsageError("stopped before sampling")
+
+    monkeypatch.setattr(runner, "pick_device", lambda name: "cuda")  # planned only: nothing runs on it
+    monkeypatch.setattr(cli_sample, "execute", stop)
+    res = CliRunner().invoke(cli.app, ["sample", "--model", "demo-digits", "--class", "1", "-n", "1",
+                                       "--out", str(tmp_path / "o"), *flags])
+    assert "stopped before sampling" in res.output and len(seen) == 1, res.output
+    assert seen[0].cuda_graph is want
+    assert ("CUDA graphs" in res.output) is want
+
+
+@pytest.mark.parametrize("recorded,flag,want", [(False, None, False), (True, None, True),
+                                                (False, True, True), (True, False, False)])
+def test_resume_keeps_the_graphs_setting_it_began_with(monkeypatch, tmp_path, recorded, flag, want):
+    """A run recorded eager (by the release before graphs became the default, or with
+    --no-cuda-graph) goes on eager when resumed without either flag: graphed steps may differ
+    from eager ones by a level, and a resumed run must equal an uninterrupted one. A flag given
+    on the resume wins."""
+    from adm_cli import runner
+    from adm_cli.runner import SampleRequest, plan_run
+
+    out = tmp_path / "run"
+    cli._register()
+    res = CliRunner().invoke(cli.app, ["sample", "--model", "demo-digits", "--class", "1", "-n", "2", "--steps",
+                                       "2", "--device", "cpu", "--out", str(out), "--quiet",
+                                       "--cuda-graph" if recorded else "--no-cuda-graph"])
+    assert res.exit_code == 0, res.output
+    plan_file = out / "run.json"  # a finished run keeps its plan there
+    assert json.loads(plan_file.read_text())["cuda_graph"] is recorded
+    (out / "000001.png").unlink()  # one sample left to do
+    monkeypatch.setattr(runner, "pick_device", lambda name: "cuda")  # where graphs are the default
+    plan = plan_run(SampleRequest(model="demo-digits", classes="1", num_samples=2, steps=2, out=out, resume=True,
+                                  cuda_graph=flag))
+    assert plan.cuda_graph is want

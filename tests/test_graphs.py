@@ -149,3 +149,68 @@ def test_a_failed_capture_is_one_line_naming_the_way_around(monkeypatch, exc, ki
         assert "operation not permitted when stream is capturing" in str(got.value)
     else:
         assert got.value is exc
+
+
+def test_graphed_networks_are_freed_when_dropped():
+    """The graphs kept on a network refer to it weakly: dropping the network frees it and its
+    graphs at once, without waiting for Python's cycle collector (an --upsample run drops its
+    first stage's networks before the second stage sizes its batch and captures)."""
+    unet, clf = fast.prepare_models(exact(TINY["new-order"]), exact(TINY_CLF, seed=4), device="cpu")
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([3, 7]), torch.tensor([1, 2])
+    graphed_unet(unet)(x, t, y)  # off CUDA the StepGraphs call through: their functions exist now
+    graphs.graphed_classifier_grad(clf, 1.0)(x, t, y)
+    refs = [weakref_of(m) for m in (unet, clf, graphed_unet(unet))]
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        del unet, clf
+        assert [r() for r in refs] == [None, None, None]
+    finally:
+        if was:
+            gc.enable()
+
+
+def weakref_of(obj):
+    import weakref
+
+    return weakref.ref(obj)
+
+
+def test_capture_counts_its_graph_and_collects_first(monkeypatch):
+    """StepGraph._record captures into the shared pool and counts its graph as a user: the pool
+    is kept while a graph made in it lives, and a new one is taken once they are all freed, also
+    when the last one was garbage in a reference cycle (collected before the capture begins, as
+    torch < 2.9's capture would collect it just after the pool was chosen)."""
+    handles = iter(range(100))
+    pools = []
+
+    class Graph:
+        pass
+
+    @contextlib.contextmanager
+    def capture(graph, pool, stream):
+        assert not gc.isenabled()  # no collection may free a pool user during the capture
+        pools.append(pool)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: (0, next(handles)))
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    monkeypatch.setattr(graphs, "_capture_stream", lambda device: None)
+    monkeypatch.setattr(graphs, "_POOLS", {})
+    monkeypatch.setattr(graphs, "_POOL_USERS", {})
+    step = StepGraph(lambda x: x + 1)
+    x = torch.ones(2)
+    a, out = step._record([x])
+    assert torch.equal(out, x + 1) and gc.isenabled()
+    b, _ = step._record([x])
+    assert pools[1] == pools[0]  # a still lives
+    del a, b
+    c, _ = step._record([x])
+    assert pools[2] != pools[1]  # both freed: a new pool
+    cycle = [c]
+    cycle.append(cycle)
+    del c, cycle  # garbage, but only the cycle collector frees it
+    step._record([x])
+    assert pools[3] != pools[2]

@@ -294,7 +294,7 @@ class Group(Solo):
 
         def fixed():
             resolved = resolve_request(request)
-            return resolved.seed, resolved.classes
+            return resolved.seed, resolved.classes, resolved.cuda_graph
 
         # What each process was given, before rank 0's seed and classes replace it: a rank
         # started with another --seed (or batch, grid, ...) must not be quietly overruled.
@@ -306,9 +306,10 @@ class Group(Solo):
                 if value != everyone[0][flag]:
                     raise PeerError(f"rank {r} was started with {flag} {value!r} but rank 0 with "
                                     f"{everyone[0][flag]!r}; give every process the same command")
-        seed, classes = self.from_root(fixed, "reading the output folder")
+        seed, classes, graph = self.from_root(fixed, "reading the output folder")
         # Only rank 0 reads the output folder (it need not be shared between machines).
-        request = replace(request, seed=seed, classes=classes, resume=request.resume and self.is_root)
+        request = replace(request, seed=seed, classes=classes, cuda_graph=graph,
+                          resume=request.resume and self.is_root)
         # The first process on each machine plans first (fetching or converting weights into
         # the cache once); the others then find them there.
         plan = self.agree(lambda: plan_run(replace(request, device=self.device(request.device))),

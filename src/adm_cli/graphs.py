@@ -27,6 +27,7 @@ internal assertion, seen on an H100 when a second network was captured after the
 from __future__ import annotations
 
 import contextlib
+import gc
 import weakref
 from typing import Callable
 
@@ -164,28 +165,51 @@ class StepGraph:
 
     def _record(self, inputs: list) -> tuple:
         device = inputs[0].device
-        pool = _pool(device)  # before the graph: its user count must not drop the handle in between
-        graph = _new_graph(device)
-        with torch.cuda.graph(graph, pool=pool, stream=_capture_stream(device)):
-            output = self.fn(*inputs)
+        # The pool's user count must be true from here until the capture has begun (PyTorch
+        # counts the new graph only then): graphs that are garbage but not yet collected
+        # (networks dropped inside reference cycles of the caller's) are freed first, and no
+        # collection may free more in between; before torch 2.9 the capture itself collects.
+        gc.collect()
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            pool = _pool(device)
+            graph = _new_graph(device)
+            with torch.cuda.graph(graph, pool=pool, stream=_capture_stream(device)):
+                output = self.fn(*inputs)
+        finally:
+            if enabled:
+                gc.enable()
         return graph, output
 
 
 class GraphedUNet:
     """A U-Net whose calls ``(x, t, y=None, low_res=None)`` replay ``StepGraph``s (the
     ``Denoiser`` sees the same interface and ``config``). Use ``graphed_unet`` to get the one
-    kept on the module, so that later batches reuse its captures."""
+    kept on the module, so that later batches reuse its captures. It and its graphs refer to the
+    U-Net weakly: kept on the module, a strong reference would make a cycle that only Python's
+    cycle collector frees, so a dropped network (an ``--upsample`` run's first stage) would hold
+    its weights and graphs until a collection happened to run."""
 
     def __init__(self, unet: torch.nn.Module):
-        self.unet, self.config = unet, unet.config
+        self._unet, self.config = weakref.ref(unet), unet.config
         self._graphs: dict[tuple, StepGraph] = {}
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self._unet()
 
     def __call__(self, x, t, y=None, low_res=None):
         named = [(k, v) for k, v in (("y", y), ("low_res", low_res)) if v is not None]
         kinds = tuple(k for k, _ in named)
         graph = self._graphs.get(kinds)
         if graph is None:
-            graph = self._graphs[kinds] = StepGraph(lambda x, t, *extra: self.unet(x, t, **dict(zip(kinds, extra))))
+            unet = self._unet  # not self: the function is kept inside self
+
+            def call(x, t, *extra):
+                return unet()(x, t, **dict(zip(kinds, extra)))
+
+            graph = self._graphs[kinds] = StepGraph(call)
         return graph(x, t, *(v for _, v in named))
 
 
@@ -204,5 +228,6 @@ def graphed_classifier_grad(classifier: torch.nn.Module, scale: float) -> StepGr
     captures = _captures(classifier)
     key = ("grad", scale)
     if key not in captures:
-        captures[key] = StepGraph(lambda x, t, y: classifier_grad(classifier, x, t, y, scale))
+        ref = weakref.ref(classifier)  # kept on the classifier: no cycle (see GraphedUNet)
+        captures[key] = StepGraph(lambda x, t, y: classifier_grad(ref(), x, t, y, scale))
     return captures[key]

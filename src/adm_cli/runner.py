@@ -341,8 +341,11 @@ def _labels(req: SampleRequest, stage: Stage, seed: int) -> list[int] | None:
 
 def resolve_request(req: SampleRequest) -> SampleRequest:
     """Fix the seed: --seed, else on --resume the recorded one, else a random one. On --resume
-    an empty --class also means the recorded classes (so random labels are drawn again alike)."""
-    recorded = read_run_plan(req.out) if req.resume and (req.seed is None or req.classes is None) else None
+    an empty --class also means the recorded classes (so random labels are drawn again alike),
+    and CUDA graphs neither asked for nor refused mean what the run recorded (graphed steps may
+    differ from eager ones by a level, so a run goes on as it began)."""
+    wants_record = req.seed is None or req.classes is None or req.cuda_graph is None
+    recorded = read_run_plan(req.out) if req.resume and wants_record else None
     seed = req.seed
     if seed is None and recorded:
         seed = recorded.get("seed")
@@ -351,7 +354,10 @@ def resolve_request(req: SampleRequest) -> SampleRequest:
     if seed is None:
         seed = secrets.randbelow(2 ** 31)
     classes = req.classes if req.classes is not None else (recorded or {}).get("classes")
-    return replace(req, seed=seed, classes=classes)
+    graph = req.cuda_graph
+    if graph is None and isinstance((recorded or {}).get("cuda_graph"), bool):
+        graph = recorded["cuda_graph"]
+    return replace(req, seed=seed, classes=classes, cuda_graph=graph)
 
 
 def check_output(req: SampleRequest) -> None:
