@@ -48,15 +48,9 @@ def _pool(device: torch.device) -> tuple:
     return _POOLS[device]
 
 
-def _new_graph(device: torch.device) -> torch.cuda.CUDAGraph:
-    """A graph to capture into ``_pool(device)``, counted as one of the pool's users until it is
-    freed (the last one's going drops the pool handle; see the module docstring)."""
-    graph = torch.cuda.CUDAGraph()
-    _use_pool(graph, device)
-    return graph
-
-
 def _use_pool(graph: object, device: torch.device) -> None:
+    """Count ``graph`` as a user of ``_pool(device)`` until it is freed (the last one's going
+    drops the pool handle; see the module docstring)."""
     _POOL_USERS[device] = _POOL_USERS.get(device, 0) + 1
     weakref.finalize(graph, _release_pool, device).atexit = False
 
@@ -174,7 +168,8 @@ class StepGraph:
         gc.disable()
         try:
             pool = _pool(device)
-            graph = _new_graph(device)
+            graph = torch.cuda.CUDAGraph()
+            _use_pool(graph, device)
             with torch.cuda.graph(graph, pool=pool, stream=_capture_stream(device)):
                 output = self.fn(*inputs)
         finally:

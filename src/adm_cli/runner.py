@@ -345,7 +345,7 @@ def resolve_request(req: SampleRequest) -> SampleRequest:
     and CUDA graphs neither asked for nor refused mean what the run recorded (graphed steps may
     differ from eager ones by a level, so a run goes on as it began)."""
     wants_record = req.seed is None or req.classes is None or req.cuda_graph is None
-    recorded = read_run_plan(req.out) if req.resume and wants_record else None
+    recorded = (read_run_plan(req.out) if req.resume and wants_record else None) or {}
     seed = req.seed
     if seed is None and recorded:
         seed = recorded.get("seed")
@@ -353,9 +353,9 @@ def resolve_request(req: SampleRequest) -> SampleRequest:
             raise UsageError(f"--resume: the plan in {req.out} records no seed; pass --seed or choose a new --out")
     if seed is None:
         seed = secrets.randbelow(2 ** 31)
-    classes = req.classes if req.classes is not None else (recorded or {}).get("classes")
+    classes = req.classes if req.classes is not None else recorded.get("classes")
     graph = req.cuda_graph
-    if graph is None and isinstance((recorded or {}).get("cuda_graph"), bool):
+    if graph is None and isinstance(recorded.get("cuda_graph"), bool):
         graph = recorded["cuda_graph"]
     return replace(req, seed=seed, classes=classes, cuda_graph=graph)
 
