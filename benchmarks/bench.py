@@ -300,6 +300,10 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+SWITCHES = {"FUSED_SKIP": {"on": True, "off": False}, "PAD_IO": {"on": True, "off": False},
+            "UP_CONV": {"transposed": "transposed", "plain": "plain"}}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -327,6 +331,9 @@ def main(argv=None) -> int:
                    "(torch.profiler) into PREFIX.<case>.txt")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="ours, fused: one of adm_cli.layers' switches (FUSED_SKIP, UP_CONV, PAD_IO; "
+                        "on/off or, for UP_CONV, transposed/plain), to time a part against its plainer form")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the rows as JSON")
     args = p.parse_args(argv)
     if args.steps < 2:
@@ -346,6 +353,14 @@ def main(argv=None) -> int:
     if args.concat:
         from adm_cli import layers
         layers.FUSED_CONCAT = False
+    switched = []
+    for item in args.set:
+        name, _, value = item.partition("=")
+        from adm_cli import layers
+        if name not in SWITCHES or value not in SWITCHES[name]:
+            p.error(f"--set {item}: choose " + "; ".join(f"{k}={'/'.join(v)}" for k, v in SWITCHES.items()))
+        setattr(layers, name, SWITCHES[name][value])
+        switched.append(item)
     torch.manual_seed(0)
     dev, peak = device_peak(device)
     mode = "cpu-small" if args.cpu_small else "full"
@@ -354,6 +369,7 @@ def main(argv=None) -> int:
                  + (" + GroupNorm upcast" if args.gn_upcast else "")
                  + (" + CUDA graphs" if args.cuda_graph else "")
                  + (" + torch.cat in the decoder" if args.concat else "")
+                 + "".join(f" + {item}" for item in switched)
                  + (" + fused GroupNorm" if (args.fused == "on" or args.fused == "auto"
                                               and fast.use_fused_kernels(device, compile=args.compile)) else "")
                  + ("" if args.channels_last == "auto" else f", channels_last {args.channels_last}"))

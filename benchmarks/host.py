@@ -159,6 +159,13 @@ def _fake_conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
                             x.is_contiguous(memory_format=torch.channels_last))  # (bias: part of the conv)
 
 
+def _fake_conv_transpose2d(x, w, b=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+    s, p = (stride, stride) if isinstance(stride, int) else stride, (padding, padding) if isinstance(padding, int) \
+        else padding
+    size = [(x.shape[2 + i] - 1) * s[i] - 2 * p[i] + w.shape[2 + i] for i in range(2)]  # (fused.conv_up's case)
+    return _ShapeOnly.apply(x, (x.shape[0], w.shape[1], *size), x.is_contiguous(memory_format=torch.channels_last))
+
+
 def _fake_linear(x, w, b=None):
     return _ShapeOnly.apply(x, (*x.shape[:-1], w.shape[0]), False)
 
@@ -230,7 +237,7 @@ def step_host_time(case_name: str, batch: int | None, steps: int, repeats: int,
         builds[against] = _step_runner(_package(against), case, batch, steps)
     calls = {"launch": 0, "conv": 0, "linear": 0, "attention": 0}
     saved = ([b[1]._launch for b in builds.values()], F.conv2d, F.linear, torch.Tensor.addmm_,
-             torch.Tensor.__matmul__, F.scaled_dot_product_attention)
+             torch.Tensor.__matmul__, F.scaled_dot_product_attention, F.conv_transpose2d)
 
     def count(key, fn):
         def wrapped(*a, **k):
@@ -241,6 +248,7 @@ def step_host_time(case_name: str, batch: int | None, steps: int, repeats: int,
     for _, fused_, _ in builds.values():
         fused_._launch = count("launch", lambda name, *a, **k: None)
     F.conv2d, F.linear = count("conv", _fake_conv2d), count("linear", _fake_linear)
+    F.conv_transpose2d = count("conv", _fake_conv_transpose2d)
     torch.Tensor.addmm_ = count("linear", lambda self, *a, **k: self)  # fused.conv1x1_cat's second GEMM
     torch.Tensor.__matmul__ = count("linear", _fake_matmul)
     F.scaled_dot_product_attention = count("attention", _fake_attention)
@@ -259,7 +267,8 @@ def step_host_time(case_name: str, batch: int | None, steps: int, repeats: int,
     finally:
         for (_, fused_, _), launch in zip(builds.values(), saved[0]):
             fused_._launch = launch
-        F.conv2d, F.linear, torch.Tensor.addmm_, torch.Tensor.__matmul__, F.scaled_dot_product_attention = saved[1:]
+        (F.conv2d, F.linear, torch.Tensor.addmm_, torch.Tensor.__matmul__, F.scaled_dot_product_attention,
+         F.conv_transpose2d) = saved[1:]
     from adm_cli.layers import GroupNorm32, ResBlock
 
     def count_of(kind, *models):

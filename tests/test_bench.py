@@ -105,7 +105,7 @@ def test_host_step_script_runs_the_fused_path_everywhere_and_restores_what_it_st
 
     def stubbed():
         return (fused._launch, F.conv2d, F.linear, F.scaled_dot_product_attention, torch.Tensor.addmm_,
-                torch.Tensor.__matmul__)
+                torch.Tensor.__matmul__, F.conv_transpose2d)
 
     real = stubbed()
     row = host.main(["--step", "ddpm-64-guided", "--batch", "2", "--steps", "2", "--repeats", "1"])
@@ -130,3 +130,31 @@ def test_host_step_script_compares_another_build_in_the_same_process(monkeypatch
     launches = [line.split("per step ")[1].split(" Triton")[0] for line in out.splitlines() if "Triton" in line]
     assert launches[0] == launches[1] and int(launches[0]) > 100
     assert 0.2 < row["against / this tree"] < 5
+
+
+def test_single_op_script_runs_every_form_and_restores_the_tiles(monkeypatch, tmp_path):
+    """benchmarks/ops.py --small: a row per form of each op (skip GEMM at two tilings, the three
+    up-block forms, the input and output convs), every form agreeing with the plainest one (float32,
+    Triton's interpreter), and the shipped GEMM tiles back in place."""
+    import pytest
+
+    from test_fused import _kernel_device
+
+    if _kernel_device() is None:
+        pytest.skip("no Triton (or no working interpreter)")
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import ops
+
+    from adm_cli import fused
+
+    shipped = (fused._GEMM_M, fused._GEMM_N, fused._GEMM_K, fused._GEMM_WARPS, fused._GEMM_STAGES)
+    out = tmp_path / "ops.json"
+    assert ops.main(["--small", "--repeats", "1", "--tiles", "128:128:64:4:3,64:32:16:4:2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    forms = {(r["group"], r["form"]) for r in rows}
+    assert forms == {("skip", "gemms+add"), ("skip", "skip_add 128:128:64:4:3"), ("skip", "skip_add 64:32:16:4:2"),
+                     ("up", "plain"), ("up", "transposed"), ("up", "folded"), ("in", "cuDNN + bias"),
+                     ("in", "conv_in"), ("out", "cuDNN + bias"), ("out", "conv_out")}
+    assert all(r["ms"] > 0 and r["diff"] <= 1e-5 for r in rows)
+    assert {r["shape"] for r in rows if r["group"] == "skip"} >= {"4^2 32+0->64", "8^2 32+32->32"}
+    assert (fused._GEMM_M, fused._GEMM_N, fused._GEMM_K, fused._GEMM_WARPS, fused._GEMM_STAGES) == shipped

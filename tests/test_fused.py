@@ -209,6 +209,123 @@ def test_conv1x1_cat_matches_conv_of_the_concatenation():
 
 
 @needs_kernels
+def test_derived_weights_follow_a_second_prepare_and_are_not_copied(monkeypatch):
+    """The fused path's derived weights (stacked embeddings, W^T of the skip convs, folded up
+    convs, padded input/output convs) are dropped by a second ``prepare`` (another dtype here)
+    and not carried by a deepcopy; both runs match the exact model."""
+    from adm_cli import layers
+
+    cfg = TINY["new-order"]
+    ref = exact(cfg)
+    dev = _kernel_device()
+    ours = fast.prepare(copy.deepcopy(ref), device=dev, dtype="float32", fused_kernels=True)
+    x, t, kw = inputs(cfg)
+    with torch.no_grad():
+        want = ref(x, t, **kw)
+        assert rel_norm(want, ours(x.to(dev), t.to(dev), **kw).cpu()) <= 1e-5
+        kept = [m for m in ours.modules() if m.__dict__.get("_derived")]
+        assert len(kept) >= 4  # the model (embeddings), skip convs, up conv, input and output convs
+        twin = copy.deepcopy(ours)
+        assert not any(m.__dict__.get("_derived") for m in twin.modules())
+        fast.prepare(ours, device=dev, dtype="float16", fused_kernels=True)
+        assert not any(m.__dict__.get("_derived") for m in ours.modules())
+        # (a float32 value kept from the first run would meet float16 activations: refused or off)
+        assert rel_norm(want, ours(x.to(dev), t.to(dev), **kw).cpu()) <= 4e-3
+        assert rel_norm(want, twin(x.to(dev), t.to(dev), **kw).cpu()) <= 1e-5
+    assert "_derived" not in "".join(ours.state_dict())
+    assert layers.version_key(ours.out[2].weight)[1] == torch.float16
+
+
+def test_block_embeddings_are_each_blocks_projection_and_follow_the_weights():
+    """One GEMM over the stacked projections gives every block its emb_layers(emb); a block whose
+    projection is written in place gets the new values (no stale stack)."""
+    from adm_cli.layers import ResBlock, block_embeddings
+
+    model = exact(TINY["new-order"])
+    emb = torch.randn(3, model.time_embed[2].out_features)
+    blocks = [m for m in model.modules() if isinstance(m, ResBlock)]
+    with torch.no_grad():
+        table = block_embeddings(model, emb)
+        for b in blocks:
+            assert rel_norm(b.emb_layers(emb), table.of(b)) <= 1e-6
+        blocks[1].emb_layers[1].bias.add_(1.0)
+        again = block_embeddings(model, emb)
+        assert rel_norm(blocks[1].emb_layers(emb), again.of(blocks[1])) <= 1e-6
+        assert rel_norm(table.of(blocks[1]) + 1.0, again.of(blocks[1])) <= 1e-6
+    assert not any("emb_stack" in k or "_derived" in k for k in model.state_dict())
+
+
+@needs_kernels
+@pytest.mark.parametrize("c1,c2,co,dtype", [(64, 32, 32, torch.float32), (96, None, 160, torch.float32),
+                                            (128, 128, 64, torch.float16), (64, 96, 48, torch.bfloat16),
+                                            (200, 56, 136, torch.float32)])  # channels off every tile
+def test_skip_add_matches_float64(c1, c2, co, dtype):
+    """h + bias + W [x; x2] in one GEMM vs float64; rows not a multiple of the row tile."""
+    dev = _kernel_device()
+    g = torch.Generator().manual_seed(7)
+    cin = c1 + (c2 or 0)
+    conv = torch.nn.Conv2d(cin, co, 1).to(memory_format=torch.channels_last)
+    x = nhwc(torch.randn(3, c1, 7, 9, generator=g))
+    x2 = None if c2 is None else nhwc(torch.randn(3, c2, 7, 9, generator=g))
+    h = nhwc(torch.randn(3, co, 7, 9, generator=g))
+    bias = torch.randn(co, generator=g)
+    full = x if x2 is None else torch.cat([x, x2], 1)
+    want = h.double() + bias.double()[:, None, None] + F.conv2d(full.double(), conv.weight.double())
+    conv = conv.to(dtype)
+    put = lambda t: None if t is None else t.to(dev, dtype)  # noqa: E731
+    got = fused.skip_add(put(h), put(x), put(x2), fused.skip_weight(conv).to(dev), bias.to(dev))
+    assert got.dtype == dtype and got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last)
+    # float32: the GEMM's own rounding; half: the inputs' and the output's rounding (vs float64 of
+    # the unrounded inputs)
+    assert rel_norm(want, got.double().cpu()) <= {torch.float32: 1e-6, torch.float16: 2e-3,
+                                                  torch.bfloat16: 1.5e-2}[dtype]
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        fused.skip_add(put(h)[:, :, :3], put(x), put(x2), fused.skip_weight(conv).to(dev), bias.to(dev))
+    other = torch.float16 if dtype != torch.float16 else torch.float32
+    with pytest.raises(ValueError, match="one dtype"):
+        fused.skip_add(put(h), put(x).to(other), put(x2), fused.skip_weight(conv).to(dev), bias.to(dev))
+    # a transposed view of the weight (not the contiguous W^T) gives the same result, not garbage
+    strided = conv.weight[:, :, 0, 0].t().to(dev)
+    assert rel_norm(got.double().cpu(), fused.skip_add(put(h), put(x), put(x2), strided, bias.to(dev)).double().cpu()) \
+        <= 1e-12
+
+
+@pytest.mark.parametrize("size", [(5, 7), (1, 1), (4, 4)])
+def test_conv_up_is_the_conv_of_the_upsampled_input(size):
+    """A 3x3 conv of the nearest 2x upsample equals the stride-2 transposed conv with the folded
+    4x4 kernel (plain PyTorch, float64: the taps' sums are the only difference)."""
+    g = torch.Generator().manual_seed(8)
+    conv = torch.nn.Conv2d(16, 24, 3, padding=1, bias=False).double()
+    x = torch.randn(2, 16, *size, generator=g, dtype=torch.float64)
+    want = conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+    got = fused.conv_up(x, fused.up_weight(conv))
+    assert got.shape == want.shape and rel_norm(want, got) <= 1e-12
+    cl = conv.to(memory_format=torch.channels_last)
+    assert fused.up_weight(cl).is_contiguous(memory_format=torch.channels_last)  # cuDNN's fast NHWC kernels
+    with pytest.raises(ValueError, match="3x3 conv"):
+        fused.up_weight(torch.nn.Conv2d(16, 24, 3, padding=1, stride=2))
+
+
+@pytest.mark.parametrize("cin,bias", [(3, True), (6, True), (3, False), (7, True)])
+def test_padded_input_and_output_convs(cin, bias):
+    """The input conv widened to a multiple of 8 channels with its bias as weights of a constant
+    channel (zero padding at the borders must not reach it), and the output conv padded to 8
+    outputs, equal to the plain convs with their biases."""
+    g = torch.Generator().manual_seed(9)
+    conv = torch.nn.Conv2d(cin, 32, 3, padding=1, bias=bias).double()
+    x = torch.randn(2, cin, 6, 5, generator=g, dtype=torch.float64)
+    w = fused.in_weight(conv)
+    assert w.shape[1] % 8 == 0 and w.shape[1] > cin
+    assert rel_norm(conv(x), fused.conv_in(x, w, conv.padding)) <= 1e-12
+    head = torch.nn.Conv2d(32, cin, 3, padding=1, bias=bias).double()
+    a = torch.randn(2, 32, 6, 5, generator=g, dtype=torch.float64)
+    w8, b8 = fused.out_weight(head)
+    assert w8.shape[0] % 8 == 0 and (b8 is None) == (not bias)
+    got = fused.conv_out(a, w8, b8, cin, head.padding)
+    assert got.shape == (2, cin, 6, 5) and rel_norm(head(a), got) <= 1e-12
+
+
+@needs_kernels
 @pytest.mark.parametrize("resample", [None, "up", "down"])
 def test_add_bias_and_its_gradient(resample):
     """x + resample(r) + bias, and the gradients of x and r (through the resampling)."""
@@ -244,27 +361,48 @@ def test_fused_unet_matches_exact(family, dtype, bound, monkeypatch):
     ours = fast.prepare(copy.deepcopy(ref), device=dev, dtype=dtype, fused_kernels=True)
     assert "fused GroupNorm" in fast.describe(ours)
     assert ours.input_blocks[1][0].in_layers[0].weight.dtype == torch.float32  # read by the kernel
-    split = []
-    monkeypatch.setattr(fused, "conv1x1_cat", lambda *a, _f=fused.conv1x1_cat: split.append(1) or _f(*a))
+    split, ups, cublas = [], [], []
+    monkeypatch.setattr(fused, "skip_add", lambda h, x, x2, *a, _f=fused.skip_add: split.append(x2 is not None)
+                        or _f(h, x, x2, *a))
+    monkeypatch.setattr(fused, "conv1x1_cat", lambda *a, _f=fused.conv1x1_cat: cublas.append(1) or _f(*a))
+    monkeypatch.setattr(fused, "conv_up", lambda *a, _f=fused.conv_up: ups.append(1) or _f(*a))
     x, t, kw = inputs(cfg)
     with torch.no_grad():
         want = ref(x, t, **kw)
         got = ours(x.to(dev), t.to(dev), **{k: v.to(dev) for k, v in kw.items()}).cpu()
-    assert len(split) == len(ours.output_blocks)  # every decoder block read h and the skip in place
+    # every decoder block read h and the skip in place: in one GEMM with its closing add (half
+    # precision, or anything in the interpreter), else (float32 on a GPU) in two cuBLAS GEMMs
+    if dtype != "float32" or fused.interpreted():
+        assert split.count(True) == len(ours.output_blocks) and not cublas
+    else:
+        assert len(cublas) == len(ours.output_blocks) and not split
+    assert len(ups) == sum(getattr(b, "resample", None) == "up" for b in ours.modules())
     assert got.dtype == torch.float32
     assert rel_norm(want, got) <= bound
 
 
 @needs_kernels
-def test_fused_unet_with_the_concatenation_switched_back(monkeypatch):
-    """``layers.FUSED_CONCAT = False`` (bench.py --concat): torch.cat again, same output."""
+@pytest.mark.parametrize("switch", ["FUSED_CONCAT", "FUSED_SKIP", "UP_CONV", "PAD_IO"])
+def test_fused_unet_with_a_part_switched_back(switch, monkeypatch):
+    """Each of layers' switches (bench.py --concat / --set) back to the plainer form: same output.
+    FUSED_CONCAT False: torch.cat again; FUSED_SKIP False: cuBLAS GEMMs and a separate add;
+    UP_CONV "plain": upsampled norm output and a 3x3 conv; PAD_IO False: cuDNN's own input and
+    output convs."""
     from adm_cli import layers
 
-    cfg = TINY["new-order"]
+    cfg = TINY["new-order"]  # (BigGAN up/down blocks, decoder skip convs, 6 output channels)
     ref = exact(cfg)
     ours = fast.prepare(copy.deepcopy(ref), device=_kernel_device(), dtype="float32", fused_kernels=True)
-    monkeypatch.setattr(layers, "FUSED_CONCAT", False)
-    monkeypatch.setattr(fused, "conv1x1_cat", lambda *a: pytest.fail("the split skip conv ran"))
+    monkeypatch.setattr(layers, switch, "plain" if switch == "UP_CONV" else False)
+    banned = {"FUSED_CONCAT": ("conv1x1_cat", "the split skip conv"), "FUSED_SKIP": ("skip_add", "the skip GEMM"),
+              "UP_CONV": ("conv_up", "the transposed conv"), "PAD_IO": ("conv_in", "the padded input conv")}
+    name, what = banned[switch]
+    monkeypatch.setattr(fused, name, lambda *a: pytest.fail(f"{what} ran"))
+    if switch == "PAD_IO":
+        monkeypatch.setattr(fused, "conv_out", lambda *a: pytest.fail("the padded output conv ran"))
+    if switch == "FUSED_CONCAT":  # the skip GEMM then reads the concatenation (x2 None)
+        monkeypatch.setattr(fused, "skip_add", lambda h, x, x2, *a, _f=fused.skip_add:
+                            _f(h, x, x2, *a) if x2 is None else pytest.fail("the skip GEMM read x2"))
     x, t, kw = inputs(cfg)
     with torch.no_grad():
         want = ref(x, t, **kw)
@@ -313,6 +451,26 @@ def test_gpu_group_norm_act_large(dtype):
         assert fwd <= BOUNDS[dtype] and bwd <= 2 * BOUNDS[dtype], (shape, fwd, bwd)
 
 
+@pytest.mark.gpu
+def test_gpu_skip_add_and_conv_up_large():
+    """The 256x256 model's level-0 decoder skip GEMM (256 + 256 -> 256 channels) and an up block's
+    transposed conv (512 channels, 64 -> 128) at batch 2 in float16, against float32 math on the
+    same rounded inputs."""
+    g = torch.Generator().manual_seed(10)
+    mk = lambda c, s: nhwc(torch.randn(2, c, s, s, generator=g)).cuda().half()  # noqa: E731
+    x, x2, h = mk(256, 256), mk(256, 256), mk(256, 256)
+    conv = torch.nn.Conv2d(512, 256, 1).cuda().half().to(memory_format=torch.channels_last)
+    bias = torch.randn(256, generator=g).cuda().half()
+    got = fused.skip_add(h, x, x2, fused.skip_weight(conv), bias)
+    want = h.float() + bias.float()[:, None, None] + F.conv2d(torch.cat([x, x2], 1).float(), conv.weight.float())
+    assert rel_norm(want, got.float()) <= 1e-3
+    up = torch.nn.Conv2d(512, 512, 3, padding=1, bias=False).cuda().half().to(memory_format=torch.channels_last)
+    a = mk(512, 64)
+    want = F.conv2d(F.interpolate(a.float(), scale_factor=2, mode="nearest"), up.weight.float(), padding=1)
+    got = fused.conv_up(a, fused.up_weight(up))
+    assert got.is_contiguous(memory_format=torch.channels_last) and rel_norm(want, got.float()) <= 2e-3
+
+
 def test_kernels_compile_for_hopper():
     """Every kernel variant the ops launch compiles for sm_90 (Triton's bundled ptxas, no GPU).
 
@@ -354,6 +512,13 @@ for act, rs in itertools.product((True, False), (0, 1, 2)):
          dict(ACT=act, RESAMPLE=rs, BLOCK_R=32, BLOCK_C=128))
     comp(k.residual_add, dict(X=dt, R=dt, BIAS=dt, Y=dt, HW_OUT=i, HW_R=i, W_R=i, W_OUT=i, C=i),
          dict(HAS_BIAS=act, RESAMPLE=rs, BLOCK_R=32, BLOCK_C=128))
+for ptr, f32 in (("*fp16", False), ("*bf16", False), ("*fp32", True)):
+    for two in (True, False):
+        triton.compile(ASTSource(fn=k.skip_add, signature=dict(X=ptr, X2=ptr, WT=ptr, H=ptr, BIAS=ptr, Y=ptr,
+                                 M=i, C1=i, C2=i, CO=i, TWO="constexpr", F32="constexpr", BLOCK_M="constexpr",
+                                 BLOCK_N="constexpr", BLOCK_K="constexpr"),
+                                 constexprs=dict(TWO=two, F32=f32, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64)),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
 print("compiled")
 '''
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}

@@ -335,3 +335,44 @@ def residual_add(X, R, BIAS, Y, HW_OUT, HW_R, W_R, W_OUT, C, HAS_BIAS: tl.conste
     if HAS_BIAS:
         y += tl.load(BIAS + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     tl.store(Y + off, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gemm_part(acc, X, K, K0, WT, CO, rm, rn, mmask, nmask, BLOCK_K: tl.constexpr, F32: tl.constexpr):
+    """acc += X[rm, 0:K] @ WT[K0:K0 + K, rn] (X: [M, K] rows, WT: the weight transposed, [C_in, C_out]).
+    F32: multiply in IEEE float32 (float32 inputs: no TF32; bfloat16 in Triton's interpreter,
+    whose dot does not take it), else on the tensor cores in the inputs' half precision."""
+    for k in range(0, K, BLOCK_K):
+        rk = k + tl.arange(0, BLOCK_K)
+        kmask = rk < K
+        a = tl.load(X + rm[:, None] * K + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(WT + (K0 + rk)[:, None] * CO + rn[None, :], mask=kmask[:, None] & nmask[None, :], other=0.0)
+        if F32:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def skip_add(X, X2, WT, H, BIAS, Y, M, C1, C2, CO, TWO: tl.constexpr, F32: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # y = h + bias + W [x; x2]: a residual block's closing add with its 1x1 skip conv, over the
+    # channels_last pixel rows ([M, C] matrices), with the decoder's cat(x, x2) read in place.
+    # One program per (row tile, output-channel tile), the channel tiles of a row tile adjacent in
+    # launch order, so the second one finds its rows of x in L2.
+    pid = tl.program_id(0)
+    tiles_n = tl.cdiv(CO, BLOCK_N)
+    rm = ((pid // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rn = (pid % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask = rm < M
+    nmask = rn < CO
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _gemm_part(acc, X, C1, 0, WT, CO, rm, rn, mmask, nmask, BLOCK_K, F32)
+    if TWO:
+        acc = _gemm_part(acc, X2, C2, C1, WT, CO, rm, rn, mmask, nmask, BLOCK_K, F32)
+    off = rm[:, None] * CO + rn[None, :]
+    mask = mmask[:, None] & nmask[None, :]
+    acc += tl.load(H + off, mask=mask, other=0.0).to(tl.float32)
+    acc += tl.load(BIAS + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + off, acc.to(Y.dtype.element_ty), mask=mask)

@@ -12,10 +12,13 @@ into its fast form *in place* (parameter names and shapes stay OpenAI's, so ``st
   float16 and the classifier bfloat16 (see ``AUTO_CUDA_CLASSIFIER_DTYPE``);
 - on CUDA (compute capability 8.0+, Triton present, no ``compile``): the fused kernels of
   ``fused.py`` -- GroupNorm + AdaGN scale-shift + SiLU + the conv bias in one pass, the residual
-  add with the next conv's bias and the BigGAN up/down resampling in another -- on channels_last
-  activations, where cuDNN runs its fastest half-precision convolutions. Measured on an H200
-  (random weights, medians of 5): guided 512x512 step 234 -> 104 ms (2.96x the reference's
-  307 ms), DDIM 256x256 145 -> 79 ms. ``ADM_FUSED=0`` turns them off;
+  add with the next conv's bias and the BigGAN up/down resampling in another, a block's 1x1 skip
+  conv and closing add as one GEMM, up blocks' first conv as a transposed conv at the low
+  resolution, the input conv padded with its bias as weights, every block's embedding projection
+  in one GEMM -- on channels_last activations, where cuDNN runs its fastest half-precision
+  convolutions. Measured on an H200 (random weights, medians of 5): guided 512x512 step 234 ->
+  104 ms (2.96x the reference's 307 ms), DDIM 256x256 145 -> 79 ms; on an H100 with this build
+  and CUDA graphs: 92.6 ms (3.70x) and 69.5 ms (3.00x). ``ADM_FUSED=0`` turns them off;
 - without them on GPU, GroupNorm called on the half-precision tensor (CUDA's kernel accumulates
   in float32) rather than through a float32 copy (345 vs 403 ms per guided 512x512 step), and
   NCHW activations, because that kernel reads NCHW only (NHWC cost 41% of the GPU time in layout
@@ -217,8 +220,11 @@ def _outside_inference_mode(model: nn.Module) -> None:
 
 def _unprepare(model: nn.Module) -> None:
     """Undo what an earlier ``prepare`` left that this one may not want: prepacked convolutions
-    (and their packed weight copies) and CUDA graphs captured over the old weights."""
+    (and their packed weight copies), the fused path's derived weights (``layers.derived``) and
+    CUDA graphs captured over the old weights."""
     from .graphs import forget_graphs
+
+    layers.forget_derived(model)
 
     for m in model.modules():
         if isinstance(m, PrepackedConv2d):

@@ -23,6 +23,15 @@ second accumulating into the first (``conv1x1_cat``: W [h; skip] = W_h h + W_s s
 H200 the concatenations took 5.8 ms of a 79 ms DDIM step at 256x256; the split GEMM costs one
 extra read and write of the block's (narrower) output instead.
 
+Where the skip conv changes the channel count, its GEMM does the closing add as well
+(``skip_add``: y = h + bias + W [x; skip] in one Triton GEMM, accumulated in float32, rounded
+once): on an H100 at 256x256 that took 5.6 instead of 9.4 ms per forward. The up blocks' first
+conv never sees the upsampled tensor (``conv_up``: nearest 2x upsample then a 3x3 conv is a
+stride-2 transposed conv with a folded 4x4 kernel, 4 instead of 9 multiply-adds per input channel
+and output pixel; 3.1 instead of 5.6 ms per forward with its norm). The network's input conv has
+3 channels, which cuDNN runs slowly and PyTorch follows with a separate bias pass; ``conv_in``
+pads them to 8 with the bias as weights of a constant channel (0.6 instead of 1.3 ms).
+
 Statistics: each program sums x - K and (x - K)^2 per channel over its rows, K being its first
 rows' mean (shifted sums: no E[x^2] - E[x]^2 cancellation), and the per-group totals combine the
 programs' means and M2 with Chan et al.'s pairwise formula. Everything is accumulated and applied
@@ -353,6 +362,157 @@ def conv1x1_cat(conv: torch.nn.Conv2d, x: torch.Tensor, x2: torch.Tensor) -> tor
     out = F.linear(pixels(x), weight[:, :c1])
     out.addmm_(pixels(x2), weight[:, c1:].t())
     return out.view(n, h, w, -1).permute(0, 3, 1, 2)
+
+
+# Tiles of ``skip_add``'s GEMM: rows, output channels, input channels per step; warps, stages
+# (the fastest of three on an H100, benchmarks/ops.py). Each stage holds a 128 x 64 tile of x and
+# a 64 x 128 tile of W^T: 32 KB in half precision, 96 KB for 3 stages, more than GPUs with
+# ~100 KB of shared memory per block (sm86, sm89, sm120) have; they get 2 stages.
+_GEMM_M, _GEMM_N, _GEMM_K, _GEMM_WARPS, _GEMM_STAGES = 128, 128, 64, 4, 3
+
+
+def skip_add_runs(h: torch.Tensor) -> bool:
+    """Whether ``skip_add`` takes this activation: half precision (its GEMM runs on the tensor
+    cores; float32 keeps cuBLAS, and its TF32 setting), or any dtype in Triton's interpreter."""
+    return h.dtype in (torch.float16, torch.bfloat16) or interpreted()
+
+
+@functools.lru_cache(maxsize=None)
+def _gemm_stages(device_index: int | None) -> int:
+    """Pipeline stages of ``skip_add`` that fit the GPU's shared memory (one stage's worth left
+    for the epilogue's layout conversions)."""
+    if device_index is None or not torch.cuda.is_available():
+        return _GEMM_STAGES
+    props = torch.cuda.get_device_properties(device_index)
+    smem = getattr(props, "shared_memory_per_block_optin", 0) or \
+        (160 * 1024 if torch.cuda.get_device_capability(device_index) in ((8, 0), (9, 0), (10, 0)) else 99 * 1024)
+    per_stage = (_GEMM_M * _GEMM_K + _GEMM_K * _GEMM_N) * 2
+    return max(2, min(_GEMM_STAGES, smem // per_stage - 1))
+
+
+def skip_add(h: torch.Tensor, x: torch.Tensor, x2: torch.Tensor | None, weight_t: torch.Tensor,
+             bias: torch.Tensor) -> torch.Tensor:
+    """h + bias + W [x; x2] in one Triton GEMM over the channels_last pixels (no gradient).
+
+    The closing add of a residual block whose 1x1 skip conv changes the channel count: W is that
+    conv's weight as ``weight_t`` = W^T, [C_in, C_out] contiguous (``skip_weight``); ``bias`` the
+    summed biases ([C_out], ``ResBlock._closing_bias``); ``x2`` the decoder's skip connection
+    (the block's input being cat([x, x2], 1), read in place) or None. Accumulated in float32 and
+    rounded once. Against ``conv1x1_cat`` + ``add_bias`` it saves the GEMMs' intermediate (a
+    write and two reads of a tensor the block's output size) and one launch; at 256x256 those
+    ran 4.6 ms (GEMMs) + most of 4.8 ms (residual adds) of a 73.5 ms DDIM step on an H100.
+    """
+    h, x = _nhwc(h), _nhwc(x)
+    n, co, hh, ww = h.shape
+    c1 = x.shape[1]
+    c2 = 0 if x2 is None else x2.shape[1]
+    if x.shape[0] != n or x.shape[2:] != h.shape[2:] or tuple(weight_t.shape) != (c1 + c2, co) \
+            or tuple(bias.shape) != (co,) or (x2 is not None and (x2.shape[0] != n or x2.shape[2:] != h.shape[2:])):
+        raise ValueError(f"skip_add: shapes do not fit: h {tuple(h.shape)}, x {tuple(x.shape)}, "
+                         f"x2 {None if x2 is None else tuple(x2.shape)}, weight^T {tuple(weight_t.shape)}, "
+                         f"bias {tuple(bias.shape)}")
+    if len({t.dtype for t in (h, x, x2, weight_t) if t is not None}) != 1:
+        raise ValueError(f"skip_add: h, x, x2 and the weight must share one dtype, got h {h.dtype}, x {x.dtype}, "
+                         f"x2 {None if x2 is None else x2.dtype}, weight {weight_t.dtype}")
+    weight_t, bias = weight_t.contiguous(), bias.contiguous()  # (no copies for skip_weight's output)
+    if x2 is not None:
+        x2 = _nhwc(x2)
+    m = n * hh * ww
+    y = torch.empty_like(h, memory_format=torch.channels_last)
+    block_n = min(_GEMM_N, max(16, triton_next_pow2(co)))
+    block_k = min(_GEMM_K, max(16, triton_next_pow2(min(c1, c2) if c2 else c1)))
+    grid = (-(-m // _GEMM_M) * -(-co // block_n),)
+    _launch("skip_add", grid, x, x2 if x2 is not None else x, weight_t, h, bias, y, m, c1, c2, co,
+            TWO=x2 is not None, F32=h.dtype == torch.float32 or (interpreted() and h.dtype == torch.bfloat16),
+            BLOCK_M=_GEMM_M, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=_GEMM_WARPS,
+            num_stages=_gemm_stages(h.device.index if h.is_cuda else None))
+    return y
+
+
+def skip_weight(conv: torch.nn.Conv2d) -> torch.Tensor:
+    """A 1x1 conv's weight as the [C_in, C_out] matrix ``skip_add`` reads."""
+    return conv.weight[:, :, 0, 0].t().contiguous()
+
+
+def conv_up(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """conv(nearest 2x upsample of x) without its bias, as one stride-2 transposed conv of x with
+    ``weight`` = ``up_weight(conv)``: 4 multiply-adds per input channel and output pixel instead of
+    9, and the norm before it writes x at the low resolution."""
+    return F.conv_transpose2d(x, weight, None, stride=2, padding=1)
+
+
+def up_weight(conv: torch.nn.Conv2d) -> torch.Tensor:
+    """A 3x3 conv's [C_out, C_in, 3, 3] weight as the [C_in, C_out, 4, 4] weight of ``conv_up``
+    (taps summed in float32, rounded once to the weight's dtype; its memory format kept).
+
+    Per axis, the taps w0, w1, w2 of a 3x3 kernel over a nearest-upsampled input that land on the
+    same low-resolution pixel: output 2i reads x[i-1] w0 + x[i] (w1 + w2), output 2i + 1 reads
+    x[i] (w0 + w1) + x[i+1] w2. A transposed conv with stride 2, padding 1 and a 4-tap kernel K
+    gives output o the terms x[i] K[o - 2i + 1]: K = (w2, w1 + w2, w0 + w1, w0). (Tensor ops
+    only: made on the device inside the first sampling step, it must not synchronise.)
+    """
+    w = conv.weight
+    if tuple(w.shape[2:]) != (3, 3) or conv.stride != (1, 1) or conv.padding != (1, 1) or conv.groups != 1 \
+            or conv.dilation != (1, 1):
+        raise ValueError("up_weight: needs a 3x3 conv with stride 1, padding 1, no groups or dilation")
+
+    def fold(t, dim):
+        w0, w1, w2 = t.unbind(dim)
+        return torch.stack([w2, w1 + w2, w0 + w1, w0], dim)
+
+    folded = fold(fold(w.to(torch.promote_types(w.dtype, torch.float32)), 2), 3).transpose(0, 1).to(w.dtype)
+    cl = w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+    return folded.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+
+def _round8(c: int) -> int:
+    return -(-c // 8) * 8
+
+
+def in_weight(conv: torch.nn.Conv2d) -> torch.Tensor:
+    """The network's input conv ([C_out, C, 3, 3], C = 3 or 6 channels) widened for ``conv_in``:
+    C_in rounded up to a multiple of 8 past C + 1, input channel C carrying the bias at the
+    centre tap (it reads that channel's constant 1 at every pixel, never the zero padding)."""
+    w = conv.weight
+    o, c = w.shape[:2]
+    kh, kw = w.shape[2:]
+    if conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.groups != 1 or kh % 2 == 0 or kw % 2 == 0 \
+            or conv.padding != (kh // 2, kw // 2):
+        raise ValueError("in_weight: needs an odd-sized conv with stride 1 and 'same' padding, no groups or dilation")
+    wide = torch.zeros((o, _round8(c + 1), *w.shape[2:]), dtype=w.dtype, device=w.device)
+    wide[:, :c] = w
+    if conv.bias is not None:
+        wide[:, c, w.shape[2] // 2, w.shape[3] // 2] = conv.bias.to(w.dtype)
+    return wide.contiguous(memory_format=torch.channels_last)
+
+
+def conv_in(x: torch.Tensor, weight: torch.Tensor, padding) -> torch.Tensor:
+    """The input conv with its bias (``in_weight``): x gets the constant-1 channel and zeros up
+    to the weight's width. cuDNN's half-precision kernels for 3 input channels were slow on an
+    H100 (0.65 ms at 256x256, batch 16) and PyTorch adds a conv bias in a pass of its own (0.4 ms)."""
+    n, c, hh, ww = x.shape
+    wide = torch.zeros((n, hh, ww, weight.shape[1]), dtype=weight.dtype, device=x.device).permute(0, 3, 1, 2)
+    wide[:, :c] = x
+    wide[:, c] = 1
+    return F.conv2d(wide, weight, None, 1, padding)
+
+
+def out_weight(conv: torch.nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The output conv's weight and bias with C_out rounded up to a multiple of 8 (zeros)."""
+    w, b = conv.weight, conv.bias
+    o = w.shape[0]
+    wide = torch.zeros((_round8(o), *w.shape[1:]), dtype=w.dtype, device=w.device)
+    wide[:o] = w
+    bias = None
+    if b is not None:
+        bias = torch.zeros(wide.shape[0], dtype=b.dtype, device=b.device)
+        bias[:o] = b
+    return wide.contiguous(memory_format=torch.channels_last), bias
+
+
+def conv_out(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, channels: int, padding) -> torch.Tensor:
+    """The output conv with ``out_weight``'s padded outputs, the first ``channels`` kept (a view)."""
+    return F.conv2d(x, weight, bias, 1, padding)[:, :channels]
 
 
 def reference_group_norm_act(x, weight, bias, eps=1e-5, *, in_bias=None, scale=None, shift=None, act=True,

@@ -47,6 +47,17 @@ NATIVE_HALF_GROUPNORM = True
 # Switch for benchmarks/bench.py (``--concat``): False makes the fused decoder blocks concatenate
 # their input and skip again (torch.cat) instead of reading both in place.
 FUSED_CONCAT = True
+# Switches for benchmarks/bench.py (``--set NAME=VALUE``), each a part of the fused GPU path:
+# FUSED_SKIP: the closing add of a block with a 1x1 skip conv as one GEMM (``fused.skip_add``)
+# rather than cuBLAS GEMMs and a separate add. UP_CONV: how an up block's first conv runs,
+# "transposed" (the nearest upsample folded into a stride-2 transposed conv, ``fused.conv_up``)
+# or "plain" (the norm writes the upsampled tensor, a 3x3 conv reads it). PAD_IO: the network's
+# input conv with its few channels padded and its bias as weights, its output conv padded to 8
+# outputs (``fused.conv_in`` / ``fused.conv_out``), rather than cuDNN's kernels for 3 and 6
+# channels and a separate bias pass.
+FUSED_SKIP = True
+UP_CONV = "transposed"
+PAD_IO = True
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -169,9 +180,16 @@ class ResBlock(nn.Module):
         With ``skip`` the first norm and the 1x1 skip conv read x and skip in place (no concat)."""
         norm, _, conv1 = self.in_layers
         extra = {} if skip is None else {"x2": skip}
-        h = fused.conv_nobias(conv1, norm.act(x, resample=self.resample, **extra))  # output written resampled
-        _, emb_linear = self.emb_layers  # (called directly: module calls are host time here)
-        e = F.linear(F.silu(emb), emb_linear.weight, emb_linear.bias)  # read by the kernels in its own dtype
+        if self.resample == "up" and UP_CONV == "transposed" and skip is None:
+            h = fused.conv_up(norm.act(x), derived(conv1, "up_weight", (conv1.weight,),
+                                                   lambda: fused.up_weight(conv1)))
+        else:
+            h = fused.conv_nobias(conv1, norm.act(x, resample=self.resample, **extra))  # output written resampled
+        if isinstance(emb, BlockEmbeddings):
+            e = emb.of(self)
+        else:
+            _, emb_linear = self.emb_layers  # (called directly: module calls are host time here)
+            e = F.linear(F.silu(emb), emb_linear.weight, emb_linear.bias)  # read by the kernels in its own dtype
         norm, _, _, conv = self.out_layers
         if self.scale_shift:
             scale, shift = e.chunk(2, dim=1)
@@ -180,6 +198,11 @@ class ResBlock(nn.Module):
             h = norm.act(h, in_bias=e.float() + conv_bias(conv1, h).float())
         h = fused.conv_nobias(conv, h)
         if isinstance(self.skip_connection, nn.Conv2d):  # never with up/down (same channels)
+            if FUSED_SKIP and fused.skip_add_runs(h) and not (torch.is_grad_enabled() and any(
+                    t is not None and t.requires_grad for t in (x, skip, h))):  # (the GEMM has no backward)
+                w_t = derived(self.skip_connection, "weight_t", (self.skip_connection.weight,),
+                              lambda: fused.skip_weight(self.skip_connection))
+                return fused.skip_add(h, x, skip, w_t, self._closing_bias(h))
             if skip is None:
                 x = fused.conv_nobias(self.skip_connection, x)
             else:
@@ -193,24 +216,98 @@ class ResBlock(nn.Module):
         conv, skip = self.out_layers[3], self.skip_connection
         if not isinstance(skip, nn.Conv2d):
             return conv_bias(conv, like)
-        biases = (conv.bias, skip.bias)
-        key = tuple(version_key(b) for b in biases)
-        kept = self.__dict__.get("_bias_sum")  # (biases, key, sum): not a buffer, not in state_dict
-        if kept is None or any(a is not b for a, b in zip(kept[0], biases)) or kept[1] != key:
-            kept = self.__dict__["_bias_sum"] = (biases, key, conv_bias(conv, like) + conv_bias(skip, like))
-        return kept[2]
+        return derived(self, "bias_sum", (conv.bias, skip.bias),
+                       lambda: conv_bias(conv, like) + conv_bias(skip, like))
+
+
+class BlockEmbeddings:
+    """Every residual block's projection of the embedding, emb_layers(emb) = W SiLU(emb) + b, for
+    one forward of a network on the fused path, computed as one GEMM over the blocks' stacked
+    weights (``block_embeddings``) instead of a SiLU and a small GEMM per block: on an H100 the
+    256x256 U-Net's 42 blocks launched 84 kernels per step for 0.3 ms of GPU work, plus the gaps
+    between them that CUDA graphs keep. ``of(block)``: that block's [N, C_e] slice (a view)."""
+
+    __slots__ = ("table", "columns")
+
+    def __init__(self, table: torch.Tensor, columns: dict):
+        self.table, self.columns = table, columns
+
+    def of(self, block: nn.Module) -> torch.Tensor:
+        start, stop = self.columns[id(block)]
+        return self.table[:, start:stop]
+
+
+def block_embeddings(model: nn.Module, emb: torch.Tensor) -> BlockEmbeddings:
+    """``BlockEmbeddings`` of ``model``'s residual blocks for the embedding ``emb`` [N, E]. The
+    stacked weight is a second copy of the blocks' projections (5-7% of a network's weights),
+    kept on the model and made again if any of them changes."""
+    cache = _cache(model)
+    if "linears" not in cache:  # (the module tree is fixed once built)
+        blocks = [m for m in model.modules() if isinstance(m, ResBlock)]
+        linears = [b.emb_layers[1] for b in blocks]
+        cache["linears"] = (blocks, linears, tuple(p for lin in linears for p in (lin.weight, lin.bias)))
+    blocks, linears, params = cache["linears"]
+
+    def stack():
+        columns, start = {}, 0
+        for b, lin in zip(blocks, linears):
+            columns[id(b)] = (start, start + lin.out_features)
+            start += lin.out_features
+        return (torch.cat([lin.weight for lin in linears]), torch.cat([lin.bias for lin in linears]), columns)
+
+    weight, bias, columns = derived(model, "emb_stack", params, stack)
+    return BlockEmbeddings(F.linear(F.silu(emb), weight, bias), columns)
+
+
+class _Derived(dict):
+    """A module's cache of ``derived`` values: never copied or pickled (a copy makes its own on
+    first use; the originals may sit on another device), dropped by ``fast.prepare``."""
+
+    def __deepcopy__(self, memo):
+        return _Derived()
+
+    def __reduce__(self):
+        return (_Derived, ())
+
+
+def _cache(module: nn.Module) -> _Derived:
+    cache = module.__dict__.get("_derived")
+    if cache is None:
+        cache = module.__dict__["_derived"] = _Derived()  # (not a buffer, not in state_dict)
+    return cache
+
+
+def forget_derived(model: nn.Module) -> None:
+    """Drop every ``derived`` value kept on ``model``'s modules (``fast.prepare`` does, before it
+    converts the weights)."""
+    for m in model.modules():
+        m.__dict__.pop("_derived", None)
+
+
+def derived(module: nn.Module, name: str, sources: tuple, make):
+    """``make()``, a value computed from the parameters ``sources`` (a bias sum, a weight
+    transposed, folded or padded for a fused op), kept on ``module`` under ``name`` and made again
+    when any source is replaced, converted or written in place. The fast path's parameters are
+    frozen, so this runs once, not on every step. (CUDA graphs replay the values they captured:
+    change weights only through ``fast.prepare``, which drops both.)"""
+    key = tuple(version_key(t) for t in sources)
+    cache = _cache(module)
+    kept = cache.get(name)  # (sources, key, value)
+    if kept is None or any(a is not b for a, b in zip(kept[0], sources)) or kept[1] != key:
+        kept = cache[name] = (sources, key, make())
+    return kept[2]
 
 
 def version_key(t: torch.Tensor | None) -> tuple:
-    """What identifies a parameter's current values cheaply: its storage and in-place version.
-    Tensors made under ``torch.inference_mode`` (weights loaded there) have no version counter;
-    they are identified by storage alone (an in-place write to them is not seen)."""
+    """What identifies a parameter's current values cheaply: its storage, dtype and in-place
+    version. Tensors made under ``torch.inference_mode`` (weights loaded there) have no version
+    counter; they are identified by storage alone (an in-place write to them is not seen)."""
     if t is None:
         return (None,)
     try:
-        return (t.data_ptr(), t._version)
+        return (t.data_ptr(), t.dtype, t._version)
     except RuntimeError:  # (``is_inference()`` can be False for such a parameter after a ``.to``)
-        return (t.data_ptr(), None)
+        return (t.data_ptr(), t.dtype, None)
 
 
 def conv_bias(conv: nn.Conv2d, like: torch.Tensor) -> torch.Tensor:

@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused, layers
 from .config import AnyConfig, ClassifierConfig, UNetConfig
 from .layers import (AttentionBlock, AttentionPool2d, EmbedSequential, GroupNorm32, ResBlock, Upsample,
-                     build_encoder, middle_block, time_embed, timestep_embedding)
+                     block_embeddings, build_encoder, derived, middle_block, time_embed, timestep_embedding)
 
 
 class UNet(nn.Module):
@@ -66,16 +67,24 @@ class UNet(nn.Module):
             x = torch.cat([x, F.interpolate(low_res, x.shape[-2:], mode="bilinear")], dim=1)
         dtype = self.out[2].weight.dtype  # activations follow the weights (float32, or bf16/fp16 fast path)
         h, emb = x.to(dtype, memory_format=_memory_format(self.input_blocks)), emb.to(dtype)
+        if self.out[0].fused:  # all blocks' embedding projections in one GEMM
+            emb = block_embeddings(self, emb)
         hs = []
-        for block in self.input_blocks:
-            h = block(h, emb)
+        for i, block in enumerate(self.input_blocks):
+            h = _input_conv(block[0], h, self.out[0].fused) if i == 0 else block(h, emb)
             hs.append(h)
         h = self.middle_block(h, emb)
         for block in self.output_blocks:
             h = block(h, emb, skip=hs.pop())  # on cat([h, skip], 1), concatenated only where needed
+        norm, _, conv = self.out
+        h = norm.act(h)
+        if norm.fused and layers.PAD_IO:  # (see layers.PAD_IO)
+            w, b = derived(conv, "padded", (conv.weight, conv.bias), lambda: fused.out_weight(conv))
+            h = fused.conv_out(h, w, b, conv.out_channels, conv.padding)
+        else:
+            h = conv(h)
         # Back to plain NCHW: the samplers' arithmetic and callers see the usual layout.
-        out = _head(self.out, h).to(x.dtype if x.dtype.is_floating_point else torch.float32)
-        return out.contiguous()
+        return h.to(x.dtype if x.dtype.is_floating_point else torch.float32).contiguous()
 
 
 class Classifier(nn.Module):
@@ -103,10 +112,21 @@ class Classifier(nn.Module):
         emb = self.time_embed(_embedding_in(self.time_embed, t, self.config.classifier_width))
         dtype = self.out[2].c_proj.weight.dtype
         h, emb = x.to(dtype, memory_format=_memory_format(self.input_blocks)), emb.to(dtype)
-        for block in self.input_blocks:
-            h = block(h, emb)
+        if self.out[0].fused:
+            emb = block_embeddings(self, emb)
+        for i, block in enumerate(self.input_blocks):
+            h = _input_conv(block[0], h, self.out[0].fused) if i == 0 else block(h, emb)
         h = self.middle_block(h, emb)
         return _head(self.out, h).float()
+
+
+def _input_conv(conv: nn.Conv2d, x: torch.Tensor, fused_path: bool) -> torch.Tensor:
+    """The first conv; on the fused GPU path with its input padded and its bias as weights
+    (``fused.conv_in``, see ``layers.PAD_IO``)."""
+    if fused_path and layers.PAD_IO:
+        return fused.conv_in(x, derived(conv, "padded", (conv.weight, conv.bias), lambda: fused.in_weight(conv)),
+                             conv.padding)
+    return conv(x)
 
 
 def _head(out: nn.Sequential, h: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,245 @@
+"""Single ops of the fused GPU path against their plainer forms, at one model's real shapes.
+
+    python benchmarks/ops.py --model 256x256_diffusion --batch 16     # on a GPU
+    python benchmarks/ops.py --small --repeats 2                     # smoke run (CPU, interpreter)
+
+Each row is one op at one shape: the median time of ``--repeats`` timed calls (after a warm-up
+call, which compiles Triton's variants and runs cuDNN's algorithm search), the number of such
+calls in one U-Net forward, and the largest difference of each form's output from the first
+form's (relative to its largest value). The forms (``layers``' switches):
+
+- skip: a block's closing add with its 1x1 skip conv. "gemms+add": cuBLAS (``conv1x1_cat``, or
+  one GEMM without a skip connection) then ``add_bias``; "skip_add M:N:K:W:S": the one Triton
+  GEMM (``fused.skip_add``) at tiles of M rows, N output and K input channels, W warps, S stages.
+- up: the norm + SiLU of a BigGAN up block and its first conv. "plain": the norm written
+  upsampled, then the 3x3 conv; "transposed": the norm at the low resolution, then the stride-2
+  transposed conv (``fused.conv_up``); "folded": a 2x2 conv to 4x the channels at the low
+  resolution, then the four output phases copied into place.
+- in / out: the network's input conv (3 channels, with its bias) and output conv (6 channels):
+  cuDNN's own vs ``fused.conv_in`` / ``fused.conv_out`` (padded to 8 channels, bias as weights).
+
+Only ours is timed here (the reference has none of these forms); bench.py's --set runs whole
+steps with each switch, against the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():  # the kernels run in Triton's interpreter (before Triton is imported)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from adm_cli import fused  # noqa: E402
+from adm_cli.config import get_preset  # noqa: E402
+
+DEFAULT_TILES = "128:128:64:4:3,128:64:64:4:4,64:128:64:4:4,128:256:64:8:3,256:128:64:8:3"
+
+
+def _levels(cfg):
+    """(resolution, channels) per level of the U-Net."""
+    return [(cfg.image_size >> lvl, int(m * cfg.num_channels)) for lvl, m in enumerate(cfg.mults)]
+
+
+def skip_shapes(cfg) -> dict[tuple, int]:
+    """{(resolution, C_x, C_skip or 0, C_out): calls per forward} for the blocks with a 1x1 skip conv."""
+    levels = _levels(cfg)
+    out: dict[tuple, int] = {}
+    ch = levels[0][1]
+    skips = [ch]
+    for lvl, (res, width) in enumerate(levels):  # encoder
+        for _ in range(cfg.num_res_blocks):
+            if width != ch:
+                key = (res, ch, 0, width)
+                out[key] = out.get(key, 0) + 1
+            ch = width
+            skips.append(ch)
+        if lvl != len(levels) - 1:
+            skips.append(ch)
+    for lvl in reversed(range(len(levels))):  # decoder: every block takes cat(h, skip)
+        res, width = levels[lvl]
+        for _ in range(cfg.num_res_blocks + 1):
+            key = (res, ch, skips.pop(), width)
+            out[key] = out.get(key, 0) + 1
+            ch = width
+    return out
+
+
+def up_shapes(cfg) -> dict[tuple, int]:
+    """{(low resolution, channels): calls per forward} for the BigGAN up blocks."""
+    return {(res, width): 1 for lvl, (res, width) in enumerate(_levels(cfg)) if lvl}
+
+
+def _time(fn, repeats: int, device: torch.device) -> float:
+    fn()  # warm-up: compiles, algorithm search
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _nhwc(t):
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _diff(ref: torch.Tensor, got: torch.Tensor) -> float:
+    return ((ref.float() - got.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)).item()
+
+
+def _forms_skip(n, res, cx, cs, co, dtype, device, tiles):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    mk = lambda c: _nhwc(torch.randn(n, c, res, res, generator=g).to(device, dtype))  # noqa: E731
+    x, h = mk(cx), mk(co)
+    x2 = mk(cs) if cs else None
+    conv = torch.nn.Conv2d(cx + cs, co, 1).to(device, dtype).to(memory_format=torch.channels_last)
+    bias = torch.randn(co, generator=g).to(device, dtype)
+    w_t = fused.skip_weight(conv)
+
+    def plain():
+        s = fused.conv1x1_cat(conv, x, x2) if x2 is not None else fused.conv_nobias(conv, x)
+        return fused.add_bias(h, s, bias)
+    forms = [("gemms+add", plain)]
+    for tile in tiles:
+        def gemm(tile=tile):
+            saved = (fused._GEMM_M, fused._GEMM_N, fused._GEMM_K, fused._GEMM_WARPS, fused._GEMM_STAGES)
+            fused._GEMM_M, fused._GEMM_N, fused._GEMM_K, fused._GEMM_WARPS, fused._GEMM_STAGES = tile
+            try:
+                return fused.skip_add(h, x, x2, w_t, bias)
+            finally:
+                fused._GEMM_M, fused._GEMM_N, fused._GEMM_K, fused._GEMM_WARPS, fused._GEMM_STAGES = saved
+        forms.append(("skip_add " + ":".join(map(str, tile)), gemm))
+    return forms
+
+
+def _forms_up(n, res, c, dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(1)
+    x = _nhwc(torch.randn(n, c, res, res, generator=g).to(device, dtype))
+    gamma, beta = (1 + 0.1 * torch.randn(c, generator=g)).to(device), (0.1 * torch.randn(c, generator=g)).to(device)
+    conv = torch.nn.Conv2d(c, c, 3, padding=1).to(device, dtype).to(memory_format=torch.channels_last)
+    w_up = fused.up_weight(conv)
+    w4 = _fold(conv)
+
+    def folded():
+        a = fused.group_norm_act(x, gamma, beta)
+        y = F.conv2d(a, w4, None, 1, 1)  # [N, 4C, res + 1, res + 1]
+        out = torch.empty((n, c, 2 * res, 2 * res), dtype=dtype, device=device, memory_format=torch.channels_last)
+        for k, (p, q) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+            out[:, :, p::2, q::2] = y[:, k * c:(k + 1) * c, p:p + res, q:q + res]
+        return out
+    return [("plain", lambda: fused.conv_nobias(conv, fused.group_norm_act(x, gamma, beta, resample="up"))),
+            ("transposed", lambda: fused.conv_up(fused.group_norm_act(x, gamma, beta), w_up)),
+            ("folded", folded)]
+
+
+def _fold(conv):
+    """[O, I, 3, 3] -> [4O, I, 2, 2]: per output phase (p, q) the 2x2 kernel over the low-resolution
+    pixels (rows i-1, i for phase 0 and i, i+1 for phase 1, with padding 1 the output at (i + p, j + q))."""
+    w = conv.weight.float()
+    rows = (((0,), (1, 2)), ((0, 1), (2,)))
+    ks = []
+    for p, q in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        ks.append(torch.stack([torch.stack([w[:, :, list(r)][:, :, :, list(s)].sum((2, 3)) for s in rows[q]], -1)
+                               for r in rows[p]], -2))
+    return _nhwc(torch.cat(ks).to(conv.weight.dtype))
+
+
+def _forms_io(n, res, cin, cmid, cout, dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(2)
+    x = _nhwc(torch.randn(n, cin, res, res, generator=g).to(device, dtype))
+    a = _nhwc(torch.randn(n, cmid, res, res, generator=g).to(device, dtype))
+    conv_in = torch.nn.Conv2d(cin, cmid, 3, padding=1).to(device, dtype).to(memory_format=torch.channels_last)
+    conv_out = torch.nn.Conv2d(cmid, cout, 3, padding=1).to(device, dtype).to(memory_format=torch.channels_last)
+    w_in = fused.in_weight(conv_in)
+    w_out, b_out = fused.out_weight(conv_out)
+    return ([("cuDNN + bias", lambda: conv_in(x)), ("conv_in", lambda: fused.conv_in(x, w_in, conv_in.padding))],
+            [("cuDNN + bias", lambda: conv_out(a)),
+             ("conv_out", lambda: fused.conv_out(a, w_out, b_out, cout, conv_out.padding))])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="256x256_diffusion", help="a U-Net preset (default 256x256_diffusion)")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--tiles", default=DEFAULT_TILES, help="skip_add tiles M:N:K:WARPS:STAGES, comma-separated")
+    p.add_argument("--groups", default="skip,up,in,out")
+    p.add_argument("--small", action="store_true", help="a shrunk model and batch (the default without CUDA)")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = get_preset(args.model)
+    n, dtype = args.batch, getattr(torch, args.dtype)
+    if args.small or device.type != "cuda":
+        cfg = cfg.replace(num_channels=32, image_size=8, channel_mult="1,2", num_res_blocks=1,
+                          attention_resolutions="4", num_head_channels=32)
+        n = min(n, 2)
+        dtype = torch.float32 if device.type != "cuda" else dtype
+    tiles = [tuple(int(v) for v in t.split(":")) for t in args.tiles.split(",") if t]
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    groups = args.groups.split(",")
+    rows = []
+
+    def run(group, shape, count, forms):
+        ref = None
+        for name, fn in forms:
+            try:
+                ms = _time(fn, args.repeats, device)
+                with torch.no_grad():
+                    out = fn()
+                ref = out if ref is None else ref
+                rows.append(dict(group=group, shape=shape, form=name, ms=ms, calls=count, diff=_diff(ref, out)))
+            except Exception as e:  # noqa: BLE001 - a form that fails must not lose the others
+                rows.append(dict(group=group, shape=shape, form=name, error=f"{type(e).__name__}: {e}"[:200]))
+            r = rows[-1]
+            print(f"{group:5} {shape:28} {name:24} " + (f"{r['ms']:8.3f} ms x{count}  diff {r['diff']:.1e}"
+                                                         if "ms" in r else r["error"]), flush=True)
+
+    with torch.no_grad():
+        if "skip" in groups:
+            for (res, cx, cs, co), count in skip_shapes(cfg).items():
+                run("skip", f"{res}^2 {cx}+{cs}->{co}", count, _forms_skip(n, res, cx, cs, co, dtype, device, tiles))
+        if "up" in groups:
+            for (res, c), count in up_shapes(cfg).items():
+                run("up", f"{res}^2 -> {2 * res}^2, {c}", count, _forms_up(n, res, c, dtype, device))
+        if "in" in groups or "out" in groups:
+            res, c0 = _levels(cfg)[0]
+            fin, fout = _forms_io(n, res, cfg.in_channels, c0, cfg.out_channels, dtype, device)
+            if "in" in groups:
+                run("in", f"{res}^2 {cfg.in_channels}->{c0}", 1, fin)
+            if "out" in groups:
+                run("out", f"{res}^2 {c0}->{cfg.out_channels}", 1, fout)
+    totals: dict[tuple, float] = {}
+    for r in rows:
+        if "ms" in r:
+            totals[(r["group"], r["form"])] = totals.get((r["group"], r["form"]), 0.0) + r["ms"] * r["calls"]
+    print("\nper forward (sum over shapes of ms x calls):")
+    for (group, form), ms in totals.items():
+        print(f"  {group:5} {form:24} {ms:8.3f} ms")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                       "model": args.model, "batch": n, "dtype": str(dtype), "rows": rows}, f, indent=2)
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
