@@ -58,4 +58,9 @@ step 60 bash -c 'set -e; for g in "" --no-cuda-graph; do
   python3 -c "import numpy as np; a = np.load(\"/tmp/demo/samples.npz\"); b = np.load(\"/tmp/demo--no-cuda-graph/samples.npz\")
 k = a.files[0]; d = np.abs(a[k].astype(int) - b[k].astype(int)); print(\"demo graphs vs eager: shape\", a[k].shape, \"max diff\", d.max(), \"mean\", d.mean())"
   python3 -m adm_cli sample --model demo-digits --class 7 --device cuda:7 --out /tmp/bad || echo "exit $?"'
+# 9. Launch geometry of the norm kernels at 256x256 (never swept there; at 512 the defaults
+#    4096:4:4 won in session 9). A setting that beats it by more than the repeats' spread is
+#    worth a graphs run of its own before it becomes the default.
+step 80 python3 benchmarks/kernels.py --cases ddim-256 --repeats 3 \
+    --settings 4096:4:4,4096:4:8,8192:8:8,2048:4:8 --json "$OUT/kernels.json"
 echo "=== done $(date +%T), ${SECONDS}s" | tee -a "$LOG"
