@@ -37,7 +37,7 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():  # the kernels run in Triton's interpreter (before Triton is imported)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from adm_cli import fused  # noqa: E402
+from adm_cli import fast, fused  # noqa: E402
 from adm_cli.config import get_preset  # noqa: E402
 
 DEFAULT_TILES = "128:128:64:4:3,128:64:64:4:4,64:128:64:4:4,128:256:64:8:3,256:128:64:8:3"
@@ -134,30 +134,15 @@ def _forms_up(n, res, c, dtype, device):
     gamma, beta = (1 + 0.1 * torch.randn(c, generator=g)).to(device), (0.1 * torch.randn(c, generator=g)).to(device)
     conv = torch.nn.Conv2d(c, c, 3, padding=1).to(device, dtype).to(memory_format=torch.channels_last)
     w_up = fused.up_weight(conv)
-    w4 = _fold(conv)
+    # the CPU path's folding (fast.PrepackedConv2d.upsampled), summed in float32
+    w4 = fast._fold_for_upsample(conv.weight.float()).to(dtype)
 
     def folded():
-        a = fused.group_norm_act(x, gamma, beta)
-        y = F.conv2d(a, w4, None, 1, 1)  # [N, 4C, res + 1, res + 1]
-        out = torch.empty((n, c, 2 * res, 2 * res), dtype=dtype, device=device, memory_format=torch.channels_last)
-        for k, (p, q) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
-            out[:, :, p::2, q::2] = y[:, k * c:(k + 1) * c, p:p + res, q:q + res]
-        return out
+        y = F.conv2d(fused.group_norm_act(x, gamma, beta), w4, None, 1, 1)  # [N, 4C, res + 1, res + 1]
+        return fast.interleave_phases(y, c)
     return [("plain", lambda: fused.conv_nobias(conv, fused.group_norm_act(x, gamma, beta, resample="up"))),
             ("transposed", lambda: fused.conv_up(fused.group_norm_act(x, gamma, beta), w_up)),
             ("folded", folded)]
-
-
-def _fold(conv):
-    """[O, I, 3, 3] -> [4O, I, 2, 2]: per output phase (p, q) the 2x2 kernel over the low-resolution
-    pixels (rows i-1, i for phase 0 and i, i+1 for phase 1, with padding 1 the output at (i + p, j + q))."""
-    w = conv.weight.float()
-    rows = (((0,), (1, 2)), ((0, 1), (2,)))
-    ks = []
-    for p, q in ((0, 0), (0, 1), (1, 0), (1, 1)):
-        ks.append(torch.stack([torch.stack([w[:, :, list(r)][:, :, :, list(s)].sum((2, 3)) for s in rows[q]], -1)
-                               for r in rows[p]], -2))
-    return _nhwc(torch.cat(ks).to(conv.weight.dtype))
 
 
 def _forms_io(n, res, cin, cmid, cout, dtype, device):

@@ -290,14 +290,21 @@ class PrepackedConv2d(nn.Conv2d):
                 folded.to_mkldnn(), [1, 1], [1, 1], [1, 1], 1, list(x.shape))
             self._bias4 = None if self.bias is None else self.bias.detach().repeat(4)
             self._packed_key = key
-        n, _, h, wd = x.shape
-        o = w.shape[0]
         y = torch.ops.mkldnn._convolution_pointwise(x, self._packed, self._bias4, [1, 1], [1, 1], [1, 1], 1,
                                                     "none", [], "")  # [N, 4O, h + 1, w + 1]
-        out = torch.empty(n, o, 2 * h, 2 * wd, dtype=y.dtype, memory_format=torch.channels_last)
-        for k, (a, b) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
-            out[:, :, a::2, b::2] = y[:, k * o:(k + 1) * o, a:a + h, b:b + wd]
-        return out
+        return interleave_phases(y, w.shape[0])
+
+
+def interleave_phases(y: torch.Tensor, channels: int) -> torch.Tensor:
+    """The [N, 4O, h + 1, w + 1] output of a 2x2 conv (padding 1) with ``_fold_for_upsample``'s
+    kernels as the [N, O, 2h, 2w] image: phase (a, b) fills pixels (2i + a, 2j + b) from its
+    window starting at (a, b). channels_last out."""
+    n, _, h1, w1 = y.shape
+    h, wd, o = h1 - 1, w1 - 1, channels
+    out = torch.empty(n, o, 2 * h, 2 * wd, dtype=y.dtype, device=y.device, memory_format=torch.channels_last)
+    for k, (a, b) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+        out[:, :, a::2, b::2] = y[:, k * o:(k + 1) * o, a:a + h, b:b + wd]
+    return out
 
 
 def _fold_for_upsample(w: torch.Tensor) -> torch.Tensor:
