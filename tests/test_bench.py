@@ -158,3 +158,19 @@ def test_single_op_script_runs_every_form_and_restores_the_tiles(monkeypatch, tm
     assert all(r["ms"] > 0 and r["diff"] <= 1e-5 for r in rows)
     assert {r["shape"] for r in rows if r["group"] == "skip"} >= {"4^2 32+0->64", "8^2 32+32->32"}
     assert (fused._GEMM_M, fused._GEMM_N, fused._GEMM_K, fused._GEMM_WARPS, fused._GEMM_STAGES) == shipped
+
+
+def test_cpu_conv_script_times_every_3x3_conv_both_ways(monkeypatch, capsys):
+    """benchmarks/cpu_convs.py --small: a row per 3x3 conv shape of the fast path's forward,
+    Winograd within its float32 error bound wherever the shape is tiled, the rule's pick shown."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import cpu_convs
+
+    rows = cpu_convs.main(["--small", "--repeats", "1", "--batch", "2"])
+    shapes = {(r["shape"], r["out"]) for r in rows}
+    assert ((2, 32, 16, 16), 32) in shapes and ((2, 64, 8, 8), 64) in shapes
+    assert ((2, 32, 16, 16), 6) in shapes  # the output conv; the up blocks' folded convs are not 3x3
+    assert all(r["direct_ms"] > 0 and r["winograd_ms"] > 0 and r["winograd_err"] <= 3e-5 for r in rows)
+    assert not any(r["pick"] for r in rows)  # 32-64 channels: below the rule's width
+    out = capsys.readouterr().out
+    assert out.count("| [2, ") == len(rows) and "3x3 convs per forward: direct" in out
