@@ -49,6 +49,41 @@ def test_transform_matrices():
                 assert abs(got - (1.0 if k == i + j else 0.0)) < 1e-12, (i, j, k)
 
 
+def test_workspace_is_reused_across_shapes_threads_and_inference_mode():
+    """The intermediates' buffers grow to the largest call and are reused; results do not depend
+    on what ran before; buffers made under inference_mode still serve calls outside it; each
+    thread has its own."""
+    import threading
+
+    winograd.release_workspace()
+    small, big = _conv_case(1, 8, 8, 8, 8, torch.float32, seed=1), _conv_case(2, 16, 24, 16, 16, torch.float32, seed=2)
+    want = {k: F.conv2d(x, w, b, padding=1) for k, (x, w, b) in {"small": small, "big": big}.items()}
+    u = {"small": winograd.transform_weight(small[1]), "big": winograd.transform_weight(big[1])}
+
+    def run(key):
+        x, _, b = small if key == "small" else big
+        return winograd.conv3x3(x, u[key], b)
+
+    with torch.inference_mode():
+        first = run("small")
+    buffers = dict(winograd._WORKSPACE.buffers)
+    assert buffers and not any(t.is_inference() for t in buffers.values())
+    for key in ("big", "small", "big"):  # outside inference mode, into buffers made inside it
+        assert rel_max(want[key], run(key)) <= 1e-5
+    assert torch.equal(first, run("small"))
+    sizes = {k: t.numel() for k, t in winograd._WORKSPACE.buffers.items()}
+    run("small")
+    assert {k: t.numel() for k, t in winograd._WORKSPACE.buffers.items()} == sizes  # no regrowth
+    other = {}
+    thread = threading.Thread(target=lambda: other.update(out=run("big"), ws=dict(winograd._WORKSPACE.buffers)))
+    thread.start()
+    thread.join()
+    assert rel_max(want["big"], other["out"]) <= 1e-5
+    assert all(other["ws"][k] is not t for k, t in winograd._WORKSPACE.buffers.items())
+    winograd.release_workspace()
+    assert not winograd._WORKSPACE.buffers
+
+
 @pytest.mark.parametrize("n,c,o,h", [(1, 64, 32, 8), (3, 128, 192, 16), (2, 256, 256, 32)])
 def test_float32_error_against_float64(n, c, o, h):
     x, weight, bias = _conv_case(n, c, o, h, h, torch.float32, seed=h)

@@ -33,7 +33,7 @@ into its fast form *in place* (parameter names and shapes stay OpenAI's, so ``st
   >= 128) by Winograd F(4x4, 3x3) (``winograd.py``): 4x fewer multiply-adds, ~3x the rounding
   error of a direct conv (still ~1e-5), transformed weights 4x the size of those convs' weights
   in RAM (3.3 GB for the 64x64 U-Net; kept off when that is over a quarter of the machine's RAM,
-  or with ``ADM_WINOGRAD=0``). The 64x64 U-Net's forward at batch 4 on 2 cores: 1.33x -> 1.73x
+  or with ``ADM_WINOGRAD=0``). The 64x64 DDIM step at batch 4 on 2 cores: 1.33x -> 1.82-1.94x
   the reference's;
 - optional ``torch.compile`` (``compile=True``, instead of the fused kernels): inductor fuses
   the same elementwise work with its own kernels. Its warm-up is paid on the first call of each

@@ -14,10 +14,10 @@ channels, the elementwise product becomes 36 independent matrix products, one pe
 
 That is 36 multiply-adds per 16 outputs and (C, O) pair instead of 144: 4x fewer. The
 transforms are additions over the tiles (memory-bound), so the gain is real only when C and O
-are wide enough for the products to dominate: at the 64x64 model's 32x32 and 16x16 levels
-(384-1344 channels) a conv takes less than half the time of oneDNN's direct one on this
-project's 2-core CPU, at 64x64 (192 channels) 5-40% less (``benchmarks/cpu_convs.py`` times
-each shape; see ``worth_it``).
+are wide enough for the products to dominate. On this project's 2-core CPU, in the 64x64
+model at batch 4, a conv takes 1/1.7 to 1/2.7 of the time of oneDNN's direct one at the 64x64,
+32x32 and 16x16 levels, 1/1.1 to 1/1.4 at 8x8 (``benchmarks/cpu_convs.py`` times each shape;
+see ``worth_it``).
 
 Precision: the transforms are exact in float64 (the tests check that); the float32 rounding
 of V and M costs ~3x the error of a direct convolution (max |error| / max |output|
@@ -28,6 +28,8 @@ and oneDNN on AVX-512 CPUs, offer the same algorithm for float32 convolutions.
 from __future__ import annotations
 
 import functools
+import math
+import threading
 
 import torch
 
@@ -94,10 +96,13 @@ def applies(conv: torch.nn.Conv2d) -> bool:
 def worth_it(x_shape: tuple[int, ...], out_channels: int) -> bool:
     """Whether ``conv3x3`` is expected to beat oneDNN's direct convolution (CPU, float32).
 
-    Measured per shape with ``benchmarks/cpu_convs.py`` on a 2-core AMD EPYC, the 64x64 U-Net
-    at batch 4 (medians of 7, a noisy VM): at 32x32 and 16x16 1.5-2.5x (384 -> 384 channels at
-    32x32: 72 -> 34 ms); at 8x8 (16 tiles) 1.0-1.5x; at 64x64 1.05-1.4x; the input conv (3
-    channels) and the output conv (6) 4-6x slower. H and W must be multiples of the tile.
+    Measured per shape with ``benchmarks/cpu_convs.py`` on a 2-core AMD EPYC (AVX2), the 64x64
+    U-Net at batch 4 (medians of 7): 64x64, 32x32 and 16x16 levels 1.7-2.7x (384 -> 384
+    channels at 32x32: 77 -> 33 ms); 8x8 (16 tiles) 1.1-1.4x; the input conv (3 channels) and
+    the output conv (6) 4-6x slower. At batch 1 the 8x8 level (4 tiles) is 2x slower: reading U
+    dominates. The rule picked the faster form for every shape at batch 4 and at batch 1. H and
+    W must be multiples of the tile. Not measured on AVX-512 machines, where oneDNN's direct
+    convolutions are faster and the balance may differ (``ADM_WINOGRAD=0`` to compare).
     """
     n, c, h, w = x_shape
     if h % TILE or w % TILE:
@@ -105,28 +110,64 @@ def worth_it(x_shape: tuple[int, ...], out_channels: int) -> bool:
     return min(c, out_channels) >= MIN_CHANNELS and n * (h // TILE) * (w // TILE) >= MIN_TILES
 
 
+class _Workspace(threading.local):
+    """Per-thread scratch tensors for ``conv3x3``'s intermediates, grown to the largest call and
+    kept; a name's buffer is handed out again once its last contents are spent. A fresh tensor
+    of tens of MB comes from the C allocator as new pages, whose first
+    touch costs more than the copy itself (the tile gather at 64x64, 192 channels: 12 ms into a
+    fresh tensor, 2.4 ms into a used one). Per thread, so that models run from several threads
+    never share one."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        numel = math.prod(shape)
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
+            # An ordinary tensor even when made under inference_mode: one made there could not be
+            # written by a later call outside it, whereas an ordinary one may be written in both.
+            with torch.inference_mode(False):
+                buf = self.buffers[name] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buf[:numel].view(shape)
+
+
+_WORKSPACE = _Workspace()
+
+
+def release_workspace() -> None:
+    """Free this thread's scratch tensors (they come back, at their size, on the next call)."""
+    _WORKSPACE.buffers.clear()
+
+
 def conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """conv2d(x, g, bias, padding=1) by F(4x4, 3x3), with u = ``transform_weight(g)``.
 
     x: [N, C, H, W] in channels_last (read as NHWC), H and W multiples of 4. Returns
-    [N, O, H, W] in channels_last.
+    [N, O, H, W] in channels_last. The intermediates live in a per-thread workspace (for the
+    64x64 U-Net at batch 4, ~210 MB held after the first forward; ``release_workspace``).
     """
     n, c, h, w = x.shape
     o = u.shape[2]
     th, tw = h // TILE, w // TILE
+    tiles = n * th * tw
     bb, aa = _tile_transforms(x.dtype)
+    ws = _WORKSPACE
     # The input with its zero border of 1, NHWC.
-    xp = x.new_empty(n, h + 2, w + 2, c)
+    xp = ws.get("a", (n, h + 2, w + 2, c), x)
     for border in (xp[:, 0], xp[:, -1], xp[:, :, 0], xp[:, :, -1]):
         border.zero_()
     xp[:, 1:-1, 1:-1] = x.permute(0, 2, 3, 1)
     # The 6x6 tiles d (stride 4, overlapping), gathered as [tiles, 36, C]; then V = B^T d B for
     # all of them at once, as [tiles, 36, C] -> read as [36, tiles, C] by the products.
     s = xp.stride()
-    d = xp.as_strided((n, th, tw, 6, 6, c), (s[0], TILE * s[1], TILE * s[2], s[1], s[2], s[3]))
-    v = torch.matmul(bb, d.reshape(n * th * tw, 36, c))
-    m = torch.bmm(v.transpose(0, 1), u)  # [36, tiles, O]: the 36 products M[ij] = V[ij] U[ij]
-    y = torch.mm(aa, m.view(36, -1))  # A^T M A: [16, tiles * O], the 4x4 outputs of every tile
+    d = ws.get("b", (n, th, tw, 6, 6, c), x)
+    d.copy_(xp.as_strided((n, th, tw, 6, 6, c), (s[0], TILE * s[1], TILE * s[2], s[1], s[2], s[3])))
+    v = torch.matmul(bb, d.view(tiles, 36, c), out=ws.get("c", (tiles, 36, c), x))
+    # [36, tiles, O]: the 36 products M[ij] = V[ij] U[ij] (into d's buffer: d is spent)
+    m = torch.bmm(v.transpose(0, 1), u, out=ws.get("b", (36, tiles, o), x))
+    # A^T M A: [16, tiles * O], the 4x4 outputs of every tile (into the padded input's buffer)
+    y = torch.mm(aa, m.view(36, -1), out=ws.get("a", (16, tiles * o), x))
     out = x.new_empty(n, h, w, o)
     y = y.view(TILE, TILE, n, th, tw, o).permute(2, 3, 0, 4, 1, 5)  # -> [N, th, 4, tw, 4, O]
     if bias is None:
