@@ -15,8 +15,6 @@ choice: direct everywhere, the rule's pick, and the best per shape.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections import Counter
 
 import torch
@@ -25,6 +23,9 @@ import torch.nn.functional as F
 from adm_cli import fast, winograd
 from adm_cli.config import get_preset
 from adm_cli.models import build_model
+from ops import _time  # the median of timed calls after a warm-up one (benchmarks/ops.py)
+
+CPU = torch.device("cpu")
 
 
 def conv_shapes(cfg, batch: int) -> Counter:
@@ -43,16 +44,6 @@ def conv_shapes(cfg, batch: int) -> Counter:
     for h in hooks:
         h.remove()
     return seen
-
-
-def _median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def time_shape(shape: tuple, out_channels: int, repeats: int) -> dict:
@@ -75,8 +66,8 @@ def time_shape(shape: tuple, out_channels: int, repeats: int) -> dict:
         want = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
         scale = want.abs().max().item()
         return {"shape": shape, "out": out_channels, "pick": winograd.worth_it(shape, out_channels),
-                "direct_ms": _median_ms(direct, repeats),
-                "winograd_ms": _median_ms(wino, repeats) if tiled else float("inf"),
+                "direct_ms": _time(direct, repeats, CPU),
+                "winograd_ms": _time(wino, repeats, CPU) if tiled else float("inf"),
                 "direct_err": (direct().double() - want).abs().max().item() / scale,
                 "winograd_err": (wino().double() - want).abs().max().item() / scale if tiled else None}
 

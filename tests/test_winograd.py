@@ -116,6 +116,12 @@ def _wino_convs(model):
     return [m for m in model.modules() if getattr(m, "use_winograd", False)]
 
 
+def _u(conv):
+    """The conv's transformed weights as kept (``layers.derived``), or None."""
+    kept = conv.__dict__.get("_derived", {}).get("winograd_u")
+    return None if kept is None else kept[2]
+
+
 @pytest.mark.parametrize("family", list(TINY))
 def test_unet_with_winograd_matches_exact(family, everywhere):
     cfg = TINY[family]
@@ -125,7 +131,7 @@ def test_unet_with_winograd_matches_exact(family, everywhere):
     x, t, kw = inputs(cfg)
     with torch.no_grad():
         a, b = ref(x, t, **kw), ours(x, t, **kw)
-    used = [m for m in _wino_convs(ours) if m._u is not None]
+    used = [m for m in _wino_convs(ours) if _u(m) is not None]
     assert len(used) >= 4
     assert rel_max(a, b) <= 2e-5  # measured 3.5e-6 to 6.7e-6
 
@@ -157,9 +163,9 @@ def test_transformed_weights_follow_the_parameters(everywhere):
     ours.load_state_dict(other.state_dict())
     with torch.no_grad():
         assert rel_max(other(x, t, **kw), ours(x, t, **kw)) <= 2e-5
-    assert all(m._u is None for m in _wino_convs(copy.deepcopy(ours)))
+    assert all(_u(m) is None for m in _wino_convs(copy.deepcopy(ours)))
     fast.prepare(ours, device="cpu", dtype="float32", winograd_convs=False)
-    assert not _wino_convs(ours) and not any(getattr(m, "_u", None) is not None for m in ours.modules())
+    assert not _wino_convs(ours) and not any(_u(m) is not None for m in ours.modules())
 
 
 def test_switch_and_ram_budget(everywhere, monkeypatch):

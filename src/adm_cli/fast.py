@@ -200,9 +200,9 @@ def prepare(model: nn.Module, *, device: torch.device | str | None = None, dtype
     if prepack is None:  # the classifier runs under autograd, where the packed path steps aside
         # (and the fused residual blocks call their convs' weights directly: no use for it)
         prepack = isinstance(model, UNet) and not compile and channels_last and not use_fused
-    if winograd_convs is None:
-        winograd_convs = os.environ.get("ADM_WINOGRAD", "1") != "0" and _winograd_fits(model)
     if prepack and device.type == "cpu" and dt == torch.float32 and _prepack_works():
+        if winograd_convs is None:
+            winograd_convs = os.environ.get("ADM_WINOGRAD", "1") != "0" and _winograd_fits(model)
         for m in model.modules():
             if type(m) is nn.Conv2d and m.padding_mode == "zeros" and isinstance(m.padding, tuple):
                 m.__class__ = PrepackedConv2d
@@ -259,7 +259,7 @@ def _unprepare(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, PrepackedConv2d):
             m.__class__ = nn.Conv2d
-            for name in ("_packed", "_packed_key", "_bias4", "use_winograd", "_u", "_u_key"):
+            for name in ("_packed", "_packed_key", "_bias4", "use_winograd"):
                 m.__dict__.pop(name, None)
     forget_graphs(model)
 
@@ -277,30 +277,26 @@ class PrepackedConv2d(nn.Conv2d):
     being recorded (the op has no backward) -- otherwise it is an ordinary Conv2d.
 
     With ``use_winograd`` set (by ``prepare``), a wide 3x3 conv runs by ``winograd.conv3x3`` instead
-    wherever ``winograd.worth_it`` says so for the input's shape, with the transformed weights
-    kept the same way (no packed copy is made for shapes that never run directly).
+    wherever ``winograd.worth_it`` says so for the input's shape, its transformed weights kept
+    by ``layers.derived`` (no packed copy is made for shapes that never run directly).
     """
 
     _packed: torch.Tensor | None
     _packed_key: tuple | None
     _bias4: torch.Tensor | None = None
     use_winograd: bool = False  # may use winograd.conv3x3 (set by prepare)
-    _u: torch.Tensor | None = None  # its transformed weights, keyed by the weight's version
-    _u_key: tuple | None = None
 
-    def __getstate__(self):  # copies and pickles drop the caches (oneDNN tensors do not copy)
+    def __getstate__(self):  # copies and pickles drop the cache (oneDNN tensors do not copy)
         state = super().__getstate__()
-        return {**state, "_packed": None, "_packed_key": None, "_bias4": None, "_u": None, "_u_key": None}
+        return {**state, "_packed": None, "_packed_key": None, "_bias4": None}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32:
             return super().forward(x)
         if self.use_winograd and winograd.worth_it(tuple(x.shape), self.out_channels):
-            key = version_key(w)
-            if self._u_key != key:
-                self._u, self._u_key = winograd.transform_weight(w), key
-            return winograd.conv3x3(x, self._u, self.bias)
+            u = layers.derived(self, "winograd_u", (w,), lambda: winograd.transform_weight(w))
+            return winograd.conv3x3(x, u, self.bias)
         key = (tuple(x.shape), *version_key(w))
         if self._packed_key != key:
             self._packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
