@@ -25,8 +25,9 @@ ops left (embeddings, sampler arithmetic) compute on the CPU what a GPU does in 
 Reported: host ms per step, the best of 7 runs of 4 steps (the work is the same every run, so
 the spread is the machine's: on this project's shared 2-core VM the same process varies up to
 1.7x between runs, so compare two builds with ``--against OTHER/src``: both in one process, runs
-alternating, and the ratio per pair), and the Triton launches, convolutions, GEMMs and attention
-calls per step.
+alternating, and the ratio per pair), the Triton launches, convolutions, GEMMs and attention
+calls per step, and the elements the statistics kernel reads per step (every level's images
+shrink alike, so their ratio between two builds is the full-size one).
 """
 
 from __future__ import annotations
@@ -235,7 +236,7 @@ def step_host_time(case_name: str, batch: int | None, steps: int, repeats: int,
     builds = {"this tree": _step_runner("adm_cli", case, batch, steps)}
     if against:
         builds[against] = _step_runner(_package(against), case, batch, steps)
-    calls = {"launch": 0, "conv": 0, "linear": 0, "attention": 0}
+    calls = {"launch": 0, "conv": 0, "linear": 0, "attention": 0, "stats read": 0}
     saved = ([b[1]._launch for b in builds.values()], F.conv2d, F.linear, torch.Tensor.addmm_,
              torch.Tensor.__matmul__, F.scaled_dot_product_attention, F.conv_transpose2d)
 
@@ -245,8 +246,12 @@ def step_host_time(case_name: str, batch: int | None, steps: int, repeats: int,
             return fn(*a, **k)
         return wrapped
 
+    def stub(name, grid, *args, **meta):  # (counts what the statistics kernel would read)
+        if name == "stats":
+            calls["stats read"] += args[0].numel() + (args[1].numel() if meta["TWO"] else 0)
+
     for _, fused_, _ in builds.values():
-        fused_._launch = count("launch", lambda name, *a, **k: None)
+        fused_._launch = count("launch", stub)
     F.conv2d, F.linear = count("conv", _fake_conv2d), count("linear", _fake_linear)
     F.conv_transpose2d = count("conv", _fake_conv_transpose2d)
     torch.Tensor.addmm_ = count("linear", lambda self, *a, **k: self)  # fused.conv1x1_cat's second GEMM
@@ -256,7 +261,7 @@ def step_host_time(case_name: str, batch: int | None, steps: int, repeats: int,
         per_step, times = {}, {name: [] for name in builds}
         for name, (run, _, _) in builds.items():
             run()
-            calls.update(launch=0, conv=0, linear=0, attention=0)
+            calls.update(dict.fromkeys(calls, 0))
             run()
             per_step[name] = {k: v / steps for k, v in calls.items()}
         for _ in range(repeats):  # the builds alternate, so that the machine's drift hits both alike
@@ -277,14 +282,16 @@ def step_host_time(case_name: str, batch: int | None, steps: int, repeats: int,
     unet, clf = builds["this tree"][2]
     ours, mine = times["this tree"], per_step["this tree"]
     row = {"host ms per step": min(ours), "median": statistics.median(ours),
-           **{f"{k} calls per step": v for k, v in mine.items()},
+           **{f"{k} calls per step": v for k, v in mine.items() if k != "stats read"},
+           "statistics elements read per step": mine["stats read"],
            "norms": count_of(GroupNorm32, unet, clf), "classifier norms": count_of(GroupNorm32, clf),
            "residual blocks": count_of(ResBlock, unet, clf)}
     for name, t in times.items():
         n = per_step[name]
         print(f"{case_name}, batch {batch}, {name}: {min(t):.1f} ms host per step, best of {repeats} runs "
               f"(median {statistics.median(t):.1f}, max {max(t):.1f}); per step {n['launch']:.0f} Triton launches, "
-              f"{n['conv']:.0f} convolutions, {n['linear']:.0f} GEMMs, {n['attention']:.0f} attention calls", flush=True)
+              f"{n['conv']:.0f} convolutions, {n['linear']:.0f} GEMMs, {n['attention']:.0f} attention calls; "
+              f"the statistics kernel reads {n['stats read'] / 1e6:.3g}M elements", flush=True)
     if against:
         ratios = [a / b for a, b in zip(times[against], ours)]
         q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3

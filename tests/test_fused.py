@@ -142,6 +142,61 @@ def test_group_norm_act_over_two_inputs(c1, c2, dtype, ss):
         fused.group_norm_act(x, gamma, beta, x2=x2[:, :, :4])
 
 
+def _stats_reads(monkeypatch) -> list[int]:
+    """Elements each launch of the statistics kernel reads from now on (recorded per launch)."""
+    reads = []
+
+    def launch(name, grid, *args, _f=fused._launch, **meta):
+        if name == "stats":
+            reads.append(args[0].numel() + (args[1].numel() if meta["TWO"] else 0))
+        return _f(name, grid, *args, **meta)
+
+    monkeypatch.setattr(fused, "_launch", launch)
+    return reads
+
+
+@needs_kernels
+@pytest.mark.parametrize("c1,c2,dtype", [(64, 32, torch.float32), (160, 96, torch.float16), (32, 256, torch.bfloat16)])
+def test_shared_statistics_reuse_the_second_inputs(c1, c2, dtype, monkeypatch):
+    """Inside ``shared_statistics`` a norm over cat([h, skip], 1) takes the skip's statistics
+    kept by an earlier norm over the skip alone and reads only h: the same numbers as the
+    float64 reference. The two inputs' blocks differ in size and count, and groups straddle the
+    boundary (64 + 32 channels: 3 per group). Another scope, or none, takes them anew."""
+    dev = _kernel_device()
+    g = torch.Generator().manual_seed(11)
+    n, h, w, c = 2, 16, 12, c1 + c2
+    x = nhwc((torch.randn(n, c1, h, w, generator=g) * 0.5 + 3.0).to(dtype)).to(dev)
+    skip = nhwc((torch.randn(n, c2, h, w, generator=g) * 2.0 - 1.0).to(dtype)).to(dev)
+    gamma, beta = (1 + 0.2 * torch.randn(c, generator=g)).to(dev), (0.1 * torch.randn(c, generator=g)).to(dev)
+    scale, shift = (0.3 * torch.randn(n, 2 * c, generator=g)).to(dev).chunk(2, dim=1)
+    g2, b2 = gamma[c1:].contiguous(), beta[c1:].contiguous()
+    want = fused.reference_group_norm_act(x, gamma, beta, scale=scale, shift=shift, x2=skip)
+    assert fused._split(h * w, n, fused._blocks(c1)[0], skip.device) != \
+        fused._split(h * w, n, fused._blocks(c2)[0], skip.device)  # (the two inputs' blocks differ)
+    reads = _stats_reads(monkeypatch)
+    with torch.no_grad():
+        with fused.shared_statistics():
+            alone = fused.group_norm_act(skip, g2, b2)  # the encoder's norm over the skip
+            assert reads == [skip.numel()]
+            got = fused.group_norm_act(x, gamma, beta, scale=scale, shift=shift, x2=skip)
+            assert reads == [skip.numel(), x.numel()]  # h only
+            again = fused.group_norm_act(skip, g2, b2)
+            assert reads == [skip.numel(), x.numel()] and torch.equal(again, alone)
+        assert rel_norm(want, got.double()) <= BOUNDS[dtype]
+        assert rel_norm(fused.reference_group_norm_act(skip, g2, b2), alone.double()) <= BOUNDS[dtype]
+        with fused.shared_statistics():  # kept statistics belong to their scope
+            fused.group_norm_act(x, gamma, beta, scale=scale, shift=shift, x2=skip)
+        fused.group_norm_act(x, gamma, beta, scale=scale, shift=shift, x2=skip)
+    assert reads[2:] == [x.numel(), skip.numel(), x.numel() + skip.numel()]
+    # a norm with an input bias (a block's second norm) neither keeps nor takes kept statistics
+    with torch.no_grad(), fused.shared_statistics():
+        ib = torch.randn(c2, generator=g).to(dev)
+        fused.group_norm_act(skip, g2, b2)
+        biased = fused.group_norm_act(skip, g2, b2, in_bias=ib)
+    assert reads[-2:] == [skip.numel(), skip.numel()]
+    assert rel_norm(fused.reference_group_norm_act(skip, g2, b2, in_bias=ib), biased.double()) <= BOUNDS[dtype]
+
+
 @needs_kernels
 def test_results_do_not_depend_on_the_launch_geometry(monkeypatch):
     """Tile size, warps and reduction programs per multiprocessor (what benchmarks/kernels.py
@@ -382,12 +437,43 @@ def test_fused_unet_matches_exact(family, dtype, bound, monkeypatch):
 
 
 @needs_kernels
-@pytest.mark.parametrize("switch", ["FUSED_CONCAT", "FUSED_SKIP", "UP_CONV", "PAD_IO"])
+@pytest.mark.parametrize("family", ["new-order", "upsampler"])
+def test_fused_unet_reads_each_skip_once(family, monkeypatch):
+    """With ``layers.SHARED_STATS`` the statistics kernel reads every skip connection once per
+    forward (for the encoder's next norm) instead of twice: the decoder's norms over cat([h,
+    skip], 1) read h only. Same output within float32 rounding."""
+    from adm_cli import layers
+
+    cfg = TINY[family]
+    ours = fast.prepare(exact(cfg), device=_kernel_device(), dtype="float32", fused_kernels=True)
+    x, t, kw = inputs(cfg)
+    x, t, kw = x.to(_kernel_device()), t.to(_kernel_device()), {k: v.to(_kernel_device()) for k, v in kw.items()}
+    skips = []
+    for block in ours.input_blocks[1:]:
+        block.register_forward_hook(lambda m, args, out: skips.append(out.numel()))
+    first = ours.input_blocks[0][0]
+    conv_in = x.shape[0] * first.out_channels * x.shape[2] * x.shape[3]  # the input conv's output
+    reads = _stats_reads(monkeypatch)
+    outs = {}
+    for shared in (False, True):
+        monkeypatch.setattr(layers, "SHARED_STATS", shared)
+        reads.clear()
+        with torch.no_grad():
+            outs[shared] = ours(x, t, **kw).cpu()
+        outs[shared, "reads"] = sum(reads)
+    assert len(skips) == 2 * (len(ours.input_blocks) - 1)  # (two forwards)
+    saved = sum(skips) // 2 + conv_in
+    assert outs[True, "reads"] == outs[False, "reads"] - saved and saved > 0.1 * outs[False, "reads"]
+    assert rel_norm(outs[False], outs[True]) <= 1e-6
+
+
+@needs_kernels
+@pytest.mark.parametrize("switch", ["FUSED_CONCAT", "FUSED_SKIP", "UP_CONV", "PAD_IO", "SHARED_STATS"])
 def test_fused_unet_with_a_part_switched_back(switch, monkeypatch):
     """Each of layers' switches (bench.py --concat / --set) back to the plainer form: same output.
     FUSED_CONCAT False: torch.cat again; FUSED_SKIP False: cuBLAS GEMMs and a separate add;
     UP_CONV "plain": upsampled norm output and a 3x3 conv; PAD_IO False: cuDNN's own input and
-    output convs."""
+    output convs; SHARED_STATS False: every norm takes its own statistics."""
     from adm_cli import layers
 
     cfg = TINY["new-order"]  # (BigGAN up/down blocks, decoder skip convs, 6 output channels)
@@ -396,8 +482,11 @@ def test_fused_unet_with_a_part_switched_back(switch, monkeypatch):
     monkeypatch.setattr(layers, switch, "plain" if switch == "UP_CONV" else False)
     banned = {"FUSED_CONCAT": ("conv1x1_cat", "the split skip conv"), "FUSED_SKIP": ("skip_add", "the skip GEMM"),
               "UP_CONV": ("conv_up", "the transposed conv"), "PAD_IO": ("conv_in", "the padded input conv")}
-    name, what = banned[switch]
-    monkeypatch.setattr(fused, name, lambda *a: pytest.fail(f"{what} ran"))
+    if switch == "SHARED_STATS":
+        monkeypatch.setattr(fused, "_statistics_of", lambda *a: pytest.fail("kept statistics were used"))
+    else:
+        name, what = banned[switch]
+        monkeypatch.setattr(fused, name, lambda *a: pytest.fail(f"{what} ran"))
     if switch == "PAD_IO":
         monkeypatch.setattr(fused, "conv_out", lambda *a: pytest.fail("the padded output conv ran"))
     if switch == "FUSED_CONCAT":  # the skip GEMM then reads the concatenation (x2 None)
@@ -498,10 +587,10 @@ for ib, two, pre in itertools.product((True, False), repeat=3):
          dict(HAS_IB=ib, TWO=two, PREFETCH=pre, BLOCK_R=32, BLOCK_C=128))
 comp(k.bwd_finalize, dict(PART=f, M=f, NBLK=i, HW=i, C=i, CPG=i, RPP=i, inv_count="fp32"),
      dict(BLOCK_B=16, GPP=32, BLOCK_G=4))
-for ib, ss, grad in itertools.product((True, False), repeat=3):
-    comp(k.finalize, dict(PART=f, GAMMA=f, BETA=f, IB=dt, IB_SN=i, SCALE=f, SHIFT=f, SS_SN=i, AFF=f,
-                          NBLK=i, HW=i, C=i, CPG=i, RPP=i, eps="fp32"),
-         dict(HAS_IB=ib, HAS_SS=ss, GRAD=grad, BLOCK_B=16, GPP=32, BLOCK_G=4))
+for ib, ss, grad, split in itertools.product((True, False), repeat=4):
+    comp(k.finalize, dict(PART=f, PART2=f, GAMMA=f, BETA=f, IB=dt, IB_SN=i, SCALE=f, SHIFT=f, SS_SN=i, AFF=f,
+                          NBLK=i, NBLK2=i, HW=i, C=i, C1=i, CPG=i, RPP=i, RPP2=i, eps="fp32"),
+         dict(HAS_IB=ib, HAS_SS=ss, GRAD=grad, SPLIT=split, BLOCK_B=16, GPP=32, BLOCK_G=4))
 for act, rs in itertools.product((True, False), (0, 1, 2)):
     for two in (False, True) if rs == 0 else (False,):
         comp(k.apply, dict(X=dt, X2=dt, AFF=f, Y=dt, **geo, C1=i),

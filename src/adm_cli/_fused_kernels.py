@@ -125,28 +125,58 @@ def _partials(n, b0, cols, cmask, NBLK, HW, C, RPP, BLOCK_B: tl.constexpr):
 
 
 @triton.jit
-def finalize(PART, GAMMA, BETA, IB, IB_SN, SCALE, SHIFT, SS_SN, AFF, NBLK, HW, C, CPG, RPP, eps,
-             HAS_IB: tl.constexpr, HAS_SS: tl.constexpr, GRAD: tl.constexpr, BLOCK_B: tl.constexpr,
-             GPP: tl.constexpr, BLOCK_G: tl.constexpr):
-    # Program (n, k): groups [k * GPP, (k + 1) * GPP) as a [GPP, BLOCK_G] tile of channels.
-    # Combine the blocks' (count, mean, M2) per group (Chan et al.), then fold norm, affine,
-    # scale-shift and the input bias into y = x A + B. GRAD: also W, RS, XO for the backward.
-    n, cols, cmask = _group_tile(C, CPG, GPP, BLOCK_G)  # cols: [GPP, BLOCK_G]
-    MEAN = PART
-    M2 = PART + tl.num_programs(0) * NBLK * C
-    total = (HW * CPG) * 1.0
+def _sum_means(PART, n, cols, cmask, NBLK, HW, CS, RPP, BLOCK_B: tl.constexpr, GPP: tl.constexpr,
+               BLOCK_G: tl.constexpr):
+    """Per channel of the tile, the sum over one PART's blocks of count x block mean (CS: that
+    PART's channel count, ``cols`` already its channel indices)."""
     s = tl.zeros([GPP, BLOCK_G], tl.float32)
     for b0 in range(0, NBLK, BLOCK_B):
-        idx, mask, cnt = _partials(n, b0, cols, cmask, NBLK, HW, C, RPP, BLOCK_B)
-        s += tl.sum(tl.load(MEAN + idx, mask=mask, other=0.0) * cnt, axis=0)
-    mean = tl.sum(s, axis=1) / total                               # [GPP]
+        idx, mask, cnt = _partials(n, b0, cols, cmask, NBLK, HW, CS, RPP, BLOCK_B)
+        s += tl.sum(tl.load(PART + idx, mask=mask, other=0.0) * cnt, axis=0)
+    return s
+
+
+@triton.jit
+def _sum_m2(PART, n, cols, cmask, NBLK, HW, CS, RPP, mean, BLOCK_B: tl.constexpr, GPP: tl.constexpr,
+            BLOCK_G: tl.constexpr):
+    """Per channel of the tile, the sum over one PART's blocks of M2 + count (block mean - mean)^2,
+    ``mean`` [GPP] being the groups' means."""
+    M2 = PART + tl.num_programs(0) * NBLK * CS
     q = tl.zeros([GPP, BLOCK_G], tl.float32)
     for b0 in range(0, NBLK, BLOCK_B):
-        idx, mask, cnt = _partials(n, b0, cols, cmask, NBLK, HW, C, RPP, BLOCK_B)
-        m = tl.load(MEAN + idx, mask=mask, other=0.0)
+        idx, mask, cnt = _partials(n, b0, cols, cmask, NBLK, HW, CS, RPP, BLOCK_B)
+        m = tl.load(PART + idx, mask=mask, other=0.0)
         v = tl.load(M2 + idx, mask=mask, other=0.0)
         d = tl.where(mask, m - mean[None, :, None], 0.0)
         q += tl.sum(v + cnt * d * d, axis=0)
+    return q
+
+
+@triton.jit
+def finalize(PART, PART2, GAMMA, BETA, IB, IB_SN, SCALE, SHIFT, SS_SN, AFF, NBLK, NBLK2, HW, C, C1, CPG, RPP,
+             RPP2, eps, HAS_IB: tl.constexpr, HAS_SS: tl.constexpr, GRAD: tl.constexpr, SPLIT: tl.constexpr,
+             BLOCK_B: tl.constexpr, GPP: tl.constexpr, BLOCK_G: tl.constexpr):
+    # Program (n, k): groups [k * GPP, (k + 1) * GPP) as a [GPP, BLOCK_G] tile of channels.
+    # Combine the blocks' (count, mean, M2) per group (Chan et al.), then fold norm, affine,
+    # scale-shift and the input bias into y = x A + B. GRAD: also W, RS, XO for the backward.
+    # SPLIT: channels [0, C1) have their blocks in PART ([2, N, NBLK, C1], RPP rows each), the
+    # rest in PART2 ([2, N, NBLK2, C - C1], RPP2 rows): the statistics of cat([x, x2], 1) taken
+    # from each input's own (x2's kept from an earlier norm that read it); a group may straddle.
+    n, cols, cmask = _group_tile(C, CPG, GPP, BLOCK_G)  # cols: [GPP, BLOCK_G]
+    total = (HW * CPG) * 1.0
+    if SPLIT:
+        first = cols < C1
+        s = _sum_means(PART, n, cols, cmask & first, NBLK, HW, C1, RPP, BLOCK_B, GPP, BLOCK_G)
+        s += _sum_means(PART2, n, cols - C1, cmask & (cols >= C1), NBLK2, HW, C - C1, RPP2, BLOCK_B, GPP, BLOCK_G)
+    else:
+        s = _sum_means(PART, n, cols, cmask, NBLK, HW, C, RPP, BLOCK_B, GPP, BLOCK_G)
+    mean = tl.sum(s, axis=1) / total                               # [GPP]
+    if SPLIT:
+        q = _sum_m2(PART, n, cols, cmask & first, NBLK, HW, C1, RPP, mean, BLOCK_B, GPP, BLOCK_G)
+        q += _sum_m2(PART2, n, cols - C1, cmask & (cols >= C1), NBLK2, HW, C - C1, RPP2, mean, BLOCK_B, GPP,
+                     BLOCK_G)
+    else:
+        q = _sum_m2(PART, n, cols, cmask, NBLK, HW, C, RPP, mean, BLOCK_B, GPP, BLOCK_G)
     rstd = (1.0 / tl.sqrt(tl.sum(q, axis=1) / total + eps))[:, None]  # [GPP, 1]
     mean = mean[:, None]
     gamma = tl.load(GAMMA + cols, mask=cmask, other=0.0).to(tl.float32)

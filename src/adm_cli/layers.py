@@ -55,9 +55,12 @@ FUSED_CONCAT = True
 # input conv with its few channels padded and its bias as weights, its output conv padded to 8
 # outputs (``fused.conv_in`` / ``fused.conv_out``), rather than cuDNN's kernels for 3 and 6
 # channels and a separate bias pass.
+# SHARED_STATS: the decoder's first norms reuse the statistics of their skip connection that the
+# encoder's norms took (``fused.shared_statistics``) rather than reading the skip again.
 FUSED_SKIP = True
 UP_CONV = "transposed"
 PAD_IO = True
+SHARED_STATS = True
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

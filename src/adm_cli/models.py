@@ -7,6 +7,8 @@ eps_theta(x_t, t, y), then (with ``learn_sigma``) the interpolation weight v of 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -67,17 +69,20 @@ class UNet(nn.Module):
             x = torch.cat([x, F.interpolate(low_res, x.shape[-2:], mode="bilinear")], dim=1)
         dtype = self.out[2].weight.dtype  # activations follow the weights (float32, or bf16/fp16 fast path)
         h, emb = x.to(dtype, memory_format=_memory_format(self.input_blocks)), emb.to(dtype)
-        if self.out[0].fused:  # all blocks' embedding projections in one GEMM
+        fused_path = self.out[0].fused
+        if fused_path:  # all blocks' embedding projections in one GEMM
             emb = block_embeddings(self, emb)
-        hs = []
-        for i, block in enumerate(self.input_blocks):
-            h = _input_conv(block[0], h, self.out[0].fused) if i == 0 else block(h, emb)
-            hs.append(h)
-        h = self.middle_block(h, emb)
-        for block in self.output_blocks:
-            h = block(h, emb, skip=hs.pop())  # on cat([h, skip], 1), concatenated only where needed
-        norm, _, conv = self.out
-        h = norm.act(h)
+        # (fused: each skip's statistics, taken in the encoder, are reused by its decoder block)
+        with fused.shared_statistics() if fused_path and layers.SHARED_STATS else contextlib.nullcontext():
+            hs = []
+            for i, block in enumerate(self.input_blocks):
+                h = _input_conv(block[0], h, fused_path) if i == 0 else block(h, emb)
+                hs.append(h)
+            h = self.middle_block(h, emb)
+            for block in self.output_blocks:
+                h = block(h, emb, skip=hs.pop())  # on cat([h, skip], 1), concatenated only where needed
+            norm, _, conv = self.out
+            h = norm.act(h)
         if norm.fused and layers.PAD_IO:  # (see layers.PAD_IO)
             w, b = derived(conv, "padded", (conv.weight, conv.bias), lambda: fused.out_weight(conv))
             h = fused.conv_out(h, w, b, conv.out_channels, conv.padding)
