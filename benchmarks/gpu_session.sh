@@ -26,27 +26,30 @@ step() {
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee -a "$LOG"
 python3 -c "import torch, triton, guided_diffusion; print('torch', torch.__version__, 'triton', triton.__version__,
 torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, 'SMs')" 2>&1 | tee -a "$LOG"
-# 1. The 256x256 DDIM case (the one short of 3x before this build), eager, with a profile of ours.
+# 1. The 256x256 DDIM case (3.00x with graphs in session 10: no margin), eager, with a profile of ours.
 #    A fresh machine's first case spends ~65-70 s compiling Triton's kernels.
 step 130 python3 benchmarks/bench.py --device cuda --cases ddim-256 --repeats 5 --profile "$OUT/prof" \
     --json "$OUT/eager256.json"
 # 2. All three cases with CUDA graphs (adm sample's default on CUDA).
 step 100 python3 benchmarks/bench.py --device cuda --cases ddim-256,ddpm-512-guided,ddpm-64-guided --repeats 5 \
     --no-flops --cuda-graph --json "$OUT/graphs.json"
-# 3. This build's new ops against their plainer forms at the 256x256 model's shapes.
-step 60 python3 benchmarks/ops.py --model 256x256_diffusion --batch 16 --repeats 10 \
-    --tiles 128:128:64:4:3,64:128:64:4:4,128:256:64:8:3 --json "$OUT/ops256.json"
+# 3. The skip GEMM at the 256x256 model's shapes: its tiles (8 warps: half the registers per
+#    thread, compiled offline), with the statistics epilogue, and the statistics pass it spares.
+step 60 python3 benchmarks/ops.py --model 256x256_diffusion --batch 16 --repeats 10 --groups skip \
+    --tiles 128:128:64:4:3,128:128:64:8:3,128:256:64:8:3 --json "$OUT/ops256.json"
 # 4. The GPU-marked tests.
 #    (15 tests; session 10's 100 s ran out after 12, the compile test being the slowest, so it is last)
 step 150 python3 -m pytest -q -p no:cacheprovider -rf -m gpu tests/test_fused.py tests/test_graphs.py \
     tests/test_fast_state.py tests/test_fast.py
 # 5. Accuracy of the fast path against float32 (TF32 off), full-size 512 and 64 models.
 step 70 python3 benchmarks/accuracy.py --dtypes auto --json "$OUT/accuracy.json"
-# 6. Whole 256 steps with each new part switched back to its plainer form (eager).
-for sw in FUSED_SKIP=off UP_CONV=plain PAD_IO=off; do
-  step 30 python3 benchmarks/bench.py --device cuda --cases ddim-256 --repeats 3 --no-flops --set $sw \
-      --json "$OUT/set-${sw%%=*}.json"  # (no "=" in names that come back)
-done
+# 6. The 256 step without this build's statistics sharing (decoder skips, skip_add's epilogue),
+#    eager with a profile: the statistics kernel's GPU time against step 1's (whole-step
+#    eager times are noisier than the ~1-2 ms at stake), then graphed, for the step itself.
+step 45 python3 benchmarks/bench.py --device cuda --cases ddim-256 --repeats 3 --no-flops \
+    --set SHARED_STATS=off --set SKIP_STATS=off --profile "$OUT/prof-nostats" --json "$OUT/set-nostats.json"
+step 40 python3 benchmarks/bench.py --device cuda --cases ddim-256 --repeats 5 --no-flops --cuda-graph \
+    --set SHARED_STATS=off --set SKIP_STATS=off --json "$OUT/graphs-nostats.json"
 # 7. The other two cases eager, with profiles.
 step 70 python3 benchmarks/bench.py --device cuda --cases ddpm-512-guided,ddpm-64-guided --repeats 5 \
     --profile "$OUT/prof" --json "$OUT/eager.json"

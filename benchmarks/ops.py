@@ -10,7 +10,10 @@ form's (relative to its largest value). The forms (``layers``' switches):
 
 - skip: a block's closing add with its 1x1 skip conv. "gemms+add": cuBLAS (``conv1x1_cat``, or
   one GEMM without a skip connection) then ``add_bias``; "skip_add M:N:K:W:S": the one Triton
-  GEMM (``fused.skip_add``) at tiles of M rows, N output and K input channels, W warps, S stages.
+  GEMM (``fused.skip_add``) at tiles of M rows, N output and K input channels, W warps, S stages;
+  "skip_add +stats": the shipped tiles, taking the output's statistics in the epilogue (as inside
+  the U-Net's ``shared_statistics``, where the tile divides the pixels per sample), and "(stats
+  pass over y)" the statistics kernel over the output, which that spares the next norm.
 - up: the norm + SiLU of a BigGAN up block and its first conv. "plain": the norm written
   upsampled, then the 3x3 conv; "transposed": the norm at the low resolution, then the stride-2
   transposed conv (``fused.conv_up``); "folded": a 2x2 conv to 4x the channels at the low
@@ -40,7 +43,7 @@ if not torch.cuda.is_available():  # the kernels run in Triton's interpreter (be
 from adm_cli import fast, fused  # noqa: E402
 from adm_cli.config import get_preset  # noqa: E402
 
-DEFAULT_TILES = "128:128:64:4:3,128:64:64:4:4,64:128:64:4:4,128:256:64:8:3,256:128:64:8:3"
+DEFAULT_TILES = "128:128:64:4:3,128:128:64:8:3,128:64:64:4:4,64:128:64:4:4,128:256:64:8:3,256:128:64:8:3"
 
 
 def _levels(cfg):
@@ -125,7 +128,16 @@ def _forms_skip(n, res, cx, cs, co, dtype, device, tiles):
             finally:
                 fused._GEMM_M, fused._GEMM_N, fused._GEMM_K, fused._GEMM_WARPS, fused._GEMM_STAGES = saved
         forms.append(("skip_add " + ":".join(map(str, tile)), gemm))
-    return forms
+
+    def with_stats():  # the shipped tiles, the output's statistics out of the epilogue
+        with fused.shared_statistics():
+            return fused.skip_add(h, x, x2, w_t, bias)
+    y = fused.skip_add(h, x, x2, w_t, bias, stats=False)
+
+    def stats_pass():  # what that spares: the statistics kernel over y (returns y, for the diff)
+        fused._statistics(y)
+        return y
+    return forms + [("skip_add +stats", with_stats), ("(stats pass over y)", stats_pass)]
 
 
 def _forms_up(n, res, c, dtype, device):

@@ -154,7 +154,7 @@ def test_single_op_script_runs_every_form_and_restores_the_tiles(monkeypatch, tm
     rows = json.loads(out.read_text())["rows"]
     forms = {(r["group"], r["form"]) for r in rows}
     assert forms == {("skip", "gemms+add"), ("skip", "skip_add 128:128:64:4:3"), ("skip", "skip_add 64:32:16:4:2"),
-                     ("up", "plain"), ("up", "transposed"), ("up", "folded"), ("in", "cuDNN + bias"),
+                     ("skip", "skip_add +stats"), ("skip", "(stats pass over y)"), ("up", "plain"), ("up", "transposed"), ("up", "folded"), ("in", "cuDNN + bias"),
                      ("in", "conv_in"), ("out", "cuDNN + bias"), ("out", "conv_out")}
     assert all(r["ms"] > 0 and r["diff"] <= 1e-5 for r in rows)
     assert {r["shape"] for r in rows if r["group"] == "skip"} >= {"4^2 32+0->64", "8^2 32+32->32"}
@@ -175,3 +175,26 @@ def test_cpu_conv_script_times_every_3x3_conv_both_ways(monkeypatch, capsys):
     assert not any(r["pick"] for r in rows)  # 32-64 channels: below the rule's width
     out = capsys.readouterr().out
     assert out.count("| [2, ") == len(rows) and "3x3 convs per forward: direct" in out
+
+
+def test_reads_script_counts_what_the_statistics_kernel_spares(monkeypatch):
+    """benchmarks/reads.py: the full-size 64x64 U-Net on the meta device; each setting reads
+    strictly less than the one before (the fractions are what NOTES.md quotes), and everything
+    it switches or stubs is back afterwards."""
+    import torch.nn.functional as F
+
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import reads
+
+    from adm_cli import fused, layers
+
+    def state():
+        return fused._launch, fused.skip_add_runs, F.conv2d, F.conv_transpose2d, layers.SHARED_STATS, layers.SKIP_STATS
+
+    before = state()
+    row = reads.main(["--models", "64x64_diffusion"])["64x64_diffusion"]
+    assert state() == before
+    none, shared, both = row.values()
+    assert none > shared > both > 0.5 * none
+    # (the 64x64 U-Net's skips: 15.0% of the reads, skip_add's outputs 16.7% more)
+    assert 0.10 < 1 - shared / none < 0.20 and 0.25 < 1 - both / none < 0.40

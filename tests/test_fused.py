@@ -345,6 +345,37 @@ def test_skip_add_matches_float64(c1, c2, co, dtype):
         <= 1e-12
 
 
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_skip_add_gives_its_outputs_statistics_to_the_next_norm(dtype, monkeypatch):
+    """Inside ``shared_statistics`` skip_add's epilogue takes its output's statistics per row
+    tile, where the tile divides the pixels per sample: the next norm over that output reads
+    nothing and matches the float64 norm of the stored output (several tiles per sample, 96
+    channels: two channel tiles, the second partly masked). Where the tile does not divide them
+    (7x9 pixels) the norm takes the statistics itself."""
+    dev = _kernel_device()
+    g = torch.Generator().manual_seed(9)
+    c1, c2, co = 48, 32, 96
+    conv = torch.nn.Conv2d(c1 + c2, co, 1).to(memory_format=torch.channels_last).to(dtype)
+    gamma, beta = (1 + 0.2 * torch.randn(co, generator=g)).to(dev), (0.1 * torch.randn(co, generator=g)).to(dev)
+    reads = _stats_reads(monkeypatch)
+    for hw, kept in (((16, 24), True), ((7, 9), False)):
+        mk = lambda c: nhwc(torch.randn(2, c, *hw, generator=g) * 0.5 + 1.0).to(dev, dtype)  # noqa: E731
+        x, x2, h = mk(c1), mk(c2), mk(co)
+        bias = torch.randn(co, generator=g).to(dev)
+        reads.clear()
+        with torch.no_grad(), fused.shared_statistics():
+            y = fused.skip_add(h, x, x2, fused.skip_weight(conv).to(dev), bias)
+            got = fused.group_norm_act(y, gamma, beta)
+        assert reads == ([] if kept else [y.numel()])
+        want = fused.reference_group_norm_act(y, gamma, beta)
+        assert rel_norm(want, got.double()) <= BOUNDS[dtype]
+        with torch.no_grad():  # outside the scope, no statistics kept: the same y, the same norm
+            y2 = fused.skip_add(h, x, x2, fused.skip_weight(conv).to(dev), bias)
+            assert torch.equal(y, y2) and getattr(y2, fused._KEPT, None) is None
+            assert rel_norm(want, fused.group_norm_act(y2, gamma, beta).double()) <= BOUNDS[dtype]
+
+
 @pytest.mark.parametrize("size", [(5, 7), (1, 1), (4, 4)])
 def test_conv_up_is_the_conv_of_the_upsampled_input(size):
     """A 3x3 conv of the nearest 2x upsample equals the stride-2 transposed conv with the folded
@@ -417,8 +448,8 @@ def test_fused_unet_matches_exact(family, dtype, bound, monkeypatch):
     assert "fused GroupNorm" in fast.describe(ours)
     assert ours.input_blocks[1][0].in_layers[0].weight.dtype == torch.float32  # read by the kernel
     split, ups, cublas = [], [], []
-    monkeypatch.setattr(fused, "skip_add", lambda h, x, x2, *a, _f=fused.skip_add: split.append(x2 is not None)
-                        or _f(h, x, x2, *a))
+    monkeypatch.setattr(fused, "skip_add", lambda h, x, x2, *a, _f=fused.skip_add, **k: split.append(x2 is not None)
+                        or _f(h, x, x2, *a, **k))
     monkeypatch.setattr(fused, "conv1x1_cat", lambda *a, _f=fused.conv1x1_cat: cublas.append(1) or _f(*a))
     monkeypatch.setattr(fused, "conv_up", lambda *a, _f=fused.conv_up: ups.append(1) or _f(*a))
     x, t, kw = inputs(cfg)
@@ -438,10 +469,11 @@ def test_fused_unet_matches_exact(family, dtype, bound, monkeypatch):
 
 @needs_kernels
 @pytest.mark.parametrize("family", ["new-order", "upsampler"])
-def test_fused_unet_reads_each_skip_once(family, monkeypatch):
+def test_fused_unet_shares_statistics(family, monkeypatch):
     """With ``layers.SHARED_STATS`` the statistics kernel reads every skip connection once per
-    forward (for the encoder's next norm) instead of twice: the decoder's norms over cat([h,
-    skip], 1) read h only. Same output within float32 rounding."""
+    forward (for the encoder's next norm) instead of twice, the decoder's norms over cat([h,
+    skip], 1) reading h only; and (``layers.SKIP_STATS``) not at all the outputs of skip_add,
+    whose statistics come out of its epilogue. Same output within float32 rounding."""
     from adm_cli import layers
 
     cfg = TINY[family]
@@ -453,18 +485,31 @@ def test_fused_unet_reads_each_skip_once(family, monkeypatch):
         block.register_forward_hook(lambda m, args, out: skips.append(out.numel()))
     first = ours.input_blocks[0][0]
     conv_in = x.shape[0] * first.out_channels * x.shape[2] * x.shape[3]  # the input conv's output
+    epilogue = []  # skip_add outputs that came with their statistics
+
+    def skip_add(*a, _f=fused.skip_add, **k):
+        y = _f(*a, **k)
+        if getattr(y, fused._KEPT, None) is not None:
+            epilogue.append(y.numel())
+        return y
+
+    monkeypatch.setattr(fused, "skip_add", skip_add)
     reads = _stats_reads(monkeypatch)
     outs = {}
-    for shared in (False, True):
-        monkeypatch.setattr(layers, "SHARED_STATS", shared)
+    for setting in ((False, False), (True, False), (True, True)):
+        monkeypatch.setattr(layers, "SHARED_STATS", setting[0])
+        monkeypatch.setattr(layers, "SKIP_STATS", setting[1])
         reads.clear()
+        skips.clear()
         with torch.no_grad():
-            outs[shared] = ours(x, t, **kw).cpu()
-        outs[shared, "reads"] = sum(reads)
-    assert len(skips) == 2 * (len(ours.input_blocks) - 1)  # (two forwards)
-    saved = sum(skips) // 2 + conv_in
-    assert outs[True, "reads"] == outs[False, "reads"] - saved and saved > 0.1 * outs[False, "reads"]
-    assert rel_norm(outs[False], outs[True]) <= 1e-6
+            outs[setting] = ours(x, t, **kw).cpu()
+        outs[(*setting, "reads")] = sum(reads)
+    assert len(skips) == len(ours.input_blocks) - 1
+    none, shared, both = outs[False, False, "reads"], outs[True, False, "reads"], outs[True, True, "reads"]
+    assert shared == none - sum(skips) - conv_in and sum(skips) + conv_in > 0.1 * none
+    assert epilogue and both == shared - sum(epilogue)  # (each such output is read by one norm)
+    assert rel_norm(outs[False, False], outs[True, False]) <= 1e-6
+    assert rel_norm(outs[False, False], outs[True, True]) <= 1e-6
 
 
 @needs_kernels
@@ -486,12 +531,12 @@ def test_fused_unet_with_a_part_switched_back(switch, monkeypatch):
         monkeypatch.setattr(fused, "_statistics_of", lambda *a: pytest.fail("kept statistics were used"))
     else:
         name, what = banned[switch]
-        monkeypatch.setattr(fused, name, lambda *a: pytest.fail(f"{what} ran"))
+        monkeypatch.setattr(fused, name, lambda *a, **k: pytest.fail(f"{what} ran"))
     if switch == "PAD_IO":
         monkeypatch.setattr(fused, "conv_out", lambda *a: pytest.fail("the padded output conv ran"))
     if switch == "FUSED_CONCAT":  # the skip GEMM then reads the concatenation (x2 None)
-        monkeypatch.setattr(fused, "skip_add", lambda h, x, x2, *a, _f=fused.skip_add:
-                            _f(h, x, x2, *a) if x2 is None else pytest.fail("the skip GEMM read x2"))
+        monkeypatch.setattr(fused, "skip_add", lambda h, x, x2, *a, _f=fused.skip_add, **k:
+                            _f(h, x, x2, *a, **k) if x2 is None else pytest.fail("the skip GEMM read x2"))
     x, t, kw = inputs(cfg)
     with torch.no_grad():
         want = ref(x, t, **kw)
@@ -602,11 +647,11 @@ for act, rs in itertools.product((True, False), (0, 1, 2)):
     comp(k.residual_add, dict(X=dt, R=dt, BIAS=dt, Y=dt, HW_OUT=i, HW_R=i, W_R=i, W_OUT=i, C=i),
          dict(HAS_BIAS=act, RESAMPLE=rs, BLOCK_R=32, BLOCK_C=128))
 for ptr, f32 in (("*fp16", False), ("*bf16", False), ("*fp32", True)):
-    for two in (True, False):
+    for two, st in itertools.product((True, False), repeat=2):
         triton.compile(ASTSource(fn=k.skip_add, signature=dict(X=ptr, X2=ptr, WT=ptr, H=ptr, BIAS=ptr, Y=ptr,
-                                 M=i, C1=i, C2=i, CO=i, TWO="constexpr", F32="constexpr", BLOCK_M="constexpr",
-                                 BLOCK_N="constexpr", BLOCK_K="constexpr"),
-                                 constexprs=dict(TWO=two, F32=f32, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64)),
+                                 PART=f, M=i, C1=i, C2=i, CO=i, TWO="constexpr", F32="constexpr", STATS="constexpr",
+                                 BLOCK_M="constexpr", BLOCK_N="constexpr", BLOCK_K="constexpr"),
+                                 constexprs=dict(TWO=two, F32=f32, STATS=st, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64)),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
 print("compiled")
 '''

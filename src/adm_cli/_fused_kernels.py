@@ -385,12 +385,15 @@ def _gemm_part(acc, X, K, K0, WT, CO, rm, rn, mmask, nmask, BLOCK_K: tl.constexp
 
 
 @triton.jit
-def skip_add(X, X2, WT, H, BIAS, Y, M, C1, C2, CO, TWO: tl.constexpr, F32: tl.constexpr,
+def skip_add(X, X2, WT, H, BIAS, Y, PART, M, C1, C2, CO, TWO: tl.constexpr, F32: tl.constexpr, STATS: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # y = h + bias + W [x; x2]: a residual block's closing add with its 1x1 skip conv, over the
     # channels_last pixel rows ([M, C] matrices), with the decoder's cat(x, x2) read in place.
     # One program per (row tile, output-channel tile), the channel tiles of a row tile adjacent in
-    # launch order, so the second one finds its rows of x in L2.
+    # launch order, so the second one finds its rows of x in L2. STATS: also each row tile's
+    # per-channel mean and M2 of y as stored (rounded), PART [2, M / BLOCK_M, CO], the blocks of
+    # the next norm's statistics (each tile inside one sample: the host checks that BLOCK_M divides
+    # the pixels per sample), so that norm never reads y for them.
     pid = tl.program_id(0)
     tiles_n = tl.cdiv(CO, BLOCK_N)
     rm = ((pid // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -405,4 +408,12 @@ def skip_add(X, X2, WT, H, BIAS, Y, M, C1, C2, CO, TWO: tl.constexpr, F32: tl.co
     mask = mmask[:, None] & nmask[None, :]
     acc += tl.load(H + off, mask=mask, other=0.0).to(tl.float32)
     acc += tl.load(BIAS + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + off, acc.to(Y.dtype.element_ty), mask=mask)
+    y = acc.to(Y.dtype.element_ty)
+    tl.store(Y + off, y, mask=mask)
+    if STATS:
+        yf = y.to(tl.float32)
+        mean = tl.sum(yf, axis=0) / BLOCK_M
+        d = yf - mean[None, :]
+        out = (pid // tiles_n) * CO + rn
+        tl.store(PART + out, mean, mask=nmask)
+        tl.store(PART + (M // BLOCK_M) * CO + out, tl.sum(d * d, axis=0), mask=nmask)

@@ -452,7 +452,7 @@ def _gemm_stages(device_index: int | None) -> int:
 
 
 def skip_add(h: torch.Tensor, x: torch.Tensor, x2: torch.Tensor | None, weight_t: torch.Tensor,
-             bias: torch.Tensor) -> torch.Tensor:
+             bias: torch.Tensor, stats: bool = True) -> torch.Tensor:
     """h + bias + W [x; x2] in one Triton GEMM over the channels_last pixels (no gradient).
 
     The closing add of a residual block whose 1x1 skip conv changes the channel count: W is that
@@ -462,6 +462,12 @@ def skip_add(h: torch.Tensor, x: torch.Tensor, x2: torch.Tensor | None, weight_t
     rounded once. Against ``conv1x1_cat`` + ``add_bias`` it saves the GEMMs' intermediate (a
     write and two reads of a tensor the block's output size) and one launch; at 256x256 those
     ran 4.6 ms (GEMMs) + most of 4.8 ms (residual adds) of a 73.5 ms DDIM step on an H100.
+
+    ``stats``: inside ``shared_statistics``, also take y's statistics in the epilogue (per row
+    tile of the float32 result, where the tile divides the pixels per sample) and keep them on
+    y for the norm that reads it next, which then reads nothing: the block outputs of the
+    decoder, 18.5% of what the statistics kernel reads in a 256x256 forward
+    (``benchmarks/reads.py``), for two column reductions per tile and ~3% more bytes written.
     """
     h, x = _nhwc(h), _nhwc(x)
     n, co, hh, ww = h.shape
@@ -483,10 +489,18 @@ def skip_add(h: torch.Tensor, x: torch.Tensor, x2: torch.Tensor | None, weight_t
     block_n = min(_GEMM_N, max(16, triton_next_pow2(co)))
     block_k = min(_GEMM_K, max(16, triton_next_pow2(min(c1, c2) if c2 else c1)))
     grid = (-(-m // _GEMM_M) * -(-co // block_n),)
-    _launch("skip_add", grid, x, x2 if x2 is not None else x, weight_t, h, bias, y, m, c1, c2, co,
-            TWO=x2 is not None, F32=h.dtype == torch.float32 or (interpreted() and h.dtype == torch.bfloat16),
+    # Inside shared_statistics y's statistics come out of the epilogue, for the norm that reads y next.
+    token = getattr(_SCOPE, "token", None) if stats and (hh * ww) % _GEMM_M == 0 else None
+    part = None
+    if token is not None:
+        part = torch.empty((2, n, hh * ww // _GEMM_M, co), dtype=torch.float32, device=h.device)
+    _launch("skip_add", grid, x, x2 if x2 is not None else x, weight_t, h, bias, y, part if part is not None else y,
+            m, c1, c2, co, TWO=x2 is not None,
+            F32=h.dtype == torch.float32 or (interpreted() and h.dtype == torch.bfloat16), STATS=part is not None,
             BLOCK_M=_GEMM_M, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=_GEMM_WARPS,
             num_stages=_gemm_stages(h.device.index if h.is_cuda else None))
+    if part is not None:
+        setattr(y, _KEPT, (token, (part, _GEMM_M, part.shape[2])))
     return y
 
 

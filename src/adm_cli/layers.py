@@ -57,10 +57,12 @@ FUSED_CONCAT = True
 # channels and a separate bias pass.
 # SHARED_STATS: the decoder's first norms reuse the statistics of their skip connection that the
 # encoder's norms took (``fused.shared_statistics``) rather than reading the skip again.
+# SKIP_STATS: there, ``fused.skip_add`` also hands its output's statistics to the next norm.
 FUSED_SKIP = True
 UP_CONV = "transposed"
 PAD_IO = True
 SHARED_STATS = True
+SKIP_STATS = True
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -205,7 +207,7 @@ class ResBlock(nn.Module):
                     t is not None and t.requires_grad for t in (x, skip, h))):  # (the GEMM has no backward)
                 w_t = derived(self.skip_connection, "weight_t", (self.skip_connection.weight,),
                               lambda: fused.skip_weight(self.skip_connection))
-                return fused.skip_add(h, x, skip, w_t, self._closing_bias(h))
+                return fused.skip_add(h, x, skip, w_t, self._closing_bias(h), stats=SKIP_STATS)
             if skip is None:
                 x = fused.conv_nobias(self.skip_connection, x)
             else:
