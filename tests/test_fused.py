@@ -587,9 +587,9 @@ def test_gpu_group_norm_act_large(dtype):
 
 @pytest.mark.gpu
 def test_gpu_skip_add_and_conv_up_large():
-    """The 256x256 model's level-0 decoder skip GEMM (256 + 256 -> 256 channels) and an up block's
-    transposed conv (512 channels, 64 -> 128) at batch 2 in float16, against float32 math on the
-    same rounded inputs."""
+    """The 256x256 model's level-0 decoder skip GEMM (256 + 256 -> 256 channels, with and without
+    its statistics epilogue) and an up block's transposed conv (512 channels, 64 -> 128) at
+    batch 2 in float16, against float32 math on the same rounded inputs."""
     g = torch.Generator().manual_seed(10)
     mk = lambda c, s: nhwc(torch.randn(2, c, s, s, generator=g)).cuda().half()  # noqa: E731
     x, x2, h = mk(256, 256), mk(256, 256), mk(256, 256)
@@ -598,6 +598,20 @@ def test_gpu_skip_add_and_conv_up_large():
     got = fused.skip_add(h, x, x2, fused.skip_weight(conv), bias)
     want = h.float() + bias.float()[:, None, None] + F.conv2d(torch.cat([x, x2], 1).float(), conv.weight.float())
     assert rel_norm(want, got.float()) <= 1e-3
+    # the same GEMM with its statistics epilogue, and the next norm over the decoder's cat of its
+    # output and a skip whose statistics an earlier norm kept: no statistics kernel over either
+    gamma, beta = torch.ones(512, device="cuda"), torch.zeros(512, device="cuda")
+    with torch.no_grad(), fused.shared_statistics():
+        fused.group_norm_act(x2, gamma[256:], beta[256:])
+        y = fused.skip_add(h, x, x2, fused.skip_weight(conv), bias)
+        launched = []
+        real, fused._launch = fused._launch, lambda name, *a, **k: launched.append(name) or real(name, *a, **k)
+        try:
+            z = fused.group_norm_act(y, gamma, beta, x2=x2)
+        finally:
+            fused._launch = real
+    assert torch.equal(y, got) and launched == ["finalize", "apply"]
+    assert rel_norm(fused.reference_group_norm_act(y, gamma, beta, x2=x2), z.double()) <= 1.5e-3
     up = torch.nn.Conv2d(512, 512, 3, padding=1, bias=False).cuda().half().to(memory_format=torch.channels_last)
     a = mk(512, 64)
     want = F.conv2d(F.interpolate(a.float(), scale_factor=2, mode="nearest"), up.weight.float(), padding=1)

@@ -27,7 +27,9 @@ Those skip tensors were read once already: each is the input of the encoder's ne
 ``shared_statistics`` (the fused U-Net forward) a norm keeps its input's per-block statistics on
 the tensor, and the decoder's norm takes the skip's from there and reads only h, its final
 per-group combination drawing on both inputs' blocks (``finalize`` with SPLIT): the skip halves
-are ~18% of what the statistics kernel reads in a 256x256 forward.
+are 17.6% of what the statistics kernel reads in a 256x256 forward. There, too, ``skip_add``
+takes its output's statistics in its epilogue for the norm that reads it next (18.5% more;
+``benchmarks/reads.py`` counts both at full size).
 
 Where the skip conv changes the channel count, its GEMM does the closing add as well
 (``skip_add``: y = h + bias + W [x; skip] in one Triton GEMM, accumulated in float32, rounded
@@ -209,9 +211,10 @@ def _statistics(x: torch.Tensor, x2: torch.Tensor | None = None,
 
 # Statistics kept for a second reader. In the U-Net every decoder block's first norm reads
 # cat([h, skip], 1), and its skip was read once already, by the norm of the encoder block after
-# the one that made it; the decoder's skip halves are ~18% of the bytes that the statistics
+# the one that made it; the decoder's skip halves are 17.6% of the bytes that the statistics
 # kernel reads in a 256x256 forward. Inside ``shared_statistics`` a norm without an input bias
-# keeps its input's PART on the tensor (a few MB at most, freed with it) and a later norm over
+# keeps its input's PART on the tensor (freed with it: ~1-2 MB, up to 17 MB for a 256x256 output
+# of ``skip_add`` at batch 16, whose blocks are its 128-row tiles) and a later norm over
 # the same tensor reuses it. Only inside: there no tensor is written in place between its two
 # readers (every op of the fused forward writes a fresh output), which outside nobody promises.
 _SCOPE = threading.local()
