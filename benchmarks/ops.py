@@ -14,6 +14,9 @@ form's (relative to its largest value). The forms (``layers``' switches):
   "skip_add +stats": the shipped tiles, taking the output's statistics in the epilogue (as inside
   the U-Net's ``shared_statistics``, where the tile divides the pixels per sample), and "(stats
   pass over y)" the statistics kernel over the output, which that spares the next norm.
+- add: a block's closing residual add (no skip conv; the down and up blocks' skip resampled on
+  the fly). "add": ``fused.add_bias``; "add +stats": the same taking its output's statistics
+  (inside ``shared_statistics``); "(stats pass over y)": the statistics kernel that spares.
 - up: the norm + SiLU of a BigGAN up block and its first conv. "plain": the norm written
   upsampled, then the 3x3 conv; "transposed": the norm at the low resolution, then the stride-2
   transposed conv (``fused.conv_up``); "folded": a 2x2 conv to 4x the channels at the low
@@ -140,6 +143,51 @@ def _forms_skip(n, res, cx, cs, co, dtype, device, tiles):
     return forms + [("skip_add +stats", with_stats), ("(stats pass over y)", stats_pass)]
 
 
+def add_shapes(cfg) -> dict[tuple, int]:
+    """{(resolution, channels, resample): calls per forward} for the closing residual adds (blocks
+    without a skip conv): same-width blocks, the down blocks (resample "down": the skip read at
+    2x the output's size) and the up blocks ("up")."""
+    levels = _levels(cfg)
+    out: dict[tuple, int] = {}
+
+    def add(key):
+        out[key] = out.get(key, 0) + 1
+
+    ch = levels[0][1]
+    for lvl, (res, width) in enumerate(levels):  # encoder
+        for _ in range(cfg.num_res_blocks):
+            if width == ch:
+                add((res, ch, None))
+            ch = width
+        if lvl != len(levels) - 1 and cfg.resblock_updown:
+            add((res // 2, ch, "down"))
+    add((levels[-1][0], ch, None))  # the middle block's two
+    add((levels[-1][0], ch, None))
+    if cfg.resblock_updown:
+        for res, width in levels[:-1]:  # decoder: each level's up block, into that level
+            add((res, levels[levels.index((res, width)) + 1][1], "up"))
+    return out
+
+
+def _forms_add(n, res, c, resample, dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(3)
+    rres = {None: res, "down": 2 * res, "up": res // 2}[resample]
+    x = _nhwc(torch.randn(n, c, res, res, generator=g).to(device, dtype))
+    r = _nhwc(torch.randn(n, c, rres, rres, generator=g).to(device, dtype))
+    bias = torch.randn(c, generator=g).to(device, dtype)
+    y = fused.add_bias(x, r, bias, resample=resample, stats=False)
+
+    def with_stats():
+        with fused.shared_statistics():
+            return fused.add_bias(x, r, bias, resample=resample)
+
+    def stats_pass():  # the statistics kernel over y, which that spares the next norm (returns y)
+        fused._statistics(y)
+        return y
+    return [("add", lambda: fused.add_bias(x, r, bias, resample=resample, stats=False)),
+            ("add +stats", with_stats), ("(stats pass over y)", stats_pass)]
+
+
 def _forms_up(n, res, c, dtype, device):
     g = torch.Generator(device="cpu").manual_seed(1)
     x = _nhwc(torch.randn(n, c, res, res, generator=g).to(device, dtype))
@@ -177,7 +225,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--tiles", default=DEFAULT_TILES, help="skip_add tiles M:N:K:WARPS:STAGES, comma-separated")
-    p.add_argument("--groups", default="skip,up,in,out")
+    p.add_argument("--groups", default="skip,add,up,in,out")
     p.add_argument("--small", action="store_true", help="a shrunk model and batch (the default without CUDA)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -214,6 +262,10 @@ def main(argv=None) -> int:
         if "skip" in groups:
             for (res, cx, cs, co), count in skip_shapes(cfg).items():
                 run("skip", f"{res}^2 {cx}+{cs}->{co}", count, _forms_skip(n, res, cx, cs, co, dtype, device, tiles))
+        if "add" in groups:
+            for (res, c, resample), count in add_shapes(cfg).items():
+                run("add", f"{res}^2 {c}" + (f" {resample}" if resample else ""), count,
+                    _forms_add(n, res, c, resample, dtype, device))
         if "up" in groups:
             for (res, c), count in up_shapes(cfg).items():
                 run("up", f"{res}^2 -> {2 * res}^2, {c}", count, _forms_up(n, res, c, dtype, device))

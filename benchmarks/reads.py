@@ -6,8 +6,8 @@
 The statistics pass of the fused GroupNorm reads every norm's input once (``fused.stats``); on an
 H100 it took 5.7 of a 68 ms DDIM step at 256x256 (session 10). Two things spare it reads: the
 decoder's norms reuse the skip connections' statistics that the encoder took
-(``layers.SHARED_STATS``), and ``skip_add`` hands its output's statistics to the next norm from
-its epilogue (``layers.SKIP_STATS``). This counts the elements read under each setting by running
+(``layers.SHARED_STATS``), and ``skip_add`` and the closing residual add hand their outputs'
+statistics to the next norm (``layers.SKIP_STATS``, ``RESIDUAL_STATS``). This counts the elements read under each setting by running
 the full-size network on PyTorch's meta device (shapes only, nothing computed or allocated),
 with the fused path switched on as on a GPU and its kernel launches only recorded. Exact for
 the launch decisions the host makes; the time saved is for a GPU to say (``bench.py --set``).
@@ -30,7 +30,8 @@ from adm_cli.config import PRESETS, UNetConfig  # noqa: E402
 from adm_cli.models import build_model  # noqa: E402
 
 MODELS = ("256x256_diffusion", "512x512_diffusion", "64x64_diffusion")
-SETTINGS = {"neither": (False, False), "SHARED_STATS": (True, False), "SHARED_STATS + SKIP_STATS": (True, True)}
+SETTINGS = {"none": (False, False, False), "SHARED_STATS": (True, False, False),
+            "+ SKIP_STATS": (True, True, False), "+ RESIDUAL_STATS": (True, True, True)}
 
 
 def count(model_name: str, batch: int = 1, dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
@@ -50,7 +51,8 @@ def count(model_name: str, batch: int = 1, dtype: torch.dtype = torch.bfloat16) 
     def nhwc(fn):  # (meta convolutions return NCHW; cuDNN's keep channels_last, which the kernels need)
         return lambda *a, **k: fn(*a, **k).contiguous(memory_format=torch.channels_last)
 
-    saved = (fused._launch, fused.skip_add_runs, F.conv2d, F.conv_transpose2d, layers.SHARED_STATS, layers.SKIP_STATS)
+    saved = (fused._launch, fused.skip_add_runs, F.conv2d, F.conv_transpose2d, layers.SHARED_STATS, layers.SKIP_STATS,
+             layers.RESIDUAL_STATS)
     fused._launch, fused.skip_add_runs = launch, lambda h: True  # (half precision on a GPU)
     F.conv2d, F.conv_transpose2d = nhwc(F.conv2d), nhwc(F.conv_transpose2d)
     r = cfg.image_size
@@ -61,15 +63,15 @@ def count(model_name: str, batch: int = 1, dtype: torch.dtype = torch.bfloat16) 
         kw["low_res"] = torch.empty(batch, cfg.in_channels, r // 4, r // 4, device="meta")
     out = {}
     try:
-        for label, (shared, skip) in SETTINGS.items():
-            layers.SHARED_STATS, layers.SKIP_STATS = shared, skip
+        for label, setting in SETTINGS.items():
+            layers.SHARED_STATS, layers.SKIP_STATS, layers.RESIDUAL_STATS = setting
             reads[0] = 0
             with torch.no_grad():
                 model(x, t, **kw)
             out[label] = reads[0]
     finally:
         (fused._launch, fused.skip_add_runs, F.conv2d, F.conv_transpose2d, layers.SHARED_STATS,
-         layers.SKIP_STATS) = saved
+         layers.SKIP_STATS, layers.RESIDUAL_STATS) = saved
     return out
 
 
@@ -86,8 +88,8 @@ def main(argv=None) -> dict[str, dict[str, int]]:
     print(f"| model | batch | {' | '.join(SETTINGS)} |\n|---|---|" + "---|" * len(SETTINGS))
     for name in names:
         rows[name] = row = count(name, args.batch)
-        base = row["neither"]
-        cells = [f"{v / 1e6:.1f}M ({1 - v / base:.1%} fewer)" if k != "neither" else f"{v / 1e6:.1f}M"
+        base = row["none"]
+        cells = [f"{v / 1e6:.1f}M ({1 - v / base:.1%} fewer)" if k != "none" else f"{v / 1e6:.1f}M"
                  for k, v in row.items()]
         print(f"| {name} | {args.batch} | {' | '.join(cells)} |", flush=True)
     return rows

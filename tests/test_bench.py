@@ -107,12 +107,19 @@ def test_host_step_script_runs_the_fused_path_everywhere_and_restores_what_it_st
         return (fused._launch, F.conv2d, F.linear, F.scaled_dot_product_attention, torch.Tensor.addmm_,
                 torch.Tensor.__matmul__, F.conv_transpose2d)
 
+    from adm_cli import layers
+
     real = stubbed()
+    shared = host.main(["--step", "ddpm-64-guided", "--batch", "2", "--steps", "2", "--repeats", "1"])
+    monkeypatch.setattr(layers, "SHARED_STATS", False)  # (every norm then launches its statistics kernel)
     row = host.main(["--step", "ddpm-64-guided", "--batch", "2", "--steps", "2", "--repeats", "1"])
     assert stubbed() == real
     # Each norm: stats, finalize, apply; the classifier's again backward; each residual block: one add.
     want = 3 * row["norms"] + 3 * row["classifier norms"] + row["residual blocks"]
     assert row["launch calls per step"] == want
+    # with the statistics shared, fewer statistics launches, fewer elements read
+    assert shared["launch calls per step"] < want
+    assert shared["statistics elements read per step"] < row["statistics elements read per step"]
     assert row["conv calls per step"] > 100 and row["attention calls per step"] > 0
     assert row["statistics elements read per step"] > 0
     assert 0 < row["host ms per step"] < 10_000
@@ -154,7 +161,8 @@ def test_single_op_script_runs_every_form_and_restores_the_tiles(monkeypatch, tm
     rows = json.loads(out.read_text())["rows"]
     forms = {(r["group"], r["form"]) for r in rows}
     assert forms == {("skip", "gemms+add"), ("skip", "skip_add 128:128:64:4:3"), ("skip", "skip_add 64:32:16:4:2"),
-                     ("skip", "skip_add +stats"), ("skip", "(stats pass over y)"), ("up", "plain"), ("up", "transposed"), ("up", "folded"), ("in", "cuDNN + bias"),
+                     ("skip", "skip_add +stats"), ("skip", "(stats pass over y)"), ("add", "add"),
+                     ("add", "add +stats"), ("add", "(stats pass over y)"), ("up", "plain"), ("up", "transposed"), ("up", "folded"), ("in", "cuDNN + bias"),
                      ("in", "conv_in"), ("out", "cuDNN + bias"), ("out", "conv_out")}
     assert all(r["ms"] > 0 and r["diff"] <= 1e-5 for r in rows)
     assert {r["shape"] for r in rows if r["group"] == "skip"} >= {"4^2 32+0->64", "8^2 32+32->32"}
@@ -189,12 +197,14 @@ def test_reads_script_counts_what_the_statistics_kernel_spares(monkeypatch):
     from adm_cli import fused, layers
 
     def state():
-        return fused._launch, fused.skip_add_runs, F.conv2d, F.conv_transpose2d, layers.SHARED_STATS, layers.SKIP_STATS
+        return (fused._launch, fused.skip_add_runs, F.conv2d, F.conv_transpose2d, layers.SHARED_STATS,
+                layers.SKIP_STATS, layers.RESIDUAL_STATS)
 
     before = state()
     row = reads.main(["--models", "64x64_diffusion"])["64x64_diffusion"]
     assert state() == before
-    none, shared, both = row.values()
-    assert none > shared > both > 0.5 * none
-    # (the 64x64 U-Net's skips: 15.0% of the reads, skip_add's outputs 16.7% more)
-    assert 0.10 < 1 - shared / none < 0.20 and 0.25 < 1 - both / none < 0.40
+    none, shared, skip, residual = row.values()
+    assert none > shared > skip > residual > 0.3 * none
+    # (the 64x64 U-Net's skips: 15.0% of the reads, skip_add's outputs 16.7% more, the residual
+    # adds' 18.0% more)
+    assert 0.10 < 1 - shared / none < 0.20 and 0.25 < 1 - skip / none < 0.40 and 0.4 < 1 - residual / none < 0.6

@@ -376,6 +376,37 @@ def test_skip_add_gives_its_outputs_statistics_to_the_next_norm(dtype, monkeypat
             assert rel_norm(want, fused.group_norm_act(y2, gamma, beta).double()) <= BOUNDS[dtype]
 
 
+@needs_kernels
+@pytest.mark.parametrize("c,hw,resample,dtype", [(96, (20, 12), None, torch.float32), (64, (6, 5), "up", torch.float32),
+                                                 (256, (8, 20), "down", torch.bfloat16), (64, (10, 12), None, torch.float16)])
+def test_residual_add_gives_its_outputs_statistics_to_the_next_norm(c, hw, resample, dtype, monkeypatch):
+    """Inside ``shared_statistics`` the closing residual add also takes its output's statistics
+    (blocks of 128 rows, the last one short or the only one; resampled skips; a mean 20 standard
+    deviations off zero, for the shifted sums): the same y as outside, and the next norm over it
+    reads nothing and matches the float64 norm of the stored y."""
+    dev = _kernel_device()
+    g = torch.Generator().manual_seed(12)
+    rhw = {None: hw, "up": (hw[0] // 2, hw[1] // 2), "down": (2 * hw[0], 2 * hw[1])}[resample] if resample != "up" \
+        else hw
+    r = nhwc(torch.randn(2, c, *rhw, generator=g) + 10.0).to(dev, dtype)
+    ohw = {None: rhw, "up": (2 * rhw[0], 2 * rhw[1]), "down": (rhw[0] // 2, rhw[1] // 2)}[resample]
+    x = nhwc(torch.randn(2, c, *ohw, generator=g) * 0.5 + 10.0).to(dev, dtype)
+    bias = torch.randn(c, generator=g).to(dev)
+    gamma, beta = (1 + 0.2 * torch.randn(c, generator=g)).to(dev), (0.1 * torch.randn(c, generator=g)).to(dev)
+    reads = _stats_reads(monkeypatch)
+    with torch.no_grad():
+        plain = fused.add_bias(x, r, bias, resample=resample)
+        with fused.shared_statistics():
+            y = fused.add_bias(x, r, bias, resample=resample)
+            reads.clear()
+            got = fused.group_norm_act(y, gamma, beta)
+            assert reads == []
+            off = fused.add_bias(x, r, bias, resample=resample, stats=False)
+            assert getattr(off, fused._KEPT, None) is None
+    assert torch.equal(y, plain) and torch.equal(off, plain)
+    assert rel_norm(fused.reference_group_norm_act(y, gamma, beta), got.double()) <= BOUNDS[dtype]
+
+
 @pytest.mark.parametrize("size", [(5, 7), (1, 1), (4, 4)])
 def test_conv_up_is_the_conv_of_the_upsampled_input(size):
     """A 3x3 conv of the nearest 2x upsample equals the stride-2 transposed conv with the folded
@@ -472,8 +503,9 @@ def test_fused_unet_matches_exact(family, dtype, bound, monkeypatch):
 def test_fused_unet_shares_statistics(family, monkeypatch):
     """With ``layers.SHARED_STATS`` the statistics kernel reads every skip connection once per
     forward (for the encoder's next norm) instead of twice, the decoder's norms over cat([h,
-    skip], 1) reading h only; and (``layers.SKIP_STATS``) not at all the outputs of skip_add,
-    whose statistics come out of its epilogue. Same output within float32 rounding."""
+    skip], 1) reading h only; and (``layers.SKIP_STATS``, ``RESIDUAL_STATS``) not at all the
+    outputs of skip_add and of the closing residual adds, whose statistics come out of those
+    ops. Same output within float32 rounding."""
     from adm_cli import layers
 
     cfg = TINY[family]
@@ -485,31 +517,41 @@ def test_fused_unet_shares_statistics(family, monkeypatch):
         block.register_forward_hook(lambda m, args, out: skips.append(out.numel()))
     first = ours.input_blocks[0][0]
     conv_in = x.shape[0] * first.out_channels * x.shape[2] * x.shape[3]  # the input conv's output
-    epilogue = []  # skip_add outputs that came with their statistics
+    epilogue = {"skip_add": [], "add_bias": []}  # outputs that came with their statistics
 
-    def skip_add(*a, _f=fused.skip_add, **k):
-        y = _f(*a, **k)
-        if getattr(y, fused._KEPT, None) is not None:
-            epilogue.append(y.numel())
-        return y
+    def recorded(name, _f):
+        def op(*a, **k):
+            y = _f(*a, **k)
+            if getattr(y, fused._KEPT, None) is not None:
+                epilogue[name].append(y.numel())
+            return y
+        return op
 
-    monkeypatch.setattr(fused, "skip_add", skip_add)
+    for name in epilogue:
+        monkeypatch.setattr(fused, name, recorded(name, getattr(fused, name)))
     reads = _stats_reads(monkeypatch)
     outs = {}
-    for setting in ((False, False), (True, False), (True, True)):
-        monkeypatch.setattr(layers, "SHARED_STATS", setting[0])
-        monkeypatch.setattr(layers, "SKIP_STATS", setting[1])
-        reads.clear()
-        skips.clear()
+    settings = ((False, False, False), (True, False, False), (True, True, False), (True, True, True))
+    for setting in settings:
+        for switch, on in zip(("SHARED_STATS", "SKIP_STATS", "RESIDUAL_STATS"), setting):
+            monkeypatch.setattr(layers, switch, on)
+        for kept in (reads, skips, *epilogue.values()):
+            kept.clear()
         with torch.no_grad():
             outs[setting] = ours(x, t, **kw).cpu()
-        outs[(*setting, "reads")] = sum(reads)
+        outs[setting, "reads"] = sum(reads)
+        outs[setting, "kept"] = {name: sum(v) for name, v in epilogue.items()}
     assert len(skips) == len(ours.input_blocks) - 1
-    none, shared, both = outs[False, False, "reads"], outs[True, False, "reads"], outs[True, True, "reads"]
+    none, shared, skip, residual = (outs[s, "reads"] for s in settings)
     assert shared == none - sum(skips) - conv_in and sum(skips) + conv_in > 0.1 * none
-    assert epilogue and both == shared - sum(epilogue)  # (each such output is read by one norm)
-    assert rel_norm(outs[False, False], outs[True, False]) <= 1e-6
-    assert rel_norm(outs[False, False], outs[True, True]) <= 1e-6
+    # each output that came with its statistics is read by one norm, which now reads nothing
+    assert outs[settings[1], "kept"] == {"skip_add": 0, "add_bias": 0}
+    kept_skip, kept_add = outs[settings[3], "kept"].values()
+    assert outs[settings[2], "kept"] == {"skip_add": kept_skip, "add_bias": 0}
+    assert kept_skip and skip == shared - kept_skip
+    assert kept_add and residual == skip - kept_add
+    for s in settings[1:]:
+        assert rel_norm(outs[settings[0]], outs[s]) <= 1e-6, s
 
 
 @needs_kernels
@@ -579,10 +621,30 @@ def test_fused_needs_channels_last():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_group_norm_act_large(dtype):
     """Real sizes on a GPU: the 512x512 model's first level (128 channels, 4 per group) and a
-    768-channel level of the 64x64 model (24 per group, padded to 1,024 lanes)."""
+    768-channel level of the 64x64 model (24 per group, padded to 1,024 lanes); the residual
+    add's statistics at the 256x256 model's first level."""
     for shape in ((4, 128, 256, 256), (16, 768, 8, 8)):
         fwd, bwd = _run_case("cuda", *shape, dtype, "c", True, True, 0.5, "down")
         assert fwd <= BOUNDS[dtype] and bwd <= 2 * BOUNDS[dtype], (shape, fwd, bwd)
+    # the closing residual add with its statistics loop at the 256x256 model's level 0 (and an
+    # up block into it), then the norm over its output, which reads nothing more
+    g = torch.Generator().manual_seed(13)
+    gamma, beta = torch.ones(256, device="cuda"), torch.zeros(256, device="cuda")
+    for rsize, resample in ((256, None), (128, "up")):
+        x = nhwc(torch.randn(2, 256, 256, 256, generator=g) + 3.0).cuda().to(dtype)
+        r = nhwc(torch.randn(2, 256, rsize, rsize, generator=g)).cuda().to(dtype)
+        bias = torch.randn(256, generator=g).cuda()
+        with torch.no_grad(), fused.shared_statistics():
+            y = fused.add_bias(x, r, bias, resample=resample)
+            launched = []
+            real, fused._launch = fused._launch, lambda name, *a, **k: launched.append(name) or real(name, *a, **k)
+            try:
+                z = fused.group_norm_act(y, gamma, beta)
+            finally:
+                fused._launch = real
+        assert launched == ["finalize", "apply"]
+        assert torch.equal(y, fused.add_bias(x, r, bias, resample=resample, stats=False))
+        assert rel_norm(fused.reference_group_norm_act(y, gamma, beta), z.double()) <= BOUNDS[dtype]
 
 
 @pytest.mark.gpu
@@ -658,8 +720,9 @@ for act, rs in itertools.product((True, False), (0, 1, 2)):
          dict(ACT=act, RESAMPLE=rs, BLOCK_R=32, BLOCK_C=128))
     comp(k.bwd_apply, dict(X=dt, DY=dt, AFF=f, M=f, DX=dt, **geo),
          dict(ACT=act, RESAMPLE=rs, BLOCK_R=32, BLOCK_C=128))
-    comp(k.residual_add, dict(X=dt, R=dt, BIAS=dt, Y=dt, HW_OUT=i, HW_R=i, W_R=i, W_OUT=i, C=i),
-         dict(HAS_BIAS=act, RESAMPLE=rs, BLOCK_R=32, BLOCK_C=128))
+    for st in (False, True):
+        comp(k.residual_add, dict(X=dt, R=dt, BIAS=dt, Y=dt, PART=f, HW_OUT=i, HW_R=i, W_R=i, W_OUT=i, C=i, RPP=i),
+             dict(HAS_BIAS=act, RESAMPLE=rs, STATS=st, BLOCK_R=32, BLOCK_C=128))
 for ptr, f32 in (("*fp16", False), ("*bf16", False), ("*fp32", True)):
     for two, st in itertools.product((True, False), repeat=2):
         triton.compile(ASTSource(fn=k.skip_add, signature=dict(X=ptr, X2=ptr, WT=ptr, H=ptr, BIAS=ptr, Y=ptr,

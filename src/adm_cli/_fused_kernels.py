@@ -354,17 +354,56 @@ def bwd_apply(X, DY, AFF, M, DX, HW_IN, HW_OUT, W_IN, W_OUT, C, ACT: tl.constexp
 
 
 @triton.jit
-def residual_add(X, R, BIAS, Y, HW_OUT, HW_R, W_R, W_OUT, C, HAS_BIAS: tl.constexpr, RESAMPLE: tl.constexpr,
-                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    # y = x + resample(r) + bias: a residual block's closing add, its skip resampled on the fly.
-    n = tl.program_id(1).to(tl.int64)
-    rows, cols, cmask, mask = _tile(HW_OUT, C, BLOCK_R, BLOCK_C)
+def _residual_rows(X, R, BIAS, Y, n, rows, cols, cmask, HW_OUT, HW_R, W_R, W_OUT, C, HAS_BIAS: tl.constexpr,
+                   RESAMPLE: tl.constexpr):
+    """y = x + resample(r) + bias at output rows ``rows`` of sample n, stored; returns y as stored
+    (float32) and the mask."""
+    mask = (rows < HW_OUT)[:, None] & cmask[None, :]
     off = n * HW_OUT * C + rows[:, None].to(tl.int64) * C + cols[None, :]
     y = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
     y += _gather(R + n * HW_R * C + cols[None, :], rows, mask, 0.0, 0.0, W_R, W_OUT, C, False, False, RESAMPLE)
     if HAS_BIAS:
         y += tl.load(BIAS + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + off, y.to(Y.dtype.element_ty), mask=mask)
+    y = y.to(Y.dtype.element_ty)
+    tl.store(Y + off, y, mask=mask)
+    return y.to(tl.float32), mask
+
+
+@triton.jit
+def residual_add(X, R, BIAS, Y, PART, HW_OUT, HW_R, W_R, W_OUT, C, RPP, HAS_BIAS: tl.constexpr,
+                 RESAMPLE: tl.constexpr, STATS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # y = x + resample(r) + bias: a residual block's closing add, its skip resampled on the fly.
+    # Program (blk, n). Without STATS: one BLOCK_R-row tile. STATS: rows [blk * RPP, (blk + 1) * RPP)
+    # tile by tile, and y's per-channel mean and M2 over them (as stored, shifted by the first
+    # tile's mean, as in ``stats``) into PART [2, N, NBLK, C]: the next norm's statistics blocks,
+    # so that norm never reads y for them. Per tile, the sums are reduced over its rows at once
+    # (vectors, not tiles, carried across the loop: the plain add's registers, its occupancy).
+    n = tl.program_id(1).to(tl.int64)
+    cols = tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    if STATS:
+        start = tl.program_id(0) * RPP
+        y, mask = _residual_rows(X, R, BIAS, Y, n, start + tl.arange(0, BLOCK_R), cols, cmask, HW_OUT, HW_R, W_R,
+                                 W_OUT, C, HAS_BIAS, RESAMPLE)
+        y = tl.where(mask, y, 0.0)
+        k = tl.sum(y, axis=0) / tl.maximum(tl.sum(mask.to(tl.float32), axis=0), 1.0)
+        d = tl.where(mask, y - k[None, :], 0.0)
+        s1 = tl.sum(d, axis=0)
+        s2 = tl.sum(d * d, axis=0)
+        for r0 in range(BLOCK_R, RPP, BLOCK_R):
+            y, mask = _residual_rows(X, R, BIAS, Y, n, start + r0 + tl.arange(0, BLOCK_R), cols, cmask, HW_OUT,
+                                     HW_R, W_R, W_OUT, C, HAS_BIAS, RESAMPLE)
+            d = tl.where(mask, y - k[None, :], 0.0)
+            s1 += tl.sum(d, axis=0)
+            s2 += tl.sum(d * d, axis=0)
+        cnt = tl.minimum(RPP, HW_OUT - start).to(tl.float32)
+        out = (n * tl.num_programs(0) + tl.program_id(0)) * C + cols
+        tl.store(PART + out, k + s1 / cnt, mask=cmask)
+        tl.store(PART + tl.num_programs(1) * tl.num_programs(0) * C + out, tl.maximum(s2 - s1 * s1 / cnt, 0.0),
+                 mask=cmask)
+    else:
+        _residual_rows(X, R, BIAS, Y, n, tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R), cols, cmask, HW_OUT,
+                       HW_R, W_R, W_OUT, C, HAS_BIAS, RESAMPLE)
 
 
 @triton.jit

@@ -28,8 +28,8 @@ Those skip tensors were read once already: each is the input of the encoder's ne
 the tensor, and the decoder's norm takes the skip's from there and reads only h, its final
 per-group combination drawing on both inputs' blocks (``finalize`` with SPLIT): the skip halves
 are 17.6% of what the statistics kernel reads in a 256x256 forward. There, too, ``skip_add``
-takes its output's statistics in its epilogue for the norm that reads it next (18.5% more;
-``benchmarks/reads.py`` counts both at full size).
+and the closing residual add take their outputs' statistics on the way for the norm that reads
+them next (18.5% and 20.0% more; ``benchmarks/reads.py`` counts them at full size).
 
 Where the skip conv changes the channel count, its GEMM does the closing add as well
 (``skip_add``: y = h + bias + W [x; skip] in one Triton GEMM, accumulated in float32, rounded
@@ -369,20 +369,37 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
     return _NormAct.apply(x, aff, bool(act), resample)
 
 
+# Rows per statistics block that ``residual_add`` takes in its loop inside ``shared_statistics``:
+# its partial results are then ~3% of the bytes it writes (2 x float32 per channel per 128 rows
+# of half-precision y), and ``finalize`` loops over HW / 128 of them.
+_RESIDUAL_STATS_ROWS = 128
+
+
+def _residual_add(x: torch.Tensor, r: torch.Tensor, bias: torch.Tensor | None, resample: str | None,
+                  stats: bool) -> torch.Tensor:
+    x, r = _nhwc(x), _nhwc(r)
+    n, c, ho, wo = x.shape
+    y = torch.empty_like(x, memory_format=torch.channels_last)
+    block_r, block_c = _blocks(c)
+    hr, wr = r.shape[-2:]
+    token = getattr(_SCOPE, "token", None) if stats else None
+    rpp, part = block_r, None
+    if token is not None:
+        rpp = max(block_r, _RESIDUAL_STATS_ROWS)  # (both powers of two: whole tiles)
+        part = torch.empty((2, n, -(-ho * wo // rpp), c), dtype=torch.float32, device=x.device)
+    _launch("residual_add", (-(-ho * wo // rpp), n), x, r, bias if bias is not None else x, y,
+            part if part is not None else y, ho * wo, hr * wr, wr, wo, c, rpp, HAS_BIAS=bias is not None,
+            RESAMPLE=_RESAMPLE[resample], STATS=part is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_WARPS)
+    if part is not None:
+        setattr(y, _KEPT, (token, (part, rpp, part.shape[2])))
+    return y
+
+
 class _AddBias(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, r, bias, resample):
-        x, r = _nhwc(x), _nhwc(r)
-        n, c, ho, wo = x.shape
-        y = torch.empty_like(x, memory_format=torch.channels_last)
-        block_r, block_c = _blocks(c)
-        hr, wr = r.shape[-2:]
-        _launch("residual_add", (-(-ho * wo // block_r), n), x, r, bias if bias is not None else x, y,
-                ho * wo, hr * wr, wr, wo, c, HAS_BIAS=bias is not None, RESAMPLE=_RESAMPLE[resample],
-                BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_WARPS)
-        if ctx is not None:
-            ctx.resample = resample
-        return y
+        ctx.resample = resample
+        return _residual_add(x, r, bias, resample, stats=False)
 
     @staticmethod
     def backward(ctx, g):
@@ -396,15 +413,19 @@ class _AddBias(torch.autograd.Function):
 
 
 def add_bias(x: torch.Tensor, residual: torch.Tensor, bias: torch.Tensor | None,
-             resample: str | None = None) -> torch.Tensor:
+             resample: str | None = None, stats: bool = True) -> torch.Tensor:
     """x + resample(residual) + bias[c] in one pass (the residual block's closing add with the
-    conv bias that ``conv_nobias`` left out). Differentiable in x and residual."""
+    conv bias that ``conv_nobias`` left out). Differentiable in x and residual.
+
+    ``stats``: without gradients and inside ``shared_statistics``, also take the output's
+    statistics (per 128 rows, in the same pass) and keep them on it for the norm that reads it
+    next, which then reads nothing."""
     want = (*residual.shape[:2], *_resampled(*residual.shape[-2:], resample))
     if tuple(x.shape) != want:
         raise ValueError(f"add_bias: shapes differ, {tuple(x.shape)} vs {want} (residual {tuple(residual.shape)}, "
                          f"resample {resample})")
     if not (torch.is_grad_enabled() and (x.requires_grad or residual.requires_grad)):
-        return _AddBias.forward(None, x, residual, bias, resample)
+        return _residual_add(x, residual, bias, resample, stats)
     return _AddBias.apply(x, residual, bias, resample)
 
 

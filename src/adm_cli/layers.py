@@ -57,12 +57,14 @@ FUSED_CONCAT = True
 # channels and a separate bias pass.
 # SHARED_STATS: the decoder's first norms reuse the statistics of their skip connection that the
 # encoder's norms took (``fused.shared_statistics``) rather than reading the skip again.
-# SKIP_STATS: there, ``fused.skip_add`` also hands its output's statistics to the next norm.
+# SKIP_STATS / RESIDUAL_STATS: there, ``fused.skip_add`` / the closing residual add (``add_bias``)
+# also hands its output's statistics to the next norm.
 FUSED_SKIP = True
 UP_CONV = "transposed"
 PAD_IO = True
 SHARED_STATS = True
 SKIP_STATS = True
+RESIDUAL_STATS = True
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -212,7 +214,8 @@ class ResBlock(nn.Module):
                 x = fused.conv_nobias(self.skip_connection, x)
             else:
                 x = fused.conv1x1_cat(self.skip_connection, x, skip)
-        return fused.add_bias(h, x, self._closing_bias(h), resample=self.resample)  # skip resampled on the fly
+        return fused.add_bias(h, x, self._closing_bias(h), resample=self.resample,  # skip resampled on the fly
+                              stats=RESIDUAL_STATS)
 
     def _closing_bias(self, like: torch.Tensor) -> torch.Tensor:
         """The bias of the closing add: the second conv's, plus the 1x1 skip conv's if there is
