@@ -111,6 +111,21 @@ def test_group_norm_act_rejects_other_layouts_by_copying():
     assert rel_norm(want, got.double()) <= 1e-5
 
 
+def _two_inputs(c1, c2, dtype, size, ss, seed):
+    """x, x2 (the decoder's h and skip: means 3 and -1), gamma, beta, scale, shift (or None) and
+    the generator, for a norm over cat([x, x2], 1) at batch 2."""
+    dev = _kernel_device()
+    g = torch.Generator().manual_seed(seed)
+    n, c = 2, c1 + c2
+    x = nhwc((torch.randn(n, c1, *size, generator=g) * 0.5 + 3.0).to(dtype)).to(dev)
+    x2 = nhwc((torch.randn(n, c2, *size, generator=g) * 2.0 - 1.0).to(dtype)).to(dev)
+    gamma, beta = (1 + 0.2 * torch.randn(c, generator=g)).to(dev), (0.1 * torch.randn(c, generator=g)).to(dev)
+    scale = shift = None
+    if ss:
+        scale, shift = (0.3 * torch.randn(n, 2 * c, generator=g)).to(dev).chunk(2, dim=1)
+    return x, x2, gamma, beta, scale, shift, g
+
+
 @needs_kernels
 @pytest.mark.parametrize("c1,c2,dtype,ss", [(64, 32, torch.float32, True), (96, 64, torch.float32, False),
                                              (160, 96, torch.float16, True), (32, 256, torch.bfloat16, True)])
@@ -118,15 +133,8 @@ def test_group_norm_act_over_two_inputs(c1, c2, dtype, ss):
     """The decoder's norm over cat([h, skip], 1) read in place from both tensors: groups and
     channel tiles that straddle the boundary (96 + 64 channels: 5 per group), far-off means,
     several programs per sample; and with gradients it falls back to one concatenated input."""
-    dev = _kernel_device()
-    g = torch.Generator().manual_seed(5)
-    n, h, w, c = 2, 12, 10, c1 + c2
-    x = nhwc((torch.randn(n, c1, h, w, generator=g) * 0.5 + 3.0).to(dtype)).to(dev)
-    x2 = nhwc((torch.randn(n, c2, h, w, generator=g) * 2.0 - 1.0).to(dtype)).to(dev)
-    gamma, beta = (1 + 0.2 * torch.randn(c, generator=g)).to(dev), (0.1 * torch.randn(c, generator=g)).to(dev)
-    scale = shift = None
-    if ss:
-        scale, shift = (0.3 * torch.randn(n, 2 * c, generator=g)).to(dev).chunk(2, dim=1)
+    x, x2, gamma, beta, scale, shift, _ = _two_inputs(c1, c2, dtype, (12, 10), ss, seed=5)
+    n, c, h, w = x.shape[0], c1 + c2, *x.shape[2:]
     want = fused.reference_group_norm_act(x, gamma, beta, scale=scale, shift=shift, x2=x2)
     with torch.no_grad():
         got = fused.group_norm_act(x, gamma, beta, scale=scale, shift=shift, x2=x2)
@@ -163,12 +171,8 @@ def test_shared_statistics_reuse_the_second_inputs(c1, c2, dtype, monkeypatch):
     float64 reference. The two inputs' blocks differ in size and count, and groups straddle the
     boundary (64 + 32 channels: 3 per group). Another scope, or none, takes them anew."""
     dev = _kernel_device()
-    g = torch.Generator().manual_seed(11)
-    n, h, w, c = 2, 16, 12, c1 + c2
-    x = nhwc((torch.randn(n, c1, h, w, generator=g) * 0.5 + 3.0).to(dtype)).to(dev)
-    skip = nhwc((torch.randn(n, c2, h, w, generator=g) * 2.0 - 1.0).to(dtype)).to(dev)
-    gamma, beta = (1 + 0.2 * torch.randn(c, generator=g)).to(dev), (0.1 * torch.randn(c, generator=g)).to(dev)
-    scale, shift = (0.3 * torch.randn(n, 2 * c, generator=g)).to(dev).chunk(2, dim=1)
+    x, skip, gamma, beta, scale, shift, g = _two_inputs(c1, c2, dtype, (16, 12), True, seed=11)
+    n, h, w = x.shape[0], *x.shape[2:]
     g2, b2 = gamma[c1:].contiguous(), beta[c1:].contiguous()
     want = fused.reference_group_norm_act(x, gamma, beta, scale=scale, shift=shift, x2=skip)
     assert fused._split(h * w, n, fused._blocks(c1)[0], skip.device) != \
