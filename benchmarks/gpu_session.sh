@@ -33,26 +33,26 @@ step 130 python3 benchmarks/bench.py --device cuda --cases ddim-256 --repeats 5 
 # 2. All three cases with CUDA graphs (adm sample's default on CUDA).
 step 100 python3 benchmarks/bench.py --device cuda --cases ddim-256,ddpm-512-guided,ddpm-64-guided --repeats 5 \
     --no-flops --cuda-graph --json "$OUT/graphs.json"
-# 3. The skip GEMM and the residual add at the 256x256 model's shapes: the GEMM's tiles (8 warps:
-#    half the registers per thread, compiled offline), both with their statistics, and the
-#    statistics pass that spares.
-step 60 python3 benchmarks/ops.py --model 256x256_diffusion --batch 16 --repeats 10 --groups skip,add \
-    --tiles 128:128:64:4:3,128:128:64:8:3,128:256:64:8:3 --json "$OUT/ops256.json"
-# 4. The GPU-marked tests.
-#    (15 tests; session 10's 100 s ran out after 12, the compile test being the slowest, so it is last)
-step 150 python3 -m pytest -q -p no:cacheprovider -rf -m gpu tests/test_fused.py tests/test_graphs.py \
-    tests/test_fast_state.py tests/test_fast.py
-# 5. Accuracy of the fast path against float32 (TF32 off), full-size 512 and 64 models.
-step 70 python3 benchmarks/accuracy.py --dtypes auto --json "$OUT/accuracy.json"
-# 6. The 256 step without this build's statistics sharing (decoder skips, skip_add's epilogue,
-#    the residual add's loop),
-#    eager with a profile: the statistics kernel's GPU time against step 1's (whole-step
-#    eager times are noisier than the ~1-2 ms at stake), then graphed, for the step itself.
+# 3. The 256 step without this build's statistics sharing (decoder skips, skip_add's epilogue,
+#    the residual add's loop): eager with a profile, the statistics kernel's GPU time against
+#    step 1's (whole-step eager times are noisier than the ~2-3 ms at stake), then graphed.
 OFF="--set SHARED_STATS=off --set SKIP_STATS=off --set RESIDUAL_STATS=off"
 step 45 python3 benchmarks/bench.py --device cuda --cases ddim-256 --repeats 3 --no-flops $OFF \
     --profile "$OUT/prof-nostats" --json "$OUT/set-nostats.json"
 step 40 python3 benchmarks/bench.py --device cuda --cases ddim-256 --repeats 5 --no-flops --cuda-graph $OFF \
     --json "$OUT/graphs-nostats.json"
+# 4. The fused kernels' GPU tests (real sizes; the statistics kept by the closing adds among them).
+step 70 python3 -m pytest -q -p no:cacheprovider -rf -m gpu tests/test_fused.py
+# 5. The skip GEMM and the residual add at the 256x256 model's shapes: the GEMM's tiles (8 warps:
+#    half the registers per thread, compiled offline), both with their statistics, and the
+#    statistics pass that spares.
+step 60 python3 benchmarks/ops.py --model 256x256_diffusion --batch 16 --repeats 10 --groups skip,add \
+    --tiles 128:128:64:4:3,128:128:64:8:3,128:256:64:8:3 --json "$OUT/ops256.json"
+# 6. Accuracy of the fast path against float32 (TF32 off), full-size 512 and 64 models; then the
+#    other GPU-marked tests (the compile test, the slowest, last).
+step 70 python3 benchmarks/accuracy.py --dtypes auto --json "$OUT/accuracy.json"
+step 100 python3 -m pytest -q -p no:cacheprovider -rf -m gpu tests/test_graphs.py tests/test_fast_state.py \
+    tests/test_fast.py
 # 7. The other two cases eager, with profiles.
 step 70 python3 benchmarks/bench.py --device cuda --cases ddpm-512-guided,ddpm-64-guided --repeats 5 \
     --profile "$OUT/prof" --json "$OUT/eager.json"

@@ -199,6 +199,13 @@ def test_shared_statistics_reuse_the_second_inputs(c1, c2, dtype, monkeypatch):
         biased = fused.group_norm_act(skip, g2, b2, in_bias=ib)
     assert reads[-2:] == [skip.numel(), skip.numel()]
     assert rel_norm(fused.reference_group_norm_act(skip, g2, b2, in_bias=ib), biased.double()) <= BOUNDS[dtype]
+    # the per-group combination run wide (as over many kept 128-row blocks): the same numbers
+    monkeypatch.setattr(fused, "_WIDE_FINALIZE_BLOCKS", 0)
+    with torch.no_grad(), fused.shared_statistics():
+        fused.group_norm_act(skip, g2, b2)
+        wide = fused.group_norm_act(x, gamma, beta, scale=scale, shift=shift, x2=skip)
+    assert rel_norm(got.double(), wide.double()) <= (1e-6 if dtype == torch.float32 else BOUNDS[dtype])
+    assert rel_norm(want, wide.double()) <= BOUNDS[dtype]
 
 
 @needs_kernels
@@ -206,7 +213,8 @@ def test_results_do_not_depend_on_the_launch_geometry(monkeypatch):
     """Tile size, warps and reduction programs per multiprocessor (what benchmarks/kernels.py
     sweeps, with the statistics' prefetching loop or the plain one) change only the order of
     float32 sums: the same output and input gradient to ~1e-6. 64 programs per multiprocessor
-    makes more partial blocks than one step of the per-group kernels reads (their loop runs twice)."""
+    makes more partial blocks than one step of the per-group kernels reads (their loop runs twice);
+    the last setting runs those kernels wide (as for the 128-row blocks of kept statistics)."""
     dev = _kernel_device()
     g = torch.Generator().manual_seed(8)
     x = nhwc(torch.randn(3, 96, 20, 12, generator=g) + 2.0).to(dev)
@@ -218,8 +226,9 @@ def test_results_do_not_depend_on_the_launch_geometry(monkeypatch):
     want_down = fused.reference_group_norm_act(xr, gamma[:96], beta[:96], resample="down")
     dy = torch.randn(want_down.shape, generator=g, dtype=torch.float64).to(dev)
     (want_grad,) = torch.autograd.grad(want_down, xr, dy)
-    for tile, warps, pps, pre in ((4096, 4, 4, False), (512, 2, 1, True), (8192, 8, 16, False), (1024, 4, 2, True),
-                                  (512, 2, 64, False)):
+    for tile, warps, pps, pre, wide in ((4096, 4, 4, False, 64), (512, 2, 1, True, 64), (8192, 8, 16, False, 64),
+                                        (1024, 4, 2, True, 64), (512, 2, 64, False, 64), (512, 2, 64, False, 0)):
+        monkeypatch.setattr(fused, "_WIDE_FINALIZE_BLOCKS", wide)  # (0: the wide per-group kernels)
         monkeypatch.setattr(fused, "_TILE", tile)
         monkeypatch.setattr(fused, "_WARPS", warps)
         monkeypatch.setattr(fused, "_PROGRAMS_PER_SM", pps)
@@ -229,7 +238,7 @@ def test_results_do_not_depend_on_the_launch_geometry(monkeypatch):
         xf = x.detach().requires_grad_(True)
         down = fused.group_norm_act(xf, gamma[:96], beta[:96], resample="down")
         (grad,) = torch.autograd.grad(down, xf, dy.float())
-        setting = (tile, warps, pps, pre)
+        setting = (tile, warps, pps, pre, wide)
         assert rel_norm(want, got.double()) <= 1e-6, setting
         assert rel_norm(want_down.detach(), down.double()) <= 1e-6, setting
         assert rel_norm(want_grad, grad.double()) <= 2e-6, setting

@@ -269,7 +269,7 @@ def _affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: floa
         sc, sh = sc.contiguous(), sh.contiguous()
         ss_sn = c
     part2, rpp2, nblk2 = second if second is not None else (part, rpp, nblk)
-    cpg, grid, tiles = _group_tiles(c)
+    cpg, grid, tiles = _group_tiles(c, max(nblk, nblk2))
     _launch("finalize", (n, grid), part, part2, weight, bias, ib if ib is not None else part, ib_sn,
             sc if sc is not None else part, sh if sh is not None else part, ss_sn, aff,
             nblk, nblk2, h * w, c, c1 if second is not None else c, cpg, rpp, rpp2, float(eps),
@@ -277,18 +277,28 @@ def _affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: floa
     return aff
 
 
-def _group_tiles(c: int) -> tuple[int, int, dict]:
+# Above this many statistics blocks per sample (the kept statistics of 128-row blocks: 512 per
+# sample at 256x256, 2,048 at 512x512) ``finalize`` runs wide: tiles of ~32 channels (4x the
+# programs) and 8,192 partial results per step (4x as many, 8 warps; ~165-195 registers compiled
+# for sm_90, no spills), so that a program makes a few dependent round trips to memory, not the
+# 256 that 2,048 blocks in steps of 16 would take.
+_WIDE_FINALIZE_BLOCKS = 64
+
+
+def _group_tiles(c: int, nblk: int = 0) -> tuple[int, int, dict]:
     """Channels per group, programs per sample and the tile sizes of the per-group kernels
-    (finalize, bwd_finalize): GPP groups per program, tiles of ~128 channels."""
-    return _group_tiles_for(c, _WARPS)
+    (finalize, bwd_finalize) over ``nblk`` blocks per sample: GPP groups per program, tiles of
+    ~128 channels (~32 when wide)."""
+    return _group_tiles_for(c, _WARPS, nblk > _WIDE_FINALIZE_BLOCKS)
 
 
 @functools.lru_cache(maxsize=None)
-def _group_tiles_for(c: int, warps: int) -> tuple[int, int, dict]:
+def _group_tiles_for(c: int, warps: int, wide: bool = False) -> tuple[int, int, dict]:
     cpg = c // GROUPS
     block_g = triton_next_pow2(cpg)
-    gpp = max(1, min(GROUPS, 128 // block_g))
-    return cpg, GROUPS // gpp, dict(BLOCK_B=max(1, 2048 // (gpp * block_g)), GPP=gpp, BLOCK_G=block_g,
+    gpp = max(1, min(GROUPS, (32 if wide else 128) // block_g))
+    step, warps = (8192, 8) if wide else (2048, warps)
+    return cpg, GROUPS // gpp, dict(BLOCK_B=max(1, step // (gpp * block_g)), GPP=gpp, BLOCK_G=block_g,
                                     num_warps=warps)
 
 
@@ -332,7 +342,7 @@ class _NormAct(torch.autograd.Function):
         mode = dict(ACT=ctx.act, RESAMPLE=_RESAMPLE[ctx.resample], BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_WARPS)
         _launch("bwd_stats", (nblk, n), x, dy, aff, part, *geometry, rpp, **mode)
         means = torch.empty((2, n, c), dtype=torch.float32, device=x.device)  # their group means
-        cpg, grid, tiles = _group_tiles(c)
+        cpg, grid, tiles = _group_tiles(c, nblk)
         _launch("bwd_finalize", (n, grid), part, means, nblk, hw, c, cpg, rpp, 1.0 / (hw * cpg), **tiles)
         dx = torch.empty_like(x, memory_format=torch.channels_last)
         _launch("bwd_apply", (-(-hw // block_r), n), x, dy, aff, means, dx, *geometry, **mode)
