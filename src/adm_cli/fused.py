@@ -233,13 +233,18 @@ def shared_statistics():
         _SCOPE.token = previous
 
 
+def _keep(x: torch.Tensor, token: object, stats: tuple[torch.Tensor, int, int]) -> None:
+    """Keep x's statistics (PART, rows per block, NBLK) on x for the scope ``token``."""
+    setattr(x, _KEPT, (token, stats))
+
+
 def _statistics_of(x: torch.Tensor, token: object) -> tuple[torch.Tensor, int, int]:
     """``_statistics(x)``, kept on x within the scope ``token`` (taken at most once there)."""
     kept = getattr(x, _KEPT, None)
     if kept is not None and kept[0] is token:
         return kept[1]
     stats = _statistics(x)
-    setattr(x, _KEPT, (token, stats))
+    _keep(x, token, stats)
     return stats
 
 
@@ -401,7 +406,7 @@ def _residual_add(x: torch.Tensor, r: torch.Tensor, bias: torch.Tensor | None, r
             part if part is not None else y, ho * wo, hr * wr, wr, wo, c, rpp, HAS_BIAS=bias is not None,
             RESAMPLE=_RESAMPLE[resample], STATS=part is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_WARPS)
     if part is not None:
-        setattr(y, _KEPT, (token, (part, rpp, part.shape[2])))
+        _keep(y, token, (part, rpp, part.shape[2]))
     return y
 
 
@@ -534,7 +539,7 @@ def skip_add(h: torch.Tensor, x: torch.Tensor, x2: torch.Tensor | None, weight_t
             BLOCK_M=_GEMM_M, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=_GEMM_WARPS,
             num_stages=_gemm_stages(h.device.index if h.is_cuda else None))
     if part is not None:
-        setattr(y, _KEPT, (token, (part, _GEMM_M, part.shape[2])))
+        _keep(y, token, (part, _GEMM_M, part.shape[2]))
     return y
 
 
