@@ -710,10 +710,10 @@ import triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
 from adm_cli import _fused_kernels as k
-def comp(fn, sig, const):
+def comp(fn, sig, const, warps=4):
     sig = dict(sig, **{c: "constexpr" for c in const})
     triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
-                   options={"num_warps": 4})
+                   options={"num_warps": warps})
 dt, i, f = "*fp16", "i32", "*fp32"
 geo = dict(HW_IN=i, HW_OUT=i, W_IN=i, W_OUT=i, C=i)
 for ib, two, pre in itertools.product((True, False), repeat=3):
@@ -722,9 +722,10 @@ for ib, two, pre in itertools.product((True, False), repeat=3):
 comp(k.bwd_finalize, dict(PART=f, M=f, NBLK=i, HW=i, C=i, CPG=i, RPP=i, inv_count="fp32"),
      dict(BLOCK_B=16, GPP=32, BLOCK_G=4))
 for ib, ss, grad, split in itertools.product((True, False), repeat=4):
-    comp(k.finalize, dict(PART=f, PART2=f, GAMMA=f, BETA=f, IB=dt, IB_SN=i, SCALE=f, SHIFT=f, SS_SN=i, AFF=f,
-                          NBLK=i, NBLK2=i, HW=i, C=i, C1=i, CPG=i, RPP=i, RPP2=i, eps="fp32"),
-         dict(HAS_IB=ib, HAS_SS=ss, GRAD=grad, SPLIT=split, BLOCK_B=16, GPP=32, BLOCK_G=4))
+    for tiles, warps in ((dict(BLOCK_B=16, GPP=32, BLOCK_G=4), 4), (dict(BLOCK_B=256, GPP=4, BLOCK_G=8), 8)):  # (wide)
+        comp(k.finalize, dict(PART=f, PART2=f, GAMMA=f, BETA=f, IB=dt, IB_SN=i, SCALE=f, SHIFT=f, SS_SN=i, AFF=f,
+                              NBLK=i, NBLK2=i, HW=i, C=i, C1=i, CPG=i, RPP=i, RPP2=i, eps="fp32"),
+             dict(HAS_IB=ib, HAS_SS=ss, GRAD=grad, SPLIT=split, **tiles), warps)
 for act, rs in itertools.product((True, False), (0, 1, 2)):
     for two in (False, True) if rs == 0 else (False,):
         comp(k.apply, dict(X=dt, X2=dt, AFF=f, Y=dt, **geo, C1=i),
