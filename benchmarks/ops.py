@@ -136,11 +136,16 @@ def _forms_skip(n, res, cx, cs, co, dtype, device, tiles):
         with fused.shared_statistics():
             return fused.skip_add(h, x, x2, w_t, bias)
     y = fused.skip_add(h, x, x2, w_t, bias, stats=False)
+    return forms + [("skip_add +stats", with_stats), ("(stats pass over y)", _stats_pass(y))]
 
-    def stats_pass():  # what that spares: the statistics kernel over y (returns y, for the diff)
+
+def _stats_pass(y):
+    """The statistics kernel over y, which an op that takes its output's statistics spares the
+    next norm (returns y, for the diff)."""
+    def run():
         fused._statistics(y)
         return y
-    return forms + [("skip_add +stats", with_stats), ("(stats pass over y)", stats_pass)]
+    return run
 
 
 def add_shapes(cfg) -> dict[tuple, int]:
@@ -180,12 +185,8 @@ def _forms_add(n, res, c, resample, dtype, device):
     def with_stats():
         with fused.shared_statistics():
             return fused.add_bias(x, r, bias, resample=resample)
-
-    def stats_pass():  # the statistics kernel over y, which that spares the next norm (returns y)
-        fused._statistics(y)
-        return y
     return [("add", lambda: fused.add_bias(x, r, bias, resample=resample, stats=False)),
-            ("add +stats", with_stats), ("(stats pass over y)", stats_pass)]
+            ("add +stats", with_stats), ("(stats pass over y)", _stats_pass(y))]
 
 
 def _forms_up(n, res, c, dtype, device):

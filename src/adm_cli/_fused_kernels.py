@@ -159,24 +159,20 @@ def finalize(PART, PART2, GAMMA, BETA, IB, IB_SN, SCALE, SHIFT, SS_SN, AFF, NBLK
     # Program (n, k): groups [k * GPP, (k + 1) * GPP) as a [GPP, BLOCK_G] tile of channels.
     # Combine the blocks' (count, mean, M2) per group (Chan et al.), then fold norm, affine,
     # scale-shift and the input bias into y = x A + B. GRAD: also W, RS, XO for the backward.
-    # SPLIT: channels [0, C1) have their blocks in PART ([2, N, NBLK, C1], RPP rows each), the
-    # rest in PART2 ([2, N, NBLK2, C - C1], RPP2 rows): the statistics of cat([x, x2], 1) taken
-    # from each input's own (x2's kept from an earlier norm that read it); a group may straddle.
+    # Channels [0, C1) have their blocks in PART ([2, N, NBLK, C1], RPP rows each); C1 = C unless
+    # SPLIT, where the rest are in PART2 ([2, N, NBLK2, C - C1], RPP2 rows): the statistics of
+    # cat([x, x2], 1) from each input's own (x2's kept from an earlier norm that read it); a
+    # group may straddle the boundary.
     n, cols, cmask = _group_tile(C, CPG, GPP, BLOCK_G)  # cols: [GPP, BLOCK_G]
     total = (HW * CPG) * 1.0
+    first, second = cmask & (cols < C1), cmask & (cols >= C1)
+    s = _sum_means(PART, n, cols, first, NBLK, HW, C1, RPP, BLOCK_B, GPP, BLOCK_G)
     if SPLIT:
-        first = cols < C1
-        s = _sum_means(PART, n, cols, cmask & first, NBLK, HW, C1, RPP, BLOCK_B, GPP, BLOCK_G)
-        s += _sum_means(PART2, n, cols - C1, cmask & (cols >= C1), NBLK2, HW, C - C1, RPP2, BLOCK_B, GPP, BLOCK_G)
-    else:
-        s = _sum_means(PART, n, cols, cmask, NBLK, HW, C, RPP, BLOCK_B, GPP, BLOCK_G)
+        s += _sum_means(PART2, n, cols - C1, second, NBLK2, HW, C - C1, RPP2, BLOCK_B, GPP, BLOCK_G)
     mean = tl.sum(s, axis=1) / total                               # [GPP]
+    q = _sum_m2(PART, n, cols, first, NBLK, HW, C1, RPP, mean, BLOCK_B, GPP, BLOCK_G)
     if SPLIT:
-        q = _sum_m2(PART, n, cols, cmask & first, NBLK, HW, C1, RPP, mean, BLOCK_B, GPP, BLOCK_G)
-        q += _sum_m2(PART2, n, cols - C1, cmask & (cols >= C1), NBLK2, HW, C - C1, RPP2, mean, BLOCK_B, GPP,
-                     BLOCK_G)
-    else:
-        q = _sum_m2(PART, n, cols, cmask, NBLK, HW, C, RPP, mean, BLOCK_B, GPP, BLOCK_G)
+        q += _sum_m2(PART2, n, cols - C1, second, NBLK2, HW, C - C1, RPP2, mean, BLOCK_B, GPP, BLOCK_G)
     rstd = (1.0 / tl.sqrt(tl.sum(q, axis=1) / total + eps))[:, None]  # [GPP, 1]
     mean = mean[:, None]
     gamma = tl.load(GAMMA + cols, mask=cmask, other=0.0).to(tl.float32)
