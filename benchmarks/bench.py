@@ -302,7 +302,8 @@ def table(rows: list[dict]) -> str:
 
 SWITCHES = {"FUSED_SKIP": {"on": True, "off": False}, "PAD_IO": {"on": True, "off": False},
             "UP_CONV": {"transposed": "transposed", "plain": "plain"}, "SHARED_STATS": {"on": True, "off": False},
-            "SKIP_STATS": {"on": True, "off": False}, "RESIDUAL_STATS": {"on": True, "off": False}}
+            "SKIP_STATS": {"on": True, "off": False}, "RESIDUAL_STATS": {"on": True, "off": False},
+            "DIRECT_IN": {"on": True, "off": False}}
 
 
 def main(argv=None) -> int:

@@ -22,7 +22,10 @@ form's (relative to its largest value). The forms (``layers``' switches):
   transposed conv (``fused.conv_up``); "folded": a 2x2 conv to 4x the channels at the low
   resolution, then the four output phases copied into place.
 - in / out: the network's input conv (3 channels, with its bias) and output conv (6 channels):
-  cuDNN's own vs ``fused.conv_in`` / ``fused.conv_out`` (padded to 8 channels, bias as weights).
+  cuDNN's own vs ``fused.conv_in`` / ``fused.conv_out`` (padded to 8 channels, bias as weights);
+  for the input conv also "direct N:W" (``fused.conv_in_direct``, the Triton conv, N output
+  channels per program, W warps), "direct +stats" (the shipped tile, taking the output's
+  statistics as inside ``shared_statistics``) and "(stats pass over y)", which that spares.
 
 Only ours is timed here (the reference has none of these forms); bench.py's --set runs whole
 steps with each switch, against the reference.
@@ -214,7 +217,24 @@ def _forms_io(n, res, cin, cmid, cout, dtype, device):
     conv_out = torch.nn.Conv2d(cmid, cout, 3, padding=1).to(device, dtype).to(memory_format=torch.channels_last)
     w_in = fused.in_weight(conv_in)
     w_out, b_out = fused.out_weight(conv_out)
-    return ([("cuDNN + bias", lambda: conv_in(x)), ("conv_in", lambda: fused.conv_in(x, w_in, conv_in.padding))],
+    matrix, bias = fused.in_matrix(conv_in)
+    forms_in = [("cuDNN + bias", lambda: conv_in(x)), ("conv_in", lambda: fused.conv_in(x, w_in, conv_in.padding))]
+    for tile in ((128, 8), (128, 4), (64, 4)):
+        def direct(tile=tile):
+            saved = fused._CONV_IN_N, fused._CONV_IN_WARPS
+            fused._CONV_IN_N, fused._CONV_IN_WARPS = tile
+            try:
+                return fused.conv_in_direct(x, matrix, bias, conv_in.kernel_size)
+            finally:
+                fused._CONV_IN_N, fused._CONV_IN_WARPS = saved
+        forms_in.append(("direct N:W " + ":".join(map(str, tile)), direct))
+
+    def with_stats():  # the shipped tile, the output's statistics out of the epilogue
+        with fused.shared_statistics():
+            return fused.conv_in_direct(x, matrix, bias, conv_in.kernel_size)
+    y = fused.conv_in_direct(x, matrix, bias, conv_in.kernel_size, stats=False)
+    forms_in += [("direct +stats", with_stats), ("(stats pass over y)", _stats_pass(y))]
+    return (forms_in,
             [("cuDNN + bias", lambda: conv_out(a)),
              ("conv_out", lambda: fused.conv_out(a, w_out, b_out, cout, conv_out.padding))])
 

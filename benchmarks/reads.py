@@ -6,11 +6,12 @@
 The statistics pass of the fused GroupNorm reads every norm's input once (``fused.stats``); on an
 H100 it took 5.7 of a 68 ms DDIM step at 256x256 (session 10). Two things spare it reads: the
 decoder's norms reuse the skip connections' statistics that the encoder took
-(``layers.SHARED_STATS``), and ``skip_add`` and the closing residual add hand their outputs'
-statistics to the next norm (``layers.SKIP_STATS``, ``RESIDUAL_STATS``). This counts the elements read under each setting by running
-the full-size network on PyTorch's meta device (shapes only, nothing computed or allocated),
-with the fused path switched on as on a GPU and its kernel launches only recorded. Exact for
-the launch decisions the host makes; the time saved is for a GPU to say (``bench.py --set``).
+(``layers.SHARED_STATS``), and ``skip_add``, the direct input conv and the closing residual add
+hand their outputs' statistics to the next norm (``layers.SKIP_STATS``, ``RESIDUAL_STATS``).
+This counts the elements read under each setting by running the full-size network on PyTorch's
+meta device (shapes only, nothing computed or allocated), with the fused path switched on as on
+a GPU and its kernel launches only recorded. Exact for the launch decisions the host makes; the
+time saved is for a GPU to say (``bench.py --set``).
 """
 
 from __future__ import annotations
@@ -51,9 +52,9 @@ def count(model_name: str, batch: int = 1, dtype: torch.dtype = torch.bfloat16) 
     def nhwc(fn):  # (meta convolutions return NCHW; cuDNN's keep channels_last, which the kernels need)
         return lambda *a, **k: fn(*a, **k).contiguous(memory_format=torch.channels_last)
 
-    saved = (fused._launch, fused.skip_add_runs, F.conv2d, F.conv_transpose2d, layers.SHARED_STATS, layers.SKIP_STATS,
+    saved = (fused._launch, fused.gemm_runs, F.conv2d, F.conv_transpose2d, layers.SHARED_STATS, layers.SKIP_STATS,
              layers.RESIDUAL_STATS)
-    fused._launch, fused.skip_add_runs = launch, lambda h: True  # (half precision on a GPU)
+    fused._launch, fused.gemm_runs = launch, lambda h: True  # (half precision on a GPU)
     F.conv2d, F.conv_transpose2d = nhwc(F.conv2d), nhwc(F.conv_transpose2d)
     r = cfg.image_size
     x = torch.empty(batch, cfg.in_channels, r, r, device="meta")
@@ -70,7 +71,7 @@ def count(model_name: str, batch: int = 1, dtype: torch.dtype = torch.bfloat16) 
                 model(x, t, **kw)
             out[label] = reads[0]
     finally:
-        (fused._launch, fused.skip_add_runs, F.conv2d, F.conv_transpose2d, layers.SHARED_STATS,
+        (fused._launch, fused.gemm_runs, F.conv2d, F.conv_transpose2d, layers.SHARED_STATS,
          layers.SKIP_STATS, layers.RESIDUAL_STATS) = saved
     return out
 

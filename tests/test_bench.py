@@ -114,8 +114,9 @@ def test_host_step_script_runs_the_fused_path_everywhere_and_restores_what_it_st
     monkeypatch.setattr(layers, "SHARED_STATS", False)  # (every norm then launches its statistics kernel)
     row = host.main(["--step", "ddpm-64-guided", "--batch", "2", "--steps", "2", "--repeats", "1"])
     assert stubbed() == real
-    # Each norm: stats, finalize, apply; the classifier's again backward; each residual block: one add.
-    want = 3 * row["norms"] + 3 * row["classifier norms"] + row["residual blocks"]
+    # Each norm: stats, finalize, apply; the classifier's again backward; each residual block: one
+    # add; the U-Net's input conv (the direct one: no gradient taken through it, unlike the classifier's).
+    want = 3 * row["norms"] + 3 * row["classifier norms"] + row["residual blocks"] + 1
     assert row["launch calls per step"] == want
     # with the statistics shared, fewer statistics launches, fewer elements read
     assert shared["launch calls per step"] < want
@@ -142,8 +143,8 @@ def test_host_step_script_compares_another_build_in_the_same_process(monkeypatch
 
 def test_single_op_script_runs_every_form_and_restores_the_tiles(monkeypatch, tmp_path):
     """benchmarks/ops.py --small: a row per form of each op (skip GEMM at two tilings, the three
-    up-block forms, the input and output convs), every form agreeing with the plainest one (float32,
-    Triton's interpreter), and the shipped GEMM tiles back in place."""
+    up-block forms, the input conv's five and the output conv's two), every form agreeing with the
+    plainest one (float32, Triton's interpreter), and the shipped GEMM tiles back in place."""
     import pytest
 
     from test_fused import _kernel_device
@@ -155,7 +156,11 @@ def test_single_op_script_runs_every_form_and_restores_the_tiles(monkeypatch, tm
 
     from adm_cli import fused
 
-    shipped = (fused._GEMM_M, fused._GEMM_N, fused._GEMM_K, fused._GEMM_WARPS, fused._GEMM_STAGES)
+    def tiles():
+        return (fused._GEMM_M, fused._GEMM_N, fused._GEMM_K, fused._GEMM_WARPS, fused._GEMM_STAGES, fused._CONV_IN_N,
+                fused._CONV_IN_WARPS)
+
+    shipped = tiles()
     out = tmp_path / "ops.json"
     assert ops.main(["--small", "--repeats", "1", "--tiles", "128:128:64:4:3,64:32:16:4:2", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
@@ -163,10 +168,12 @@ def test_single_op_script_runs_every_form_and_restores_the_tiles(monkeypatch, tm
     assert forms == {("skip", "gemms+add"), ("skip", "skip_add 128:128:64:4:3"), ("skip", "skip_add 64:32:16:4:2"),
                      ("skip", "skip_add +stats"), ("skip", "(stats pass over y)"), ("add", "add"),
                      ("add", "add +stats"), ("add", "(stats pass over y)"), ("up", "plain"), ("up", "transposed"), ("up", "folded"), ("in", "cuDNN + bias"),
-                     ("in", "conv_in"), ("out", "cuDNN + bias"), ("out", "conv_out")}
+                     ("in", "conv_in"), ("in", "direct N:W 128:8"), ("in", "direct N:W 128:4"),
+                     ("in", "direct N:W 64:4"), ("in", "direct +stats"), ("in", "(stats pass over y)"),
+                     ("out", "cuDNN + bias"), ("out", "conv_out")}
     assert all(r["ms"] > 0 and r["diff"] <= 1e-5 for r in rows)
     assert {r["shape"] for r in rows if r["group"] == "skip"} >= {"4^2 32+0->64", "8^2 32+32->32"}
-    assert (fused._GEMM_M, fused._GEMM_N, fused._GEMM_K, fused._GEMM_WARPS, fused._GEMM_STAGES) == shipped
+    assert tiles() == shipped
 
 
 def test_cpu_conv_script_times_every_3x3_conv_both_ways(monkeypatch, capsys):
@@ -197,7 +204,7 @@ def test_reads_script_counts_what_the_statistics_kernel_spares(monkeypatch):
     from adm_cli import fused, layers
 
     def state():
-        return (fused._launch, fused.skip_add_runs, F.conv2d, F.conv_transpose2d, layers.SHARED_STATS,
+        return (fused._launch, fused.gemm_runs, F.conv2d, F.conv_transpose2d, layers.SHARED_STATS,
                 layers.SKIP_STATS, layers.RESIDUAL_STATS)
 
     before = state()
@@ -205,6 +212,6 @@ def test_reads_script_counts_what_the_statistics_kernel_spares(monkeypatch):
     assert state() == before
     none, shared, skip, residual = row.values()
     assert none > shared > skip > residual > 0.3 * none
-    # (the 64x64 U-Net's skips: 15.0% of the reads, skip_add's outputs 16.7% more, the residual
-    # adds' 18.0% more)
+    # (the 64x64 U-Net's skips: 15.0% of the reads, skip_add's and the input conv's outputs 18.9%
+    # more, the residual adds' 18.0% more)
     assert 0.10 < 1 - shared / none < 0.20 and 0.25 < 1 - skip / none < 0.40 and 0.4 < 1 - residual / none < 0.6

@@ -394,6 +394,45 @@ def test_skip_add_gives_its_outputs_statistics_to_the_next_norm(dtype, monkeypat
 
 
 @needs_kernels
+@pytest.mark.parametrize("c,co,hw,dtype", [(3, 64, (16, 24), torch.float32), (6, 96, (7, 9), torch.float32),
+                                           (3, 192, (16, 8), torch.bfloat16), (3, 32, (8, 32), torch.float16)])
+def test_direct_input_conv_matches_the_conv_and_gives_its_statistics(c, co, hw, dtype, monkeypatch):
+    """``conv_in_direct`` (the receptive field of 3 or 6 channels gathered as one GEMM row) is
+    the 'same'-padded 3x3 conv plus bias of the float64 conv over the same rounded inputs and
+    weights, rounded once, for an NCHW or a channels_last input, odd sizes, 192 outputs (three
+    channel tiles of 64). Inside ``shared_statistics`` its epilogue's statistics (128-row tiles
+    dividing the pixels per sample) serve the next norm, which reads nothing; outside, or where
+    the tile does not divide them (7x9), none are kept."""
+    dev = _kernel_device()
+    g = torch.Generator().manual_seed(14)
+    conv = torch.nn.Conv2d(c, co, 3, padding=1)
+    with torch.no_grad():
+        conv.bias.normal_(0.0, 0.5, generator=g)
+    conv = conv.to(dtype)
+    x = torch.randn(2, c, *hw, generator=g).to(dtype)
+    want = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+    matrix, bias = (t.to(dev) for t in fused.in_matrix(conv))
+    gamma, beta = (1 + 0.2 * torch.randn(co, generator=g)).to(dev), (0.1 * torch.randn(co, generator=g)).to(dev)
+    reads = _stats_reads(monkeypatch)
+    tiled = (hw[0] * hw[1]) % 128 == 0
+    for xin in (x, nhwc(x)):
+        reads.clear()
+        with torch.no_grad(), fused.shared_statistics():
+            y = fused.conv_in_direct(xin.to(dev), matrix, bias, (3, 3))
+            got = fused.group_norm_act(y, gamma, beta)
+        assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+        # (one rounding to dtype: at most half its eps relative per element; float32's sum order)
+        assert rel_norm(want, y.double().cpu()) <= max(torch.finfo(dtype).eps / 2, 1e-6)
+        assert reads == ([] if tiled else [y.numel()])
+        assert rel_norm(fused.reference_group_norm_act(y, gamma, beta), got.double()) <= BOUNDS[dtype]
+        with torch.no_grad():
+            y2 = fused.conv_in_direct(xin.to(dev), matrix, bias, (3, 3))
+        assert torch.equal(y, y2) and getattr(y2, fused._KEPT, None) is None
+    with pytest.raises(ValueError, match="do not fit"):
+        fused.conv_in_direct(torch.randn(2, 4 * c, *hw).to(dev, dtype), matrix, bias, (3, 3))
+
+
+@needs_kernels
 @pytest.mark.parametrize("c,hw,resample,dtype", [(96, (20, 12), None, torch.float32), (64, (6, 5), "up", torch.float32),
                                                  (256, (8, 20), "down", torch.bfloat16), (64, (10, 12), None, torch.float16)])
 def test_residual_add_gives_its_outputs_statistics_to_the_next_norm(c, hw, resample, dtype, monkeypatch):
@@ -521,8 +560,8 @@ def test_fused_unet_shares_statistics(family, monkeypatch):
     """With ``layers.SHARED_STATS`` the statistics kernel reads every skip connection once per
     forward (for the encoder's next norm) instead of twice, the decoder's norms over cat([h,
     skip], 1) reading h only; and (``layers.SKIP_STATS``, ``RESIDUAL_STATS``) not at all the
-    outputs of skip_add and of the closing residual adds, whose statistics come out of those
-    ops. Same output within float32 rounding."""
+    outputs of skip_add, of the direct input conv and of the closing residual adds, whose
+    statistics come out of those ops. Same output within float32 rounding."""
     from adm_cli import layers
 
     cfg = TINY[family]
@@ -534,7 +573,7 @@ def test_fused_unet_shares_statistics(family, monkeypatch):
         block.register_forward_hook(lambda m, args, out: skips.append(out.numel()))
     first = ours.input_blocks[0][0]
     conv_in = x.shape[0] * first.out_channels * x.shape[2] * x.shape[3]  # the input conv's output
-    epilogue = {"skip_add": [], "add_bias": []}  # outputs that came with their statistics
+    epilogue = {"skip_add": [], "conv_in_direct": [], "add_bias": []}  # outputs that came with their statistics
 
     def recorded(name, _f):
         def op(*a, **k):
@@ -562,22 +601,23 @@ def test_fused_unet_shares_statistics(family, monkeypatch):
     none, shared, skip, residual = (outs[s, "reads"] for s in settings)
     assert shared == none - sum(skips) - conv_in and sum(skips) + conv_in > 0.1 * none
     # each output that came with its statistics is read by one norm, which now reads nothing
-    assert outs[settings[1], "kept"] == {"skip_add": 0, "add_bias": 0}
-    kept_skip, kept_add = outs[settings[3], "kept"].values()
-    assert outs[settings[2], "kept"] == {"skip_add": kept_skip, "add_bias": 0}
-    assert kept_skip and skip == shared - kept_skip
+    assert outs[settings[1], "kept"] == {"skip_add": 0, "conv_in_direct": 0, "add_bias": 0}
+    kept_skip, kept_in, kept_add = outs[settings[3], "kept"].values()
+    assert outs[settings[2], "kept"] == {"skip_add": kept_skip, "conv_in_direct": kept_in, "add_bias": 0}
+    assert kept_skip and kept_in == conv_in and skip == shared - kept_skip - kept_in
     assert kept_add and residual == skip - kept_add
     for s in settings[1:]:
         assert rel_norm(outs[settings[0]], outs[s]) <= 1e-6, s
 
 
 @needs_kernels
-@pytest.mark.parametrize("switch", ["FUSED_CONCAT", "FUSED_SKIP", "UP_CONV", "PAD_IO", "SHARED_STATS"])
+@pytest.mark.parametrize("switch", ["FUSED_CONCAT", "FUSED_SKIP", "UP_CONV", "PAD_IO", "SHARED_STATS", "DIRECT_IN"])
 def test_fused_unet_with_a_part_switched_back(switch, monkeypatch):
     """Each of layers' switches (bench.py --concat / --set) back to the plainer form: same output.
     FUSED_CONCAT False: torch.cat again; FUSED_SKIP False: cuBLAS GEMMs and a separate add;
     UP_CONV "plain": upsampled norm output and a 3x3 conv; PAD_IO False: cuDNN's own input and
-    output convs; SHARED_STATS False: every norm takes its own statistics."""
+    output convs; SHARED_STATS False: every norm takes its own statistics; DIRECT_IN False:
+    cuDNN's input conv over the padded input."""
     from adm_cli import layers
 
     cfg = TINY["new-order"]  # (BigGAN up/down blocks, decoder skip convs, 6 output channels)
@@ -585,7 +625,8 @@ def test_fused_unet_with_a_part_switched_back(switch, monkeypatch):
     ours = fast.prepare(copy.deepcopy(ref), device=_kernel_device(), dtype="float32", fused_kernels=True)
     monkeypatch.setattr(layers, switch, "plain" if switch == "UP_CONV" else False)
     banned = {"FUSED_CONCAT": ("conv1x1_cat", "the split skip conv"), "FUSED_SKIP": ("skip_add", "the skip GEMM"),
-              "UP_CONV": ("conv_up", "the transposed conv"), "PAD_IO": ("conv_in", "the padded input conv")}
+              "UP_CONV": ("conv_up", "the transposed conv"), "PAD_IO": ("conv_in", "the padded input conv"),
+              "DIRECT_IN": ("conv_in_direct", "the direct input conv")}
     if switch == "SHARED_STATS":
         monkeypatch.setattr(fused, "_statistics_of", lambda *a: pytest.fail("kept statistics were used"))
     else:
@@ -593,6 +634,7 @@ def test_fused_unet_with_a_part_switched_back(switch, monkeypatch):
         monkeypatch.setattr(fused, name, lambda *a, **k: pytest.fail(f"{what} ran"))
     if switch == "PAD_IO":
         monkeypatch.setattr(fused, "conv_out", lambda *a: pytest.fail("the padded output conv ran"))
+        monkeypatch.setattr(fused, "conv_in_direct", lambda *a, **k: pytest.fail("the direct input conv ran"))
     if switch == "FUSED_CONCAT":  # the skip GEMM then reads the concatenation (x2 None)
         monkeypatch.setattr(fused, "skip_add", lambda h, x, x2, *a, _f=fused.skip_add, **k:
                             _f(h, x, x2, *a, **k) if x2 is None else pytest.fail("the skip GEMM read x2"))
@@ -698,6 +740,30 @@ def test_gpu_skip_add_and_conv_up_large():
     assert got.is_contiguous(memory_format=torch.channels_last) and rel_norm(want, got.float()) <= 2e-3
 
 
+@pytest.mark.gpu
+def test_gpu_direct_input_conv_large():
+    """The direct input conv at real sizes in bfloat16 (the 256x256 model's 3 -> 256 channels, the
+    upsampler's 6 -> 192 at batch 2): the 'same'-padded conv of the same rounded inputs and
+    weights in float32, and with its statistics the first norm launches no statistics kernel."""
+    g = torch.Generator().manual_seed(15)
+    for c, co in ((3, 256), (6, 192)):
+        conv = torch.nn.Conv2d(c, co, 3, padding=1).cuda().bfloat16()
+        x = nhwc(torch.randn(2, c, 256, 256, generator=g)).cuda().bfloat16()
+        want = F.conv2d(x.float(), conv.weight.float(), conv.bias.float(), padding=1)
+        matrix, bias = fused.in_matrix(conv)
+        gamma, beta = torch.ones(co, device="cuda"), torch.zeros(co, device="cuda")
+        with torch.no_grad(), fused.shared_statistics():
+            y = fused.conv_in_direct(x, matrix, bias, (3, 3))
+            launched = []
+            real, fused._launch = fused._launch, lambda name, *a, **k: launched.append(name) or real(name, *a, **k)
+            try:
+                z = fused.group_norm_act(y, gamma, beta)
+            finally:
+                fused._launch = real
+        assert rel_norm(want, y.float()) <= 4e-3 and launched == ["finalize", "apply"]
+        assert rel_norm(fused.reference_group_norm_act(y, gamma, beta), z.double()) <= 1e-2
+
+
 def test_kernels_compile_for_hopper():
     """Every kernel variant the ops launch compiles for sm_90 (Triton's bundled ptxas, no GPU).
 
@@ -748,6 +814,9 @@ for ptr, f32 in (("*fp16", False), ("*bf16", False), ("*fp32", True)):
                                  BLOCK_M="constexpr", BLOCK_N="constexpr", BLOCK_K="constexpr"),
                                  constexprs=dict(TWO=two, F32=f32, STATS=st, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64)),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
+    for st, (block_k, block_n) in itertools.product((True, False), ((32, 128), (64, 64))):
+        comp(k.conv_in, dict(X=ptr, WK=ptr, BIAS=f, Y=ptr, PART=f, SN=i, SC=i, SH=i, SW=i, H=i, W=i, C=i, CO=i),
+             dict(KH=3, KW=3, F32=f32, STATS=st, BLOCK_M=128, BLOCK_N=block_n, BLOCK_K=block_k))
 print("compiled")
 '''
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}

@@ -452,3 +452,48 @@ def skip_add(X, X2, WT, H, BIAS, Y, PART, M, C1, C2, CO, TWO: tl.constexpr, F32:
         out = (pid // tiles_n) * CO + rn
         tl.store(PART + out, mean, mask=nmask)
         tl.store(PART + (M // BLOCK_M) * CO + out, tl.sum(d * d, axis=0), mask=nmask)
+
+
+@triton.jit
+def conv_in(X, WK, BIAS, Y, PART, SN, SC, SH, SW, H, W, C, CO, KH: tl.constexpr, KW: tl.constexpr,
+            F32: tl.constexpr, STATS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_K: tl.constexpr):
+    # y = conv(x) + bias for the network's input conv, whose few input channels (3, or 6 for an
+    # upsampler) make its whole receptive field one short GEMM row: K = KH * KW * C (27 or 54),
+    # padded to BLOCK_K, tap-major (k = (i * KW + j) * C + c, WK: [BLOCK_K, CO], zero rows past
+    # K). Program (row tile, channel tile) of sample n gathers its pixels' fields from x (strides
+    # SN, SC, SH, SW, zero outside the image: 'same' padding) and writes y channels_last, [HW, CO]
+    # per sample. Nearly all its bytes are the output's, which STATS also reduces per row tile
+    # (as skip_add's: PART [2, N, HW / BLOCK_M, CO], BLOCK_M dividing HW) for the first norm.
+    pid = tl.program_id(0)
+    n = tl.program_id(1)
+    tiles_n = tl.cdiv(CO, BLOCK_N)
+    tile_m = pid // tiles_n
+    rm = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = (pid % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    hw = H * W
+    mmask = rm < hw
+    nmask = rn < CO
+    rk = tl.arange(0, BLOCK_K)
+    tap = rk // C
+    ch = rk % C
+    yy = (rm // W)[:, None] + (tap // KW - KH // 2)[None, :]
+    xx = (rm % W)[:, None] + (tap % KW - KW // 2)[None, :]
+    inside = (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W) & mmask[:, None] & (rk < KH * KW * C)[None, :]
+    a = tl.load(X + n.to(tl.int64) * SN + (ch[None, :] * SC + yy * SH + xx * SW), mask=inside, other=0.0)
+    b = tl.load(WK + rk[:, None] * CO + rn[None, :], mask=nmask[None, :], other=0.0)
+    if F32:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        acc = tl.dot(a.to(b.dtype), b)
+    acc += tl.load(BIAS + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    y = acc.to(Y.dtype.element_ty)
+    mask = mmask[:, None] & nmask[None, :]
+    tl.store(Y + n.to(tl.int64) * hw * CO + (rm[:, None] * CO + rn[None, :]), y, mask=mask)
+    if STATS:
+        yf = y.to(tl.float32)
+        mean = tl.sum(yf, axis=0) / BLOCK_M
+        d = yf - mean[None, :]
+        out = (n * tl.cdiv(hw, BLOCK_M) + tile_m) * CO + rn
+        tl.store(PART + out, mean, mask=nmask)
+        tl.store(PART + tl.num_programs(1) * (hw // BLOCK_M) * CO + out, tl.sum(d * d, axis=0), mask=nmask)

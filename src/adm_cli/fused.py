@@ -471,9 +471,10 @@ def conv1x1_cat(conv: torch.nn.Conv2d, x: torch.Tensor, x2: torch.Tensor) -> tor
 _GEMM_M, _GEMM_N, _GEMM_K, _GEMM_WARPS, _GEMM_STAGES = 128, 128, 64, 4, 3
 
 
-def skip_add_runs(h: torch.Tensor) -> bool:
-    """Whether ``skip_add`` takes this activation: half precision (its GEMM runs on the tensor
-    cores; float32 keeps cuBLAS, and its TF32 setting), or any dtype in Triton's interpreter."""
+def gemm_runs(h: torch.Tensor) -> bool:
+    """Whether the Triton GEMMs (``skip_add``, ``conv_in_direct``) take this activation or weight:
+    half precision (they run on the tensor cores; float32 keeps cuBLAS and cuDNN, and their TF32
+    setting), or any dtype in Triton's interpreter."""
     return h.dtype in (torch.float16, torch.bfloat16) or interpreted()
 
 
@@ -609,6 +610,65 @@ def conv_in(x: torch.Tensor, weight: torch.Tensor, padding) -> torch.Tensor:
     wide[:, :c] = x
     wide[:, c] = 1
     return F.conv2d(wide, weight, None, 1, padding)
+
+
+# ``conv_in_direct``'s output channels per program and warps: 8 warps hold its 128 x 128 float32
+# tile in 90 registers per thread (128 with the statistics), compiled offline for sm_90; 4 take
+# 158-238. Untimed: benchmarks/ops.py's "in" rows time the alternatives.
+_CONV_IN_N, _CONV_IN_WARPS = 128, 8
+
+
+def in_matrix(conv: torch.nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input conv's [C_out, C, KH, KW] weight as ``conv_in_direct``'s [K, C_out] matrix, rows
+    k = (i * KW + j) * C + c (tap-major), zeros up to K = the next power of two >= 16 past
+    KH * KW * C; and its bias in float32 (zeros without one)."""
+    w = conv.weight
+    o, c, kh, kw = w.shape
+    if conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.groups != 1 or kh % 2 == 0 or kw % 2 == 0 \
+            or conv.padding != (kh // 2, kw // 2):
+        raise ValueError("in_matrix: needs an odd-sized conv with stride 1 and 'same' padding, no groups or dilation")
+    taps = kh * kw * c
+    mat = torch.zeros((max(16, triton_next_pow2(taps)), o), dtype=w.dtype, device=w.device)
+    mat[:taps] = w.permute(2, 3, 1, 0).reshape(taps, o)
+    bias = conv.bias if conv.bias is not None else torch.zeros(o, device=w.device)
+    return mat, bias.to(torch.float32)
+
+
+def conv_in_direct(x: torch.Tensor, matrix: torch.Tensor, bias: torch.Tensor, kernel: tuple[int, int],
+                   stats: bool = True) -> torch.Tensor:
+    """The network's input conv (``in_matrix``'s weight, 'same' padding) as one Triton GEMM per
+    output tile, its receptive field gathered from x in place (no gradient): channels_last y in
+    the weight's dtype, its bias added in float32 and rounded once.
+
+    The conv writes the U-Net's largest tensor from 3 (or 6) channels: its cost is the output's
+    bytes, which cuDNN's kernels for the padded input (``conv_in``) took ~3.5x the time of to
+    write on an H100 (0.67 ms at 256x256, batch 16). ``stats``: inside ``shared_statistics``
+    the epilogue also takes y's statistics per 128-row tile (where the tile divides the pixels per
+    sample), as ``skip_add``'s does, for the first block's norm and the decoder's last skip.
+    """
+    n, c, hh, ww = x.shape
+    kh, kw = kernel
+    co = matrix.shape[1]
+    if matrix.shape[0] < kh * kw * c or tuple(bias.shape) != (co,):
+        raise ValueError(f"conv_in_direct: shapes do not fit: x {tuple(x.shape)}, kernel {kernel}, "
+                         f"matrix {tuple(matrix.shape)}, bias {tuple(bias.shape)}")
+    y = torch.empty((n, hh, ww, co), dtype=matrix.dtype, device=x.device).permute(0, 3, 1, 2)
+    block_n = min(_CONV_IN_N, max(16, triton_next_pow2(co)))
+    if co % block_n and co % 64 == 0:
+        block_n = 64  # (192 channels: three tiles of 64, not two of 128 with one half empty)
+    tiles_m = -(-(hh * ww) // _GEMM_M)
+    token = getattr(_SCOPE, "token", None) if stats and (hh * ww) % _GEMM_M == 0 else None
+    part = None
+    if token is not None:
+        part = torch.empty((2, n, tiles_m, co), dtype=torch.float32, device=x.device)
+    _launch("conv_in", (tiles_m * -(-co // block_n), n), x, matrix, bias, y, part if part is not None else y,
+            *x.stride(), hh, ww, c, co, KH=kh, KW=kw,
+            F32=matrix.dtype == torch.float32 or (interpreted() and matrix.dtype == torch.bfloat16),
+            STATS=part is not None, BLOCK_M=_GEMM_M, BLOCK_N=block_n, BLOCK_K=matrix.shape[0],
+            num_warps=_CONV_IN_WARPS)
+    if part is not None:
+        _keep(y, token, (part, _GEMM_M, tiles_m))
+    return y
 
 
 def out_weight(conv: torch.nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -57,14 +57,17 @@ FUSED_CONCAT = True
 # channels and a separate bias pass.
 # SHARED_STATS: the decoder's first norms reuse the statistics of their skip connection that the
 # encoder's norms took (``fused.shared_statistics``) rather than reading the skip again.
-# SKIP_STATS / RESIDUAL_STATS: there, ``fused.skip_add`` / the closing residual add (``add_bias``)
-# also hands its output's statistics to the next norm.
+# SKIP_STATS / RESIDUAL_STATS: there, ``fused.skip_add`` and the direct input conv / the closing
+# residual add (``add_bias``) also hand their output's statistics to the next norm.
+# DIRECT_IN (under PAD_IO): the input conv, where no gradient is taken through it, as a direct
+# Triton conv (``fused.conv_in_direct``) rather than cuDNN's over the padded input.
 FUSED_SKIP = True
 UP_CONV = "transposed"
 PAD_IO = True
 SHARED_STATS = True
 SKIP_STATS = True
 RESIDUAL_STATS = True
+DIRECT_IN = True
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -205,7 +208,7 @@ class ResBlock(nn.Module):
             h = norm.act(h, in_bias=e.float() + conv_bias(conv1, h).float())
         h = fused.conv_nobias(conv, h)
         if isinstance(self.skip_connection, nn.Conv2d):  # never with up/down (same channels)
-            if FUSED_SKIP and fused.skip_add_runs(h) and not (torch.is_grad_enabled() and any(
+            if FUSED_SKIP and fused.gemm_runs(h) and not (torch.is_grad_enabled() and any(
                     t is not None and t.requires_grad for t in (x, skip, h))):  # (the GEMM has no backward)
                 w_t = derived(self.skip_connection, "weight_t", (self.skip_connection.weight,),
                               lambda: fused.skip_weight(self.skip_connection))

@@ -126,9 +126,14 @@ class Classifier(nn.Module):
 
 
 def _input_conv(conv: nn.Conv2d, x: torch.Tensor, fused_path: bool) -> torch.Tensor:
-    """The first conv; on the fused GPU path with its input padded and its bias as weights
-    (``fused.conv_in``, see ``layers.PAD_IO``)."""
+    """The first conv; on the fused GPU path a direct Triton conv where nothing needs its gradient
+    (``fused.conv_in_direct``, ``layers.DIRECT_IN``), else cuDNN's with its input padded and its
+    bias as weights (``fused.conv_in``); see ``layers.PAD_IO``."""
     if fused_path and layers.PAD_IO:
+        grad = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
+        if layers.DIRECT_IN and not grad and fused.gemm_runs(conv.weight):
+            matrix, bias = derived(conv, "matrix", (conv.weight, conv.bias), lambda: fused.in_matrix(conv))
+            return fused.conv_in_direct(x, matrix, bias, conv.kernel_size, stats=layers.SKIP_STATS)
         return fused.conv_in(x, derived(conv, "padded", (conv.weight, conv.bias), lambda: fused.in_weight(conv)),
                              conv.padding)
     return conv(x)
