@@ -430,6 +430,9 @@ def test_direct_input_conv_matches_the_conv_and_gives_its_statistics(c, co, hw, 
         assert torch.equal(y, y2) and getattr(y2, fused._KEPT, None) is None
     with pytest.raises(ValueError, match="do not fit"):
         fused.conv_in_direct(torch.randn(2, 4 * c, *hw).to(dev, dtype), matrix, bias, (3, 3))
+    for other in (torch.nn.Conv2d(c, co, 3), torch.nn.Conv2d(c, co, 3, padding=1, stride=2)):
+        with pytest.raises(ValueError, match="'same' padding"):
+            fused.in_matrix(other)
 
 
 @needs_kernels

@@ -446,12 +446,18 @@ def skip_add(X, X2, WT, H, BIAS, Y, PART, M, C1, C2, CO, TWO: tl.constexpr, F32:
     y = acc.to(Y.dtype.element_ty)
     tl.store(Y + off, y, mask=mask)
     if STATS:
-        yf = y.to(tl.float32)
-        mean = tl.sum(yf, axis=0) / BLOCK_M
-        d = yf - mean[None, :]
-        out = (pid // tiles_n) * CO + rn
-        tl.store(PART + out, mean, mask=nmask)
-        tl.store(PART + (M // BLOCK_M) * CO + out, tl.sum(d * d, axis=0), mask=nmask)
+        _tile_statistics(y, PART + (pid // tiles_n) * CO + rn, (M // BLOCK_M) * CO, nmask, BLOCK_M)
+
+
+@triton.jit
+def _tile_statistics(y, OUT, PLANE, nmask, BLOCK_M: tl.constexpr):
+    """A GEMM epilogue's statistics block: the per-channel mean and M2 over the BLOCK_M rows of
+    the stored (rounded) tile y, to OUT and OUT + PLANE (PART's two planes)."""
+    yf = y.to(tl.float32)
+    mean = tl.sum(yf, axis=0) / BLOCK_M
+    d = yf - mean[None, :]
+    tl.store(OUT, mean, mask=nmask)
+    tl.store(OUT + PLANE, tl.sum(d * d, axis=0), mask=nmask)
 
 
 @triton.jit
@@ -491,9 +497,5 @@ def conv_in(X, WK, BIAS, Y, PART, SN, SC, SH, SW, H, W, C, CO, KH: tl.constexpr,
     mask = mmask[:, None] & nmask[None, :]
     tl.store(Y + n.to(tl.int64) * hw * CO + (rm[:, None] * CO + rn[None, :]), y, mask=mask)
     if STATS:
-        yf = y.to(tl.float32)
-        mean = tl.sum(yf, axis=0) / BLOCK_M
-        d = yf - mean[None, :]
-        out = (n * tl.cdiv(hw, BLOCK_M) + tile_m) * CO + rn
-        tl.store(PART + out, mean, mask=nmask)
-        tl.store(PART + tl.num_programs(1) * (hw // BLOCK_M) * CO + out, tl.sum(d * d, axis=0), mask=nmask)
+        tiles = hw // BLOCK_M
+        _tile_statistics(y, PART + (n * tiles + tile_m) * CO + rn, tl.num_programs(1) * tiles * CO, nmask, BLOCK_M)

@@ -584,16 +584,21 @@ def _round8(c: int) -> int:
     return -(-c // 8) * 8
 
 
+def _same_padding_weight(conv: torch.nn.Conv2d, what: str) -> torch.Tensor:
+    """conv's weight, checked to be what the input conv's forms assume."""
+    kh, kw = conv.weight.shape[2:]
+    if conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.groups != 1 or kh % 2 == 0 or kw % 2 == 0 \
+            or conv.padding != (kh // 2, kw // 2):
+        raise ValueError(f"{what}: needs an odd-sized conv with stride 1 and 'same' padding, no groups or dilation")
+    return conv.weight
+
+
 def in_weight(conv: torch.nn.Conv2d) -> torch.Tensor:
     """The network's input conv ([C_out, C, 3, 3], C = 3 or 6 channels) widened for ``conv_in``:
     C_in rounded up to a multiple of 8 past C + 1, input channel C carrying the bias at the
     centre tap (it reads that channel's constant 1 at every pixel, never the zero padding)."""
-    w = conv.weight
+    w = _same_padding_weight(conv, "in_weight")
     o, c = w.shape[:2]
-    kh, kw = w.shape[2:]
-    if conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.groups != 1 or kh % 2 == 0 or kw % 2 == 0 \
-            or conv.padding != (kh // 2, kw // 2):
-        raise ValueError("in_weight: needs an odd-sized conv with stride 1 and 'same' padding, no groups or dilation")
     wide = torch.zeros((o, _round8(c + 1), *w.shape[2:]), dtype=w.dtype, device=w.device)
     wide[:, :c] = w
     if conv.bias is not None:
@@ -622,11 +627,8 @@ def in_matrix(conv: torch.nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor]:
     """The input conv's [C_out, C, KH, KW] weight as ``conv_in_direct``'s [K, C_out] matrix, rows
     k = (i * KW + j) * C + c (tap-major), zeros up to K = the next power of two >= 16 past
     KH * KW * C; and its bias in float32 (zeros without one)."""
-    w = conv.weight
+    w = _same_padding_weight(conv, "in_matrix")
     o, c, kh, kw = w.shape
-    if conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.groups != 1 or kh % 2 == 0 or kw % 2 == 0 \
-            or conv.padding != (kh // 2, kw // 2):
-        raise ValueError("in_matrix: needs an odd-sized conv with stride 1 and 'same' padding, no groups or dilation")
     taps = kh * kw * c
     mat = torch.zeros((max(16, triton_next_pow2(taps)), o), dtype=w.dtype, device=w.device)
     mat[:taps] = w.permute(2, 3, 1, 0).reshape(taps, o)
@@ -641,8 +643,8 @@ def conv_in_direct(x: torch.Tensor, matrix: torch.Tensor, bias: torch.Tensor, ke
     the weight's dtype, its bias added in float32 and rounded once.
 
     The conv writes the U-Net's largest tensor from 3 (or 6) channels: its cost is the output's
-    bytes, which cuDNN's kernels for the padded input (``conv_in``) took ~3.5x the time of to
-    write on an H100 (0.67 ms at 256x256, batch 16). ``stats``: inside ``shared_statistics``
+    bytes, and cuDNN's kernels for the padded input (``conv_in``) took ~3.5x as long as writing
+    them needs on an H100 (0.67 ms at 256x256, batch 16). ``stats``: inside ``shared_statistics``
     the epilogue also takes y's statistics per 128-row tile (where the tile divides the pixels per
     sample), as ``skip_add``'s does, for the first block's norm and the decoder's last skip.
     """
