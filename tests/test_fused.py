@@ -679,6 +679,16 @@ def test_fused_needs_channels_last():
         fast.prepare(exact(TINY["new-order"]), device=_kernel_device(), fused_kernels=True, channels_last=False)
 
 
+def _norm_launches(y, gamma, beta, **kw):
+    """``group_norm_act(y, ...)`` and the names of the kernels it launched."""
+    launched = []
+    real, fused._launch = fused._launch, lambda name, *a, **k: launched.append(name) or real(name, *a, **k)
+    try:
+        return fused.group_norm_act(y, gamma, beta, **kw), launched
+    finally:
+        fused._launch = real
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_group_norm_act_large(dtype):
@@ -698,12 +708,7 @@ def test_gpu_group_norm_act_large(dtype):
         bias = torch.randn(256, generator=g).cuda()
         with torch.no_grad(), fused.shared_statistics():
             y = fused.add_bias(x, r, bias, resample=resample)
-            launched = []
-            real, fused._launch = fused._launch, lambda name, *a, **k: launched.append(name) or real(name, *a, **k)
-            try:
-                z = fused.group_norm_act(y, gamma, beta)
-            finally:
-                fused._launch = real
+            z, launched = _norm_launches(y, gamma, beta)
         assert launched == ["finalize", "apply"]
         assert torch.equal(y, fused.add_bias(x, r, bias, resample=resample, stats=False))
         assert rel_norm(fused.reference_group_norm_act(y, gamma, beta), z.double()) <= BOUNDS[dtype]
@@ -728,12 +733,7 @@ def test_gpu_skip_add_and_conv_up_large():
     with torch.no_grad(), fused.shared_statistics():
         fused.group_norm_act(x2, gamma[256:], beta[256:])
         y = fused.skip_add(h, x, x2, fused.skip_weight(conv), bias)
-        launched = []
-        real, fused._launch = fused._launch, lambda name, *a, **k: launched.append(name) or real(name, *a, **k)
-        try:
-            z = fused.group_norm_act(y, gamma, beta, x2=x2)
-        finally:
-            fused._launch = real
+        z, launched = _norm_launches(y, gamma, beta, x2=x2)
     assert torch.equal(y, got) and launched == ["finalize", "apply"]
     assert rel_norm(fused.reference_group_norm_act(y, gamma, beta, x2=x2), z.double()) <= 1.5e-3
     up = torch.nn.Conv2d(512, 512, 3, padding=1, bias=False).cuda().half().to(memory_format=torch.channels_last)
@@ -757,12 +757,7 @@ def test_gpu_direct_input_conv_large():
         gamma, beta = torch.ones(co, device="cuda"), torch.zeros(co, device="cuda")
         with torch.no_grad(), fused.shared_statistics():
             y = fused.conv_in_direct(x, matrix, bias, (3, 3))
-            launched = []
-            real, fused._launch = fused._launch, lambda name, *a, **k: launched.append(name) or real(name, *a, **k)
-            try:
-                z = fused.group_norm_act(y, gamma, beta)
-            finally:
-                fused._launch = real
+            z, launched = _norm_launches(y, gamma, beta)
         assert rel_norm(want, y.float()) <= 4e-3 and launched == ["finalize", "apply"]
         assert rel_norm(fused.reference_group_norm_act(y, gamma, beta), z.double()) <= 1e-2
 
