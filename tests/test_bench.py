@@ -104,8 +104,8 @@ def test_host_step_script_runs_the_fused_path_everywhere_and_restores_what_it_st
     from adm_cli import fused
 
     def stubbed():
-        return (fused._launch, F.conv2d, F.linear, F.scaled_dot_product_attention, torch.Tensor.addmm_,
-                torch.Tensor.__matmul__, F.conv_transpose2d)
+        return (fused._launch, fused.gemm_runs, F.conv2d, F.linear, F.scaled_dot_product_attention,
+                torch.Tensor.addmm_, torch.Tensor.__matmul__, F.conv_transpose2d)
 
     from adm_cli import layers
 
