@@ -43,11 +43,11 @@ step 40 python3 benchmarks/bench.py --device cuda --cases ddim-256 --repeats 5 -
     --json "$OUT/graphs-nostats.json"
 # 4. The fused kernels' GPU tests (real sizes; the statistics kept by the closing adds among them).
 step 70 python3 -m pytest -q -p no:cacheprovider -rf -m gpu tests/test_fused.py
-# 5. The skip GEMM, the residual add and the input conv at the 256x256 model's shapes: the GEMM's
-#    tiles (8 warps: half the registers per thread, compiled offline), the direct input conv's
-#    tiles against cuDNN's, all with their statistics, and the statistics pass that spares.
+# 5. The input conv, the skip GEMM and the residual add at the 256x256 model's shapes: the direct
+#    input conv's tiles against cuDNN's, the GEMM's tiles (8 warps: half the registers per thread,
+#    compiled offline), all with their statistics, and the statistics pass that spares.
 #    (DIRECT_IN stays on only if "direct +stats" beats "conv_in" plus its "(stats pass over y)".)
-step 60 python3 benchmarks/ops.py --model 256x256_diffusion --batch 16 --repeats 10 --groups skip,add,in \
+step 60 python3 benchmarks/ops.py --model 256x256_diffusion --batch 16 --repeats 10 --groups in,skip,add \
     --tiles 128:128:64:4:3,128:128:64:8:3,128:256:64:8:3 --json "$OUT/ops256.json"
 # 6. Accuracy of the fast path against float32 (TF32 off), full-size 512 and 64 models; then the
 #    other GPU-marked tests (the compile test, the slowest, last).

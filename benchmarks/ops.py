@@ -246,7 +246,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--tiles", default=DEFAULT_TILES, help="skip_add tiles M:N:K:WARPS:STAGES, comma-separated")
-    p.add_argument("--groups", default="skip,add,up,in,out")
+    p.add_argument("--groups", default="skip,add,up,in,out", help="comma-separated, run in this order")
     p.add_argument("--small", action="store_true", help="a shrunk model and batch (the default without CUDA)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -262,6 +262,9 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     groups = args.groups.split(",")
+    unknown = sorted(set(groups) - {"skip", "add", "up", "in", "out"})
+    if unknown:
+        p.error(f"--groups: unknown {', '.join(unknown)} (from skip, add, up, in, out)")
     rows = []
 
     def run(group, shape, count, forms):
@@ -279,24 +282,30 @@ def main(argv=None) -> int:
             print(f"{group:5} {shape:28} {name:24} " + (f"{r['ms']:8.3f} ms x{count}  diff {r['diff']:.1e}"
                                                          if "ms" in r else r["error"]), flush=True)
 
-    with torch.no_grad():
-        if "skip" in groups:
-            for (res, cx, cs, co), count in skip_shapes(cfg).items():
-                run("skip", f"{res}^2 {cx}+{cs}->{co}", count, _forms_skip(n, res, cx, cs, co, dtype, device, tiles))
-        if "add" in groups:
-            for (res, c, resample), count in add_shapes(cfg).items():
-                run("add", f"{res}^2 {c}" + (f" {resample}" if resample else ""), count,
-                    _forms_add(n, res, c, resample, dtype, device))
-        if "up" in groups:
-            for (res, c), count in up_shapes(cfg).items():
-                run("up", f"{res}^2 -> {2 * res}^2, {c}", count, _forms_up(n, res, c, dtype, device))
-        if "in" in groups or "out" in groups:
-            res, c0 = _levels(cfg)[0]
-            fin, fout = _forms_io(n, res, cfg.in_channels, c0, cfg.out_channels, dtype, device)
-            if "in" in groups:
-                run("in", f"{res}^2 {cfg.in_channels}->{c0}", 1, fin)
-            if "out" in groups:
-                run("out", f"{res}^2 {c0}->{cfg.out_channels}", 1, fout)
+    def skip():
+        for (res, cx, cs, co), count in skip_shapes(cfg).items():
+            run("skip", f"{res}^2 {cx}+{cs}->{co}", count, _forms_skip(n, res, cx, cs, co, dtype, device, tiles))
+
+    def add():
+        for (res, c, resample), count in add_shapes(cfg).items():
+            run("add", f"{res}^2 {c}" + (f" {resample}" if resample else ""), count,
+                _forms_add(n, res, c, resample, dtype, device))
+
+    def up():
+        for (res, c), count in up_shapes(cfg).items():
+            run("up", f"{res}^2 -> {2 * res}^2, {c}", count, _forms_up(n, res, c, dtype, device))
+
+    def io(which):
+        res, c0 = _levels(cfg)[0]
+        forms = _forms_io(n, res, cfg.in_channels, c0, cfg.out_channels, dtype, device)
+        if which == "in":
+            run("in", f"{res}^2 {cfg.in_channels}->{c0}", 1, forms[0])
+        else:
+            run("out", f"{res}^2 {c0}->{cfg.out_channels}", 1, forms[1])
+
+    with torch.no_grad():  # in the order given (a run cut short keeps the first groups' rows)
+        for group in groups:
+            {"skip": skip, "add": add, "up": up, "in": lambda: io("in"), "out": lambda: io("out")}[group]()
     totals: dict[tuple, float] = {}
     for r in rows:
         if "ms" in r:
