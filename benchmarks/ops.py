@@ -34,6 +34,7 @@ steps with each switch, against the reference.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -295,13 +296,14 @@ def main(argv=None) -> int:
         for (res, c), count in up_shapes(cfg).items():
             run("up", f"{res}^2 -> {2 * res}^2, {c}", count, _forms_up(n, res, c, dtype, device))
 
+    res0, c0 = _levels(cfg)[0]
+    io_forms = functools.cache(lambda: _forms_io(n, res0, cfg.in_channels, c0, cfg.out_channels, dtype, device))
+
     def io(which):
-        res, c0 = _levels(cfg)[0]
-        forms = _forms_io(n, res, cfg.in_channels, c0, cfg.out_channels, dtype, device)
         if which == "in":
-            run("in", f"{res}^2 {cfg.in_channels}->{c0}", 1, forms[0])
+            run("in", f"{res0}^2 {cfg.in_channels}->{c0}", 1, io_forms()[0])
         else:
-            run("out", f"{res}^2 {c0}->{cfg.out_channels}", 1, forms[1])
+            run("out", f"{res0}^2 {c0}->{cfg.out_channels}", 1, io_forms()[1])
 
     with torch.no_grad():  # in the order given (a run cut short keeps the first groups' rows)
         for group in groups:

@@ -248,6 +248,17 @@ def _statistics_of(x: torch.Tensor, token: object) -> tuple[torch.Tensor, int, i
     return stats
 
 
+def _part_to_keep(stats: bool, n: int, hw: int, rows: int, c: int,
+                  device: torch.device) -> tuple[object, torch.Tensor | None]:
+    """For an op that takes its output's statistics per ``rows``-row block on the way: inside
+    ``shared_statistics`` (and when ``stats``), the scope's token and an empty PART for them,
+    [2, N, ceil(hw / rows), C] float32; else (None, None)."""
+    token = getattr(_SCOPE, "token", None) if stats else None
+    if token is None:
+        return None, None
+    return token, torch.empty((2, n, -(-hw // rows), c), dtype=torch.float32, device=device)
+
+
 def _affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
             in_bias: torch.Tensor | None, scale: torch.Tensor | None, shift: torch.Tensor | None,
             x2: torch.Tensor | None = None, grad: bool = False) -> torch.Tensor:
@@ -397,11 +408,10 @@ def _residual_add(x: torch.Tensor, r: torch.Tensor, bias: torch.Tensor | None, r
     y = torch.empty_like(x, memory_format=torch.channels_last)
     block_r, block_c = _blocks(c)
     hr, wr = r.shape[-2:]
-    token = getattr(_SCOPE, "token", None) if stats else None
-    rpp, part = block_r, None
-    if token is not None:
-        rpp = max(block_r, _RESIDUAL_STATS_ROWS)  # (both powers of two: whole tiles)
-        part = torch.empty((2, n, -(-ho * wo // rpp), c), dtype=torch.float32, device=x.device)
+    rpp = max(block_r, _RESIDUAL_STATS_ROWS)  # (both powers of two: whole tiles)
+    token, part = _part_to_keep(stats, n, ho * wo, rpp, c, x.device)
+    if part is None:
+        rpp = block_r
     _launch("residual_add", (-(-ho * wo // rpp), n), x, r, bias if bias is not None else x, y,
             part if part is not None else y, ho * wo, hr * wr, wr, wo, c, rpp, HAS_BIAS=bias is not None,
             RESAMPLE=_RESAMPLE[resample], STATS=part is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_WARPS)
@@ -530,10 +540,7 @@ def skip_add(h: torch.Tensor, x: torch.Tensor, x2: torch.Tensor | None, weight_t
     block_k = min(_GEMM_K, max(16, triton_next_pow2(min(c1, c2) if c2 else c1)))
     grid = (-(-m // _GEMM_M) * -(-co // block_n),)
     # Inside shared_statistics y's statistics come out of the epilogue, for the norm that reads y next.
-    token = getattr(_SCOPE, "token", None) if stats and (hh * ww) % _GEMM_M == 0 else None
-    part = None
-    if token is not None:
-        part = torch.empty((2, n, hh * ww // _GEMM_M, co), dtype=torch.float32, device=h.device)
+    token, part = _part_to_keep(stats and (hh * ww) % _GEMM_M == 0, n, hh * ww, _GEMM_M, co, h.device)
     _launch("skip_add", grid, x, x2 if x2 is not None else x, weight_t, h, bias, y, part if part is not None else y,
             m, c1, c2, co, TWO=x2 is not None,
             F32=h.dtype == torch.float32 or (interpreted() and h.dtype == torch.bfloat16), STATS=part is not None,
@@ -659,17 +666,14 @@ def conv_in_direct(x: torch.Tensor, matrix: torch.Tensor, bias: torch.Tensor, ke
     if co % block_n and co % 64 == 0:
         block_n = 64  # (192 channels: three tiles of 64, not two of 128 with one half empty)
     tiles_m = -(-(hh * ww) // _GEMM_M)
-    token = getattr(_SCOPE, "token", None) if stats and (hh * ww) % _GEMM_M == 0 else None
-    part = None
-    if token is not None:
-        part = torch.empty((2, n, tiles_m, co), dtype=torch.float32, device=x.device)
+    token, part = _part_to_keep(stats and (hh * ww) % _GEMM_M == 0, n, hh * ww, _GEMM_M, co, x.device)
     _launch("conv_in", (tiles_m * -(-co // block_n), n), x, matrix, bias, y, part if part is not None else y,
             *x.stride(), hh, ww, c, co, KH=kh, KW=kw,
             F32=matrix.dtype == torch.float32 or (interpreted() and matrix.dtype == torch.bfloat16),
             STATS=part is not None, BLOCK_M=_GEMM_M, BLOCK_N=block_n, BLOCK_K=matrix.shape[0],
             num_warps=_CONV_IN_WARPS)
     if part is not None:
-        _keep(y, token, (part, _GEMM_M, tiles_m))
+        _keep(y, token, (part, _GEMM_M, part.shape[2]))
     return y
 
 
