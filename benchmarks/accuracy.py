@@ -93,7 +93,12 @@ def main(argv=None) -> int:
     p.add_argument("--small", action="store_true", help="the shrunk networks of bench.py --cpu-small")
     p.add_argument("--json", default=None)
     p.add_argument("--gn-upcast", action="store_true", help="GroupNorm through a float32 copy (as bench.py)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="as bench.py --set")
     args = p.parse_args(argv)
+    try:
+        bench.apply_switches(args.set)
+    except ValueError as e:
+        p.error(str(e))
     if args.gn_upcast:
         from adm_cli import layers
         layers.NATIVE_HALF_GROUPNORM = False

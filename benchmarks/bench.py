@@ -306,6 +306,18 @@ SWITCHES = {"FUSED_SKIP": {"on": True, "off": False}, "PAD_IO": {"on": True, "of
             "DIRECT_IN": {"on": True, "off": False}}
 
 
+def apply_switches(items: list[str]) -> list[str]:
+    """Set ``layers``' switches from ``NAME=VALUE`` items (``--set``); returns the items applied."""
+    from adm_cli import layers
+
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in SWITCHES or value not in SWITCHES[name]:
+            raise ValueError(f"--set {item}: choose " + "; ".join(f"{k}={'/'.join(v)}" for k, v in SWITCHES.items()))
+        setattr(layers, name, SWITCHES[name][value])
+    return list(items)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -335,7 +347,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="ours, fused: one of adm_cli.layers' switches (FUSED_SKIP, UP_CONV, PAD_IO, SHARED_STATS, "
-                        "SKIP_STATS, RESIDUAL_STATS; "
+                        "SKIP_STATS, RESIDUAL_STATS, DIRECT_IN; "
                         "on/off or, for UP_CONV, transposed/plain), to time a part against its plainer form")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the rows as JSON")
     args = p.parse_args(argv)
@@ -356,14 +368,10 @@ def main(argv=None) -> int:
     if args.concat:
         from adm_cli import layers
         layers.FUSED_CONCAT = False
-    switched = []
-    for item in args.set:
-        name, _, value = item.partition("=")
-        from adm_cli import layers
-        if name not in SWITCHES or value not in SWITCHES[name]:
-            p.error(f"--set {item}: choose " + "; ".join(f"{k}={'/'.join(v)}" for k, v in SWITCHES.items()))
-        setattr(layers, name, SWITCHES[name][value])
-        switched.append(item)
+    try:
+        switched = apply_switches(args.set)
+    except ValueError as e:
+        p.error(str(e))
     torch.manual_seed(0)
     dev, peak = device_peak(device)
     mode = "cpu-small" if args.cpu_small else "full"

@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# One lent-GPU session: the speed tables, the new ops against their plainer forms, the GPU tests,
-# accuracy of the fast path and the CLI on CUDA, in one call. (benchmarks/kernels.py, the norm
-# kernels' launch geometry, and host.py --launch ran in session 9; see NOTES.md.)
+# One lent-GPU session: a first check of the fused kernels with this machine's Triton, the speed
+# tables, the new ops against their plainer forms, the GPU tests, accuracy of the fast path and the
+# CLI on CUDA, in one call. (host.py --launch ran in session 9; see NOTES.md.)
 #   bash benchmarks/gpu_session.sh OUTDIR
 # Needs guided_diffusion importable (the device machine has no registry: carry a copy of the
 # package in .gd/ and it is put on PYTHONPATH). Each step has its own time limit, and all of them
 # share one deadline (ADM_GPU_BUDGET seconds, default 520), so one that hangs or breaks cannot
-# cost the others their numbers and the whole stays inside the call's limit; results land in
-# OUTDIR as they come. Most important first: if the deadline cuts the tail, what ran is kept.
+# cost the others their numbers and the whole stays inside the call's limit. Most important first:
+# if the deadline cuts the tail, what ran is kept. OUTDIR gets two files (the device tool brings
+# back at most 8): session.log, and results.tgz (the JSON tables and profiles), re-packed after
+# every step.
 OUT=${1:-${OUT:-/tmp/adm-gpu}}
 mkdir -p "$OUT"
+RES=$(mktemp -d)
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD/src:$PWD/tests:$PWD/.gd${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export ADM_HOME=${ADM_HOME:-/tmp/adm-home}
@@ -22,41 +25,47 @@ step() {
   [ "$limit" -gt "$left" ] && limit=$left
   echo "=== $* (limit ${limit}s) $(date +%T)" | tee -a "$LOG"
   timeout "$limit" "$@" 2>&1 | tee -a "$LOG"; echo "=== exit ${PIPESTATUS[0]} $(date +%T)" | tee -a "$LOG"
+  tar czf "$OUT/results.tgz.tmp" -C "$RES" . && mv "$OUT/results.tgz.tmp" "$OUT/results.tgz"
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee -a "$LOG"
 python3 -c "import torch, triton, guided_diffusion; print('torch', torch.__version__, 'triton', triton.__version__,
 torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, 'SMs')" 2>&1 | tee -a "$LOG"
-# 1. The 256x256 DDIM case (3.00x with graphs in session 10: no margin), eager, with a profile of ours.
-#    A fresh machine's first case spends ~65-70 s compiling Triton's kernels.
-step 130 python3 benchmarks/bench.py --device cuda --cases ddim-256 --repeats 5 --profile "$OUT/prof" \
-    --json "$OUT/eager256.json"
-# 2. All three cases with CUDA graphs (adm sample's default on CUDA).
-step 100 python3 benchmarks/bench.py --device cuda --cases ddim-256,ddpm-512-guided,ddpm-64-guided --repeats 5 \
-    --no-flops --cuda-graph --json "$OUT/graphs.json"
-# 3. The 256 step without this build's statistics sharing (decoder skips, skip_add's epilogue,
-#    the residual add's loop): eager with a profile, the statistics kernel's GPU time against
-#    step 1's (whole-step eager times are noisier than the ~2-3 ms at stake), then graphed.
-OFF="--set SHARED_STATS=off --set SKIP_STATS=off --set RESIDUAL_STATS=off"
-step 45 python3 benchmarks/bench.py --device cuda --cases ddim-256 --repeats 3 --no-flops $OFF \
-    --profile "$OUT/prof-nostats" --json "$OUT/set-nostats.json"
-step 40 python3 benchmarks/bench.py --device cuda --cases ddim-256 --repeats 5 --no-flops --cuda-graph $OFF \
-    --json "$OUT/graphs-nostats.json"
-# 4. The fused kernels' GPU tests (real sizes; the statistics kept by the closing adds among them).
-step 70 python3 -m pytest -q -p no:cacheprovider -rf -m gpu tests/test_fused.py
-# 5. The input conv, the skip GEMM and the residual add at the 256x256 model's shapes: the direct
+# 0. The fused path on tiny U-Nets against float32: if a part fails with this Triton (never run
+#    on a GPU: the statistics kept by skip_add and the residual add, the direct input conv), the
+#    later steps switch it back (SETS) instead of losing their numbers.
+step 90 python3 benchmarks/smoke.py --out "$RES/sets"
+SETS=$(cat "$RES/sets" 2>/dev/null)
+echo "=== switches for the later steps: ${SETS:-(none)}" | tee -a "$LOG"
+# 1. All three cases with CUDA graphs (adm sample's default on CUDA); 256 was 3.00x in session 10,
+#    no margin. The first large case pays for the large shapes' Triton compiles.
+step 150 python3 benchmarks/bench.py --device cuda --cases ddim-256,ddpm-512-guided,ddpm-64-guided --repeats 5 \
+    --no-flops --cuda-graph $SETS --json "$RES/graphs.json"
+# 2. The input conv, the skip GEMM and the residual add at the 256x256 model's shapes: the direct
 #    input conv's tiles against cuDNN's, the GEMM's tiles (8 warps: half the registers per thread,
 #    compiled offline), all with their statistics, and the statistics pass that spares.
-#    (DIRECT_IN stays on only if "direct +stats" beats "conv_in" plus its "(stats pass over y)".)
+#    (DIRECT_IN stays on only if "direct +stats" beats "conv_in" plus its "(stats pass over y)";
+#    a statistics switch whose "+stats" row costs more than its "(stats pass over y)" row goes off.)
 step 60 python3 benchmarks/ops.py --model 256x256_diffusion --batch 16 --repeats 10 --groups in,skip,add \
-    --tiles 128:128:64:4:3,128:128:64:8:3,128:256:64:8:3 --json "$OUT/ops256.json"
-# 6. Accuracy of the fast path against float32 (TF32 off), full-size 512 and 64 models; then the
-#    other GPU-marked tests (the compile test, the slowest, last).
-step 70 python3 benchmarks/accuracy.py --dtypes auto --json "$OUT/accuracy.json"
+    --tiles 128:128:64:4:3,128:128:64:8:3,128:256:64:8:3 --json "$RES/ops256.json"
+# 3. The fused kernels' GPU tests (real sizes; the statistics kept by the closing adds among them).
+step 70 python3 -m pytest -q -p no:cacheprovider -rf -m gpu tests/test_fused.py
+# 4. Accuracy of the fast path against float32 (TF32 off), full-size 512 and 64 models.
+step 70 python3 benchmarks/accuracy.py --dtypes auto $SETS --json "$RES/accuracy.json"
+# 5. The 256 step eager, with a profile of ours (GPU time by kernel).
+step 60 python3 benchmarks/bench.py --device cuda --cases ddim-256 --repeats 5 $SETS --profile "$RES/prof" \
+    --json "$RES/eager256.json"
+# 6. The 256 step without this build's statistics sharing (decoder skips, skip_add's and the input
+#    conv's epilogues, the residual add's loop): eager with a profile (the statistics kernel's GPU
+#    time against step 5's: whole-step eager times are noisier than the ~2-3 ms at stake), then
+#    graphed against step 1.
+OFF="--set SHARED_STATS=off --set SKIP_STATS=off --set RESIDUAL_STATS=off"
+step 45 python3 benchmarks/bench.py --device cuda --cases ddim-256 --repeats 3 --no-flops $SETS $OFF \
+    --profile "$RES/prof-nostats" --json "$RES/set-nostats.json"
+step 40 python3 benchmarks/bench.py --device cuda --cases ddim-256 --repeats 5 --no-flops --cuda-graph $SETS $OFF \
+    --json "$RES/graphs-nostats.json"
+# 7. The other GPU-marked tests (the compile test, the slowest, last).
 step 100 python3 -m pytest -q -p no:cacheprovider -rf -m gpu tests/test_graphs.py tests/test_fast_state.py \
     tests/test_fast.py
-# 7. The other two cases eager, with profiles.
-step 70 python3 benchmarks/bench.py --device cuda --cases ddpm-512-guided,ddpm-64-guided --repeats 5 \
-    --profile "$OUT/prof" --json "$OUT/eager.json"
 # 8. The command line on CUDA: the bundled demo, guided, with graphs (the default) and without
 #    (same images within a level), and a refused bad input.
 step 60 bash -c 'set -e; for g in "" --no-cuda-graph; do
@@ -65,9 +74,12 @@ step 60 bash -c 'set -e; for g in "" --no-cuda-graph; do
   python3 -c "import numpy as np; a = np.load(\"/tmp/demo/samples.npz\"); b = np.load(\"/tmp/demo--no-cuda-graph/samples.npz\")
 k = a.files[0]; d = np.abs(a[k].astype(int) - b[k].astype(int)); print(\"demo graphs vs eager: shape\", a[k].shape, \"max diff\", d.max(), \"mean\", d.mean())"
   python3 -m adm_cli sample --model demo-digits --class 7 --device cuda:7 --out /tmp/bad || echo "exit $?"'
-# 9. Launch geometry of the norm kernels at 256x256 (never swept there; at 512 the defaults
+# 9. The other two cases eager, with profiles.
+step 70 python3 benchmarks/bench.py --device cuda --cases ddpm-512-guided,ddpm-64-guided --repeats 5 $SETS \
+    --profile "$RES/prof" --json "$RES/eager.json"
+# 10. Launch geometry of the norm kernels at 256x256 (never swept there; at 512 the defaults
 #    4096:4:4 won in session 9). A setting that beats it by more than the repeats' spread is
 #    worth a graphs run of its own before it becomes the default.
 step 80 python3 benchmarks/kernels.py --cases ddim-256 --repeats 3 \
-    --settings 4096:4:4,4096:4:8,8192:8:8,2048:4:8 --json "$OUT/kernels.json"
+    --settings 4096:4:4,4096:4:8,8192:8:8,2048:4:8 --json "$RES/kernels.json"
 echo "=== done $(date +%T), ${SECONDS}s" | tee -a "$LOG"

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -215,3 +216,35 @@ def test_reads_script_counts_what_the_statistics_kernel_spares(monkeypatch):
     # (the 64x64 U-Net's skips: 15.0% of the reads, skip_add's and the input conv's outputs 18.9%
     # more, the residual adds' 18.0% more)
     assert 0.10 < 1 - shared / none < 0.20 and 0.25 < 1 - skip / none < 0.40 and 0.4 < 1 - residual / none < 0.6
+
+
+@pytest.mark.parametrize("fault", ["raises", "wrong"])
+def test_smoke_switches_back_a_broken_part(fault, monkeypatch):
+    """benchmarks/smoke.py (a GPU session's first step): a part that raises or gives wrong numbers
+    is switched back, the parts older than it are kept, and layers' switches are left as they were."""
+    from test_fused import _kernel_device
+
+    from adm_cli import fused, layers
+
+    device = _kernel_device()
+    if device is None:
+        pytest.skip("no Triton kernels here (no GPU, no interpreter)")
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import smoke
+
+    monkeypatch.setattr(smoke, "FAMILIES", ("new-order",))  # (one U-Net keeps the interpreter's time down)
+    monkeypatch.setattr(smoke, "CLASSIFIER", False)
+    dtype = "float16" if device == "cuda" else "float32"
+    if fault == "raises":
+        assert smoke.find_sets(device, dtype) == []
+    real = fused.conv_in_direct
+
+    def broken(*a, **k):
+        if fault == "raises":
+            raise RuntimeError("PTX rejected")
+        return real(*a, **k) * 1.05
+
+    monkeypatch.setattr(fused, "conv_in_direct", broken)
+    before = {name: getattr(layers, name) for name in ("DIRECT_IN", "RESIDUAL_STATS", "SKIP_STATS")}
+    assert smoke.find_sets(device, dtype) == ["DIRECT_IN=off"]
+    assert {name: getattr(layers, name) for name in before} == before
