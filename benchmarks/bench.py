@@ -302,7 +302,8 @@ def table(rows: list[dict]) -> str:
 
 SWITCHES = {"FUSED_SKIP": {"on": True, "off": False}, "PAD_IO": {"on": True, "off": False},
             "UP_CONV": {"transposed": "transposed", "plain": "plain"}, "SHARED_STATS": {"on": True, "off": False},
-            "SKIP_STATS": {"on": True, "off": False}, "RESIDUAL_STATS": {"on": True, "off": False},
+            "SKIP_STATS": {"on": True, "off": False}, "IN_STATS": {"on": True, "off": False},
+            "RESIDUAL_STATS": {"on": True, "off": False},
             "DIRECT_IN": {"on": True, "off": False}}
 
 
@@ -347,7 +348,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="ours, fused: one of adm_cli.layers' switches (FUSED_SKIP, UP_CONV, PAD_IO, SHARED_STATS, "
-                        "SKIP_STATS, RESIDUAL_STATS, DIRECT_IN; "
+                        "SKIP_STATS, IN_STATS, RESIDUAL_STATS, DIRECT_IN; "
                         "on/off or, for UP_CONV, transposed/plain), to time a part against its plainer form")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the rows as JSON")
     args = p.parse_args(argv)

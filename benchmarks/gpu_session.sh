@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One lent-GPU session: a first check of the fused kernels with this machine's Triton, the speed
 # tables, the new ops against their plainer forms, the GPU tests, accuracy of the fast path and the
-# CLI on CUDA, in one call. (host.py --launch ran in session 9; see NOTES.md.)
+# CLI on CUDA, in one call. (host.py --launch ran in session 9, kernels.py's launch geometries at
+# 256x256 in session 14; see NOTES.md.)
 #   bash benchmarks/gpu_session.sh OUTDIR
 # Needs guided_diffusion importable (the device machine has no registry: carry a copy of the
 # package in .gd/ and it is put on PYTHONPATH). Each step has its own time limit, and all of them
@@ -30,14 +31,14 @@ step() {
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee -a "$LOG"
 python3 -c "import torch, triton, guided_diffusion; print('torch', torch.__version__, 'triton', triton.__version__,
 torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, 'SMs')" 2>&1 | tee -a "$LOG"
-# 0. The fused path on tiny U-Nets against float32: if a part fails with this Triton (never run
-#    on a GPU: the statistics kept by skip_add and the residual add, the direct input conv), the
-#    later steps switch it back (SETS) instead of losing their numbers.
+# 0. The fused path on tiny U-Nets against float32: if a part fails with this Triton, the later
+#    steps switch it back (SETS) instead of losing their numbers.
 step 90 python3 benchmarks/smoke.py --out "$RES/sets"
 SETS=$(cat "$RES/sets" 2>/dev/null)
 echo "=== switches for the later steps: ${SETS:-(none)}" | tee -a "$LOG"
-# 1. All three cases with CUDA graphs (adm sample's default on CUDA); 256 was 3.00x in session 10,
-#    no margin. The first large case pays for the large shapes' Triton compiles.
+# 1. All three cases with CUDA graphs (adm sample's default on CUDA); 256 was 3.00x on an H100
+#    (session 10) and 2.89x on an H200 (session 14). The first large case pays for the large
+#    shapes' Triton compiles.
 step 150 python3 benchmarks/bench.py --device cuda --cases ddim-256,ddpm-512-guided,ddpm-64-guided --repeats 5 \
     --no-flops --cuda-graph $SETS --json "$RES/graphs.json"
 # 2. The input conv, the skip GEMM and the residual add at the 256x256 model's shapes: the direct
@@ -54,11 +55,11 @@ step 70 python3 benchmarks/accuracy.py --dtypes auto $SETS --json "$RES/accuracy
 # 5. The 256 step eager, with a profile of ours (GPU time by kernel).
 step 60 python3 benchmarks/bench.py --device cuda --cases ddim-256 --repeats 5 $SETS --profile "$RES/prof" \
     --json "$RES/eager256.json"
-# 6. The 256 step without this build's statistics sharing (decoder skips, skip_add's and the input
-#    conv's epilogues, the residual add's loop): eager with a profile (the statistics kernel's GPU
-#    time against step 5's: whole-step eager times are noisier than the ~2-3 ms at stake), then
-#    graphed against step 1.
-OFF="--set SHARED_STATS=off --set SKIP_STATS=off --set RESIDUAL_STATS=off"
+# 6. The 256 step without the statistics sharing that is on (the decoder's skips, skip_add's
+#    epilogue; the input conv's and the residual add's are off since session 14): eager with a
+#    profile (the statistics kernel's GPU time against step 5's: whole-step eager times are
+#    noisier than the ~1-2 ms at stake), then graphed against step 1.
+OFF="--set SHARED_STATS=off --set SKIP_STATS=off"
 step 45 python3 benchmarks/bench.py --device cuda --cases ddim-256 --repeats 3 --no-flops $SETS $OFF \
     --profile "$RES/prof-nostats" --json "$RES/set-nostats.json"
 step 40 python3 benchmarks/bench.py --device cuda --cases ddim-256 --repeats 5 --no-flops --cuda-graph $SETS $OFF \
@@ -77,9 +78,4 @@ k = a.files[0]; d = np.abs(a[k].astype(int) - b[k].astype(int)); print(\"demo gr
 # 9. The other two cases eager, with profiles.
 step 70 python3 benchmarks/bench.py --device cuda --cases ddpm-512-guided,ddpm-64-guided --repeats 5 $SETS \
     --profile "$RES/prof" --json "$RES/eager.json"
-# 10. Launch geometry of the norm kernels at 256x256 (never swept there; at 512 the defaults
-#    4096:4:4 won in session 9). A setting that beats it by more than the repeats' spread is
-#    worth a graphs run of its own before it becomes the default.
-step 80 python3 benchmarks/kernels.py --cases ddim-256 --repeats 3 \
-    --settings 4096:4:4,4096:4:8,8192:8:8,2048:4:8 --json "$RES/kernels.json"
 echo "=== done $(date +%T), ${SECONDS}s" | tee -a "$LOG"

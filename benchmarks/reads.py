@@ -7,7 +7,9 @@ The statistics pass of the fused GroupNorm reads every norm's input once (``fuse
 H100 it took 5.7 of a 68 ms DDIM step at 256x256 (session 10). Two things spare it reads: the
 decoder's norms reuse the skip connections' statistics that the encoder took
 (``layers.SHARED_STATS``), and ``skip_add``, the direct input conv and the closing residual add
-hand their outputs' statistics to the next norm (``layers.SKIP_STATS``, ``RESIDUAL_STATS``).
+hand their outputs' statistics to the next norm (``layers.SKIP_STATS``, ``IN_STATS``,
+``RESIDUAL_STATS``; the last two off by default since session 14, whose H200 timed their
+epilogues dearer than the reads they spare: fewer reads are not always less time).
 This counts the elements read under each setting by running the full-size network on PyTorch's
 meta device (shapes only, nothing computed or allocated), with the fused path switched on as on
 a GPU and its kernel launches only recorded. Exact for the launch decisions the host makes; the
@@ -31,8 +33,10 @@ from adm_cli.config import PRESETS, UNetConfig  # noqa: E402
 from adm_cli.models import build_model  # noqa: E402
 
 MODELS = ("256x256_diffusion", "512x512_diffusion", "64x64_diffusion")
-SETTINGS = {"none": (False, False, False), "SHARED_STATS": (True, False, False),
-            "+ SKIP_STATS": (True, True, False), "+ RESIDUAL_STATS": (True, True, True)}
+SWITCHES = ("SHARED_STATS", "SKIP_STATS", "IN_STATS", "RESIDUAL_STATS")
+SETTINGS = {"none": (False,) * 4, "SHARED_STATS": (True, False, False, False),
+            "+ SKIP_STATS": (True, True, False, False), "+ IN_STATS": (True, True, True, False),
+            "+ RESIDUAL_STATS": (True,) * 4}
 
 
 def count(model_name: str, batch: int = 1, dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
@@ -52,8 +56,7 @@ def count(model_name: str, batch: int = 1, dtype: torch.dtype = torch.bfloat16) 
     def nhwc(fn):  # (meta convolutions return NCHW; cuDNN's keep channels_last, which the kernels need)
         return lambda *a, **k: fn(*a, **k).contiguous(memory_format=torch.channels_last)
 
-    saved = (fused._launch, fused.gemm_runs, F.conv2d, F.conv_transpose2d, layers.SHARED_STATS, layers.SKIP_STATS,
-             layers.RESIDUAL_STATS)
+    saved = (fused._launch, fused.gemm_runs, F.conv2d, F.conv_transpose2d, *(getattr(layers, s) for s in SWITCHES))
     fused._launch, fused.gemm_runs = launch, lambda h: True  # (half precision on a GPU)
     F.conv2d, F.conv_transpose2d = nhwc(F.conv2d), nhwc(F.conv_transpose2d)
     r = cfg.image_size
@@ -65,14 +68,16 @@ def count(model_name: str, batch: int = 1, dtype: torch.dtype = torch.bfloat16) 
     out = {}
     try:
         for label, setting in SETTINGS.items():
-            layers.SHARED_STATS, layers.SKIP_STATS, layers.RESIDUAL_STATS = setting
+            for switch, on in zip(SWITCHES, setting):
+                setattr(layers, switch, on)
             reads[0] = 0
             with torch.no_grad():
                 model(x, t, **kw)
             out[label] = reads[0]
     finally:
-        (fused._launch, fused.gemm_runs, F.conv2d, F.conv_transpose2d, layers.SHARED_STATS,
-         layers.SKIP_STATS, layers.RESIDUAL_STATS) = saved
+        fused._launch, fused.gemm_runs, F.conv2d, F.conv_transpose2d = saved[:4]
+        for switch, on in zip(SWITCHES, saved[4:]):
+            setattr(layers, switch, on)
     return out
 
 

@@ -29,7 +29,7 @@ from adm_cli.guidance import classifier_grad  # noqa: E402
 from test_fast import OUTPUT_BOUNDS, TINY, TINY_CLF, exact, inputs, rel_norm  # noqa: E402
 
 # Switched back in this order (newest part first), each on top of the ones before it.
-FALLBACK = ("DIRECT_IN=off", "RESIDUAL_STATS=off", "SKIP_STATS=off", "SHARED_STATS=off", "FUSED_SKIP=off",
+FALLBACK = ("DIRECT_IN=off", "IN_STATS=off", "RESIDUAL_STATS=off", "SKIP_STATS=off", "SHARED_STATS=off", "FUSED_SKIP=off",
             "UP_CONV=plain", "PAD_IO=off")
 FAMILIES = ("new-order", "legacy-order", "upsampler")
 CLASSIFIER = True  # also the tiny classifier's input gradient (autograd through the kernels)
@@ -76,11 +76,14 @@ def check(device: str, dtype: str) -> list[str]:
 
 
 def find_sets(device: str, dtype: str) -> list[str] | None:
-    """The shortest prefix of FALLBACK under which ``check`` passes; None if none does. Leaves
-    ``layers`` as it found it."""
+    """The shortest prefix of FALLBACK under which ``check`` passes, less the items that change
+    nothing (switches already in that state); None if none passes. Leaves ``layers`` as it found
+    it."""
     saved = _defaults()
+    changes = [n for n, item in enumerate(FALLBACK, 1)
+               if saved[item.partition("=")[0]] != bench.SWITCHES[item.partition("=")[0]][item.partition("=")[2]]]
     try:
-        for n in range(len(FALLBACK) + 1):
+        for n in [0, *changes]:
             for name, value in saved.items():
                 setattr(layers, name, value)
             bench.apply_switches(list(FALLBACK[:n]))
@@ -88,7 +91,7 @@ def find_sets(device: str, dtype: str) -> list[str] | None:
             print(f"switched back: {', '.join(FALLBACK[:n]) or 'nothing'}: "
                   + ("passes" if not problems else "; ".join(problems)), flush=True)
             if not problems:
-                return list(FALLBACK[:n])
+                return [item for i, item in enumerate(FALLBACK[:n], 1) if i in changes]
         return None
     finally:
         for name, value in saved.items():

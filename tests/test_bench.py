@@ -206,13 +206,13 @@ def test_reads_script_counts_what_the_statistics_kernel_spares(monkeypatch):
 
     def state():
         return (fused._launch, fused.gemm_runs, F.conv2d, F.conv_transpose2d, layers.SHARED_STATS,
-                layers.SKIP_STATS, layers.RESIDUAL_STATS)
+                layers.SKIP_STATS, layers.IN_STATS, layers.RESIDUAL_STATS)
 
     before = state()
     row = reads.main(["--models", "64x64_diffusion"])["64x64_diffusion"]
     assert state() == before
-    none, shared, skip, residual = row.values()
-    assert none > shared > skip > residual > 0.3 * none
+    none, shared, skip, inp, residual = row.values()
+    assert none > shared > skip > inp > residual > 0.3 * none
     # (the 64x64 U-Net's skips: 15.0% of the reads, skip_add's and the input conv's outputs 18.9%
     # more, the residual adds' 18.0% more)
     assert 0.10 < 1 - shared / none < 0.20 and 0.25 < 1 - skip / none < 0.40 and 0.4 < 1 - residual / none < 0.6

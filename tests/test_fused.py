@@ -562,8 +562,8 @@ def test_fused_unet_matches_exact(family, dtype, bound, monkeypatch):
 def test_fused_unet_shares_statistics(family, monkeypatch):
     """With ``layers.SHARED_STATS`` the statistics kernel reads every skip connection once per
     forward (for the encoder's next norm) instead of twice, the decoder's norms over cat([h,
-    skip], 1) reading h only; and (``layers.SKIP_STATS``, ``RESIDUAL_STATS``) not at all the
-    outputs of skip_add, of the direct input conv and of the closing residual adds, whose
+    skip], 1) reading h only; and (``layers.SKIP_STATS``, ``IN_STATS``, ``RESIDUAL_STATS``) not at
+    all the outputs of skip_add, of the direct input conv and of the closing residual adds, whose
     statistics come out of those ops. Same output within float32 rounding."""
     from adm_cli import layers
 
@@ -590,9 +590,10 @@ def test_fused_unet_shares_statistics(family, monkeypatch):
         monkeypatch.setattr(fused, name, recorded(name, getattr(fused, name)))
     reads = _stats_reads(monkeypatch)
     outs = {}
-    settings = ((False, False, False), (True, False, False), (True, True, False), (True, True, True))
+    settings = ((False,) * 4, (True, False, False, False), (True, True, False, False), (True, True, True, False),
+                (True,) * 4)
     for setting in settings:
-        for switch, on in zip(("SHARED_STATS", "SKIP_STATS", "RESIDUAL_STATS"), setting):
+        for switch, on in zip(("SHARED_STATS", "SKIP_STATS", "IN_STATS", "RESIDUAL_STATS"), setting):
             monkeypatch.setattr(layers, switch, on)
         for kept in (reads, skips, *epilogue.values()):
             kept.clear()
@@ -601,14 +602,16 @@ def test_fused_unet_shares_statistics(family, monkeypatch):
         outs[setting, "reads"] = sum(reads)
         outs[setting, "kept"] = {name: sum(v) for name, v in epilogue.items()}
     assert len(skips) == len(ours.input_blocks) - 1
-    none, shared, skip, residual = (outs[s, "reads"] for s in settings)
+    none, shared, skip, inp, residual = (outs[s, "reads"] for s in settings)
     assert shared == none - sum(skips) - conv_in and sum(skips) + conv_in > 0.1 * none
     # each output that came with its statistics is read by one norm, which now reads nothing
     assert outs[settings[1], "kept"] == {"skip_add": 0, "conv_in_direct": 0, "add_bias": 0}
-    kept_skip, kept_in, kept_add = outs[settings[3], "kept"].values()
-    assert outs[settings[2], "kept"] == {"skip_add": kept_skip, "conv_in_direct": kept_in, "add_bias": 0}
-    assert kept_skip and kept_in == conv_in and skip == shared - kept_skip - kept_in
-    assert kept_add and residual == skip - kept_add
+    kept_skip, kept_in, kept_add = outs[settings[4], "kept"].values()
+    assert outs[settings[2], "kept"] == {"skip_add": kept_skip, "conv_in_direct": 0, "add_bias": 0}
+    assert outs[settings[3], "kept"] == {"skip_add": kept_skip, "conv_in_direct": kept_in, "add_bias": 0}
+    assert kept_skip and skip == shared - kept_skip
+    assert kept_in == conv_in and inp == skip - kept_in
+    assert kept_add and residual == inp - kept_add
     for s in settings[1:]:
         assert rel_norm(outs[settings[0]], outs[s]) <= 1e-6, s
 

@@ -57,8 +57,12 @@ FUSED_CONCAT = True
 # channels and a separate bias pass.
 # SHARED_STATS: the decoder's first norms reuse the statistics of their skip connection that the
 # encoder's norms took (``fused.shared_statistics``) rather than reading the skip again.
-# SKIP_STATS / RESIDUAL_STATS: there, ``fused.skip_add`` and the direct input conv / the closing
-# residual add (``add_bias``) also hand their output's statistics to the next norm.
+# SKIP_STATS / IN_STATS / RESIDUAL_STATS: there, ``fused.skip_add`` / the direct input conv / the
+# closing residual add (``add_bias``) also hand their output's statistics to the next norm. The
+# last two are off: on an H200 (session 14, benchmarks/NOTES.md) their epilogues cost more than
+# the statistics pass they spare (the 256x256 model's residual adds 7.5 ms per forward with their
+# statistics against 2.8 + 2.0 without; the input conv 0.87 against 0.32 + 0.31), while
+# skip_add's pays (5.6 against 4.8 + 1.8).
 # DIRECT_IN (under PAD_IO): the input conv, where no gradient is taken through it, as a direct
 # Triton conv (``fused.conv_in_direct``) rather than cuDNN's over the padded input.
 FUSED_SKIP = True
@@ -66,7 +70,8 @@ UP_CONV = "transposed"
 PAD_IO = True
 SHARED_STATS = True
 SKIP_STATS = True
-RESIDUAL_STATS = True
+IN_STATS = False
+RESIDUAL_STATS = False
 DIRECT_IN = True
 
 

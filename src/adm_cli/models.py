@@ -133,7 +133,7 @@ def _input_conv(conv: nn.Conv2d, x: torch.Tensor, fused_path: bool) -> torch.Ten
         grad = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
         if layers.DIRECT_IN and not grad and fused.gemm_runs(conv.weight):
             matrix, bias = derived(conv, "matrix", (conv.weight, conv.bias), lambda: fused.in_matrix(conv))
-            return fused.conv_in_direct(x, matrix, bias, conv.kernel_size, stats=layers.SKIP_STATS)
+            return fused.conv_in_direct(x, matrix, bias, conv.kernel_size, stats=layers.IN_STATS)
         return fused.conv_in(x, derived(conv, "padded", (conv.weight, conv.bias), lambda: fused.in_weight(conv)),
                              conv.padding)
     return conv(x)
