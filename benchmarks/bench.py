@@ -35,7 +35,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.join(ROOT, "src"), os.path.join(ROOT, "tests")]
 
-from adm_cli import api, fast, graphs  # noqa: E402
+from adm_cli import api, fast, fused, graphs  # noqa: E402
 from adm_cli.config import PRESETS  # noqa: E402
 from adm_cli.models import build_model  # noqa: E402
 
@@ -350,6 +350,8 @@ def main(argv=None) -> int:
                    help="ours, fused: one of adm_cli.layers' switches (FUSED_SKIP, UP_CONV, PAD_IO, SHARED_STATS, "
                         "SKIP_STATS, IN_STATS, RESIDUAL_STATS, DIRECT_IN; "
                         "on/off or, for UP_CONV, transposed/plain), to time a part against its plainer form")
+    p.add_argument("--add-stats", default=None, metavar="ROWS:TILE:WARPS", help="ours, fused: the residual "
+                   "add's statistics geometry (with --set RESIDUAL_STATS=on; ops.py --groups addnorm times them)")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the rows as JSON")
     args = p.parse_args(argv)
     if args.steps < 2:
@@ -371,6 +373,12 @@ def main(argv=None) -> int:
         layers.FUSED_CONCAT = False
     try:
         switched = apply_switches(args.set)
+        if args.add_stats:
+            geometry = tuple(int(v) if v.isdigit() else 0 for v in args.add_stats.split(":"))
+            if len(geometry) != 3 or min(geometry) < 1:
+                raise ValueError(f"--add-stats {args.add_stats}: want ROWS:TILE:WARPS, positive integers")
+            fused._RESIDUAL_STATS_ROWS, fused._RESIDUAL_STATS_TILE, fused._RESIDUAL_STATS_WARPS = geometry
+            switched.append(f"add-stats {args.add_stats}")
     except ValueError as e:
         p.error(str(e))
     torch.manual_seed(0)

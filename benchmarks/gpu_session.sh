@@ -41,13 +41,28 @@ echo "=== switches for the later steps: ${SETS:-(none)}" | tee -a "$LOG"
 #    shapes' Triton compiles.
 step 150 python3 benchmarks/bench.py --device cuda --cases ddim-256,ddpm-512-guided,ddpm-64-guided --repeats 5 \
     --no-flops --cuda-graph $SETS --json "$RES/graphs.json"
-# 2. The input conv, the skip GEMM and the residual add at the 256x256 model's shapes: the direct
-#    input conv's tiles against cuDNN's, the GEMM's tiles (8 warps: half the registers per thread,
-#    compiled offline), all with their statistics, and the statistics pass that spares.
-#    (DIRECT_IN stays on only if "direct +stats" beats "conv_in" plus its "(stats pass over y)";
-#    a statistics switch whose "+stats" row costs more than its "(stats pass over y)" row goes off.)
-step 60 python3 benchmarks/ops.py --model 256x256_diffusion --batch 16 --repeats 10 --groups in,skip,add \
-    --tiles 128:128:64:4:3,128:128:64:8:3,128:256:64:8:3 --json "$RES/ops256.json"
+# 2. The residual add and the skip GEMM at the 256x256 model's shapes, each with and without
+#    its statistics epilogue; the residual add's at four geometries (session 14's loop of 128 rows
+#    cost 2.7x the plain add), also followed by the next norm (addnorm: what the epilogue changes,
+#    the finalize of its blocks included). Then, if one geometry's add + norm beats the plain
+#    add + norm by 3%, the 256 step with graphs with it on, against the defaults, back to back.
+step 75 python3 benchmarks/ops.py --model 256x256_diffusion --batch 16 --repeats 10 --groups addnorm,add,skip \
+    --tiles 128:128:64:4:3,128:128:64:8:3 --json "$RES/ops256.json"
+BEST=$(python3 -c 'import json, sys
+tot = {}
+for r in json.load(open(sys.argv[1]))["rows"]:
+    if r["group"] == "addnorm" and "ms" in r:
+        tot[r["form"]] = tot.get(r["form"], 0.0) + r["ms"] * r["calls"]
+plain = tot.pop("add, norm", None)
+best = min(tot.items(), key=lambda kv: kv[1]) if plain and tot else None
+print(best[0].split()[2].rstrip(",") if best and best[1] < 0.97 * plain else "")' "$RES/ops256.json" 2>/dev/null)
+echo "=== residual add statistics geometry that pays: ${BEST:-(none)}" | tee -a "$LOG"
+if [ -n "$BEST" ]; then
+  for s in "" "--set RESIDUAL_STATS=on --add-stats $BEST"; do
+    step 45 python3 benchmarks/bench.py --device cuda --cases ddim-256 --repeats 5 --no-flops --cuda-graph $SETS $s \
+        --json "$RES/graphs-addstats${s:+-on}.json"
+  done
+fi
 # 3. The fused kernels' GPU tests (real sizes; the statistics kept by the closing adds among them).
 step 70 python3 -m pytest -q -p no:cacheprovider -rf -m gpu tests/test_fused.py
 # 4. Accuracy of the fast path against float32 (TF32 off), full-size 512 and 64 models.

@@ -15,8 +15,13 @@ form's (relative to its largest value). The forms (``layers``' switches):
   the U-Net's ``shared_statistics``, where the tile divides the pixels per sample), and "(stats
   pass over y)" the statistics kernel over the output, which that spares the next norm.
 - add: a block's closing residual add (no skip conv; the down and up blocks' skip resampled on
-  the fly). "add": ``fused.add_bias``; "add +stats": the same taking its output's statistics
-  (inside ``shared_statistics``); "(stats pass over y)": the statistics kernel that spares.
+  the fly). "add": ``fused.add_bias``; "add +stats R:T:W": the same taking its output's
+  statistics (inside ``shared_statistics``; ``layers.RESIDUAL_STATS``) per block of R rows, in
+  program tiles of T elements, W warps (``--add-stats``); "(stats pass over y)": the statistics
+  kernel that spares.
+- addnorm: the same adds followed by the next norm (GroupNorm + SiLU, ``group_norm_act``), which
+  after "add +stats" only finalizes the kept blocks (more blocks for smaller R) and applies,
+  after "add" also runs the statistics pass: the whole of what the epilogue changes.
 - up: the norm + SiLU of a BigGAN up block and its first conv. "plain": the norm written
   upsampled, then the 3x3 conv; "transposed": the norm at the low resolution, then the stride-2
   transposed conv (``fused.conv_up``); "folded": a 2x2 conv to 4x the channels at the low
@@ -51,6 +56,7 @@ from adm_cli import fast, fused  # noqa: E402
 from adm_cli.config import get_preset  # noqa: E402
 
 DEFAULT_TILES = "128:128:64:4:3,128:128:64:8:3,128:64:64:4:4,64:128:64:4:4,128:256:64:8:3,256:128:64:8:3"
+DEFAULT_ADD_STATS = "128:4096:4,16:4096:4,16:8192:8,16:16384:8"
 
 
 def _levels(cfg):
@@ -178,19 +184,29 @@ def add_shapes(cfg) -> dict[tuple, int]:
     return out
 
 
-def _forms_add(n, res, c, resample, dtype, device):
+def _forms_add(n, res, c, resample, dtype, device, geometries, norm=False):
     g = torch.Generator(device="cpu").manual_seed(3)
     rres = {None: res, "down": 2 * res, "up": res // 2}[resample]
     x = _nhwc(torch.randn(n, c, res, res, generator=g).to(device, dtype))
     r = _nhwc(torch.randn(n, c, rres, rres, generator=g).to(device, dtype))
     bias = torch.randn(c, generator=g).to(device, dtype)
-    y = fused.add_bias(x, r, bias, resample=resample, stats=False)
-
-    def with_stats():
-        with fused.shared_statistics():
-            return fused.add_bias(x, r, bias, resample=resample)
-    return [("add", lambda: fused.add_bias(x, r, bias, resample=resample, stats=False)),
-            ("add +stats", with_stats), ("(stats pass over y)", _stats_pass(y))]
+    gamma, beta = 1 + 0.1 * torch.randn(c, generator=g).to(device), 0.1 * torch.randn(c, generator=g).to(device)
+    then = (lambda y: fused.group_norm_act(y, gamma, beta)) if norm else (lambda y: y)
+    forms = [("add" + (", norm" if norm else ""),
+              lambda: then(fused.add_bias(x, r, bias, resample=resample, stats=False)))]
+    for geo in geometries:
+        def with_stats(geo=geo):
+            saved = fused._RESIDUAL_STATS_ROWS, fused._RESIDUAL_STATS_TILE, fused._RESIDUAL_STATS_WARPS
+            fused._RESIDUAL_STATS_ROWS, fused._RESIDUAL_STATS_TILE, fused._RESIDUAL_STATS_WARPS = geo
+            try:
+                with fused.shared_statistics():
+                    return then(fused.add_bias(x, r, bias, resample=resample))
+            finally:
+                fused._RESIDUAL_STATS_ROWS, fused._RESIDUAL_STATS_TILE, fused._RESIDUAL_STATS_WARPS = saved
+        forms.append((f"add +stats {':'.join(map(str, geo))}" + (", norm" if norm else ""), with_stats))
+    if not norm:
+        forms.append(("(stats pass over y)", _stats_pass(fused.add_bias(x, r, bias, resample=resample, stats=False))))
+    return forms
 
 
 def _forms_up(n, res, c, dtype, device):
@@ -247,7 +263,10 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--tiles", default=DEFAULT_TILES, help="skip_add tiles M:N:K:WARPS:STAGES, comma-separated")
-    p.add_argument("--groups", default="skip,add,up,in,out", help="comma-separated, run in this order")
+    p.add_argument("--groups", default="skip,add,up,in,out", help="comma-separated, run in this order "
+                   "(also: addnorm)")
+    p.add_argument("--add-stats", default=DEFAULT_ADD_STATS, help="the residual add's statistics geometries "
+                   "ROWS:TILE:WARPS, comma-separated (the first: the shipped one)")
     p.add_argument("--small", action="store_true", help="a shrunk model and batch (the default without CUDA)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -263,9 +282,10 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     groups = args.groups.split(",")
-    unknown = sorted(set(groups) - {"skip", "add", "up", "in", "out"})
+    unknown = sorted(set(groups) - {"skip", "add", "addnorm", "up", "in", "out"})
     if unknown:
-        p.error(f"--groups: unknown {', '.join(unknown)} (from skip, add, up, in, out)")
+        p.error(f"--groups: unknown {', '.join(unknown)} (from skip, add, addnorm, up, in, out)")
+    geometries = [tuple(int(v) for v in t.split(":")) for t in args.add_stats.split(",") if t]
     rows = []
 
     def run(group, shape, count, forms):
@@ -287,10 +307,10 @@ def main(argv=None) -> int:
         for (res, cx, cs, co), count in skip_shapes(cfg).items():
             run("skip", f"{res}^2 {cx}+{cs}->{co}", count, _forms_skip(n, res, cx, cs, co, dtype, device, tiles))
 
-    def add():
+    def add(norm=False):
         for (res, c, resample), count in add_shapes(cfg).items():
-            run("add", f"{res}^2 {c}" + (f" {resample}" if resample else ""), count,
-                _forms_add(n, res, c, resample, dtype, device))
+            run("addnorm" if norm else "add", f"{res}^2 {c}" + (f" {resample}" if resample else ""), count,
+                _forms_add(n, res, c, resample, dtype, device, geometries, norm))
 
     def up():
         for (res, c), count in up_shapes(cfg).items():
@@ -307,7 +327,8 @@ def main(argv=None) -> int:
 
     with torch.no_grad():  # in the order given (a run cut short keeps the first groups' rows)
         for group in groups:
-            {"skip": skip, "add": add, "up": up, "in": lambda: io("in"), "out": lambda: io("out")}[group]()
+            {"skip": skip, "add": add, "addnorm": lambda: add(norm=True), "up": up, "in": lambda: io("in"),
+             "out": lambda: io("out")}[group]()
     totals: dict[tuple, float] = {}
     for r in rows:
         if "ms" in r:

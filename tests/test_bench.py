@@ -119,8 +119,10 @@ def test_host_step_script_runs_the_fused_path_everywhere_and_restores_what_it_st
     # add; the U-Net's input conv (the direct one: no gradient taken through it, unlike the classifier's).
     want = 3 * row["norms"] + 3 * row["classifier norms"] + row["residual blocks"] + 1
     assert row["launch calls per step"] == want
-    # with the statistics shared, fewer statistics launches, fewer elements read
-    assert shared["launch calls per step"] < want
+    # with the statistics shared, fewer elements read; no more launches (fewer where an op that
+    # takes its output's statistics tiles the images, which 8x8 ones are too small for, or with
+    # layers.RESIDUAL_STATS, off by default)
+    assert shared["launch calls per step"] <= want
     assert shared["statistics elements read per step"] < row["statistics elements read per step"]
     assert row["conv calls per step"] > 100 and row["attention calls per step"] > 0
     assert row["statistics elements read per step"] > 0
@@ -143,9 +145,10 @@ def test_host_step_script_compares_another_build_in_the_same_process(monkeypatch
 
 
 def test_single_op_script_runs_every_form_and_restores_the_tiles(monkeypatch, tmp_path):
-    """benchmarks/ops.py --small: a row per form of each op (skip GEMM at two tilings, the three
-    up-block forms, the input conv's five and the output conv's two), every form agreeing with the
-    plainest one (float32, Triton's interpreter), and the shipped GEMM tiles back in place."""
+    """benchmarks/ops.py --small: a row per form of each op (skip GEMM at two tilings, the residual
+    add's statistics at two geometries, alone and with the next norm, the three up-block forms,
+    the input conv's five and the output conv's two), every form agreeing with the plainest one
+    (float32, Triton's interpreter), and the shipped tiles and geometries back in place."""
     import pytest
 
     from test_fused import _kernel_device
@@ -159,16 +162,20 @@ def test_single_op_script_runs_every_form_and_restores_the_tiles(monkeypatch, tm
 
     def tiles():
         return (fused._GEMM_M, fused._GEMM_N, fused._GEMM_K, fused._GEMM_WARPS, fused._GEMM_STAGES, fused._CONV_IN_N,
-                fused._CONV_IN_WARPS)
+                fused._CONV_IN_WARPS, fused._RESIDUAL_STATS_ROWS, fused._RESIDUAL_STATS_TILE,
+                fused._RESIDUAL_STATS_WARPS)
 
     shipped = tiles()
     out = tmp_path / "ops.json"
-    assert ops.main(["--small", "--repeats", "1", "--tiles", "128:128:64:4:3,64:32:16:4:2", "--json", str(out)]) == 0
+    assert ops.main(["--small", "--repeats", "1", "--tiles", "128:128:64:4:3,64:32:16:4:2", "--groups",
+                     "skip,add,addnorm,up,in,out", "--add-stats", "128:4096:4,16:1024:4", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     forms = {(r["group"], r["form"]) for r in rows}
     assert forms == {("skip", "gemms+add"), ("skip", "skip_add 128:128:64:4:3"), ("skip", "skip_add 64:32:16:4:2"),
                      ("skip", "skip_add +stats"), ("skip", "(stats pass over y)"), ("add", "add"),
-                     ("add", "add +stats"), ("add", "(stats pass over y)"), ("up", "plain"), ("up", "transposed"), ("up", "folded"), ("in", "cuDNN + bias"),
+                     ("add", "add +stats 128:4096:4"), ("add", "add +stats 16:1024:4"), ("add", "(stats pass over y)"),
+                     ("addnorm", "add, norm"), ("addnorm", "add +stats 128:4096:4, norm"),
+                     ("addnorm", "add +stats 16:1024:4, norm"), ("up", "plain"), ("up", "transposed"), ("up", "folded"), ("in", "cuDNN + bias"),
                      ("in", "conv_in"), ("in", "direct N:W 128:8"), ("in", "direct N:W 128:4"),
                      ("in", "direct N:W 64:4"), ("in", "direct +stats"), ("in", "(stats pass over y)"),
                      ("out", "cuDNN + bias"), ("out", "conv_out")}

@@ -436,14 +436,21 @@ def test_direct_input_conv_matches_the_conv_and_gives_its_statistics(c, co, hw, 
 
 
 @needs_kernels
-@pytest.mark.parametrize("c,hw,resample,dtype", [(96, (20, 12), None, torch.float32), (64, (6, 5), "up", torch.float32),
-                                                 (256, (8, 20), "down", torch.bfloat16), (64, (10, 12), None, torch.float16)])
-def test_residual_add_gives_its_outputs_statistics_to_the_next_norm(c, hw, resample, dtype, monkeypatch):
+@pytest.mark.parametrize("c,hw,resample,dtype,geometry", [
+    (96, (20, 12), None, torch.float32, None), (64, (6, 5), "up", torch.float32, None),
+    (256, (8, 20), "down", torch.bfloat16, None), (64, (10, 12), None, torch.float16, None),
+    (96, (20, 12), None, torch.float32, (16, 4096, 4)),  # 32-row blocks, one tile each: 8 blocks, the last short
+    (256, (8, 20), "down", torch.bfloat16, (16, 16384, 8))])  # 64-row tiles, a block each
+def test_residual_add_gives_its_outputs_statistics_to_the_next_norm(c, hw, resample, dtype, geometry, monkeypatch):
     """Inside ``shared_statistics`` the closing residual add also takes its output's statistics
-    (blocks of 128 rows, the last one short or the only one; resampled skips; a mean 20 standard
-    deviations off zero, for the shifted sums): the same y as outside, and the next norm over it
-    reads nothing and matches the float64 norm of the stored y."""
+    (blocks of 128 rows, the last one short or the only one, or another geometry of ops.py's
+    --add-stats; resampled skips; a mean 20 standard deviations off zero, for the shifted sums):
+    the same y as outside, and the next norm over it reads nothing and matches the float64 norm
+    of the stored y."""
     dev = _kernel_device()
+    if geometry:
+        for name, v in zip(("ROWS", "TILE", "WARPS"), geometry):
+            monkeypatch.setattr(fused, f"_RESIDUAL_STATS_{name}", v)
     g = torch.Generator().manual_seed(12)
     rhw = {None: hw, "up": (hw[0] // 2, hw[1] // 2), "down": (2 * hw[0], 2 * hw[1])}[resample] if resample != "up" \
         else hw
@@ -458,6 +465,9 @@ def test_residual_add_gives_its_outputs_statistics_to_the_next_norm(c, hw, resam
         with fused.shared_statistics():
             y = fused.add_bias(x, r, bias, resample=resample)
             reads.clear()
+            if geometry:  # (the blocks' rows as set: one tile each)
+                rows = fused._tile_shape(c, geometry[1])[0]
+                assert getattr(y, fused._KEPT)[1][0].shape[2] == -(-ohw[0] * ohw[1] // rows)
             got = fused.group_norm_act(y, gamma, beta)
             assert reads == []
             off = fused.add_bias(x, r, bias, resample=resample, stats=False)
@@ -808,6 +818,8 @@ for act, rs in itertools.product((True, False), (0, 1, 2)):
     for st in (False, True):
         comp(k.residual_add, dict(X=dt, R=dt, BIAS=dt, Y=dt, PART=f, HW_OUT=i, HW_R=i, W_R=i, W_OUT=i, C=i, RPP=i),
              dict(HAS_BIAS=act, RESAMPLE=rs, STATS=st, BLOCK_R=32, BLOCK_C=128))
+    comp(k.residual_add, dict(X=dt, R=dt, BIAS=dt, Y=dt, PART=f, HW_OUT=i, HW_R=i, W_R=i, W_OUT=i, C=i, RPP=i),
+         dict(HAS_BIAS=act, RESAMPLE=rs, STATS=True, BLOCK_R=64, BLOCK_C=256), 8)  # (ops.py --add-stats)
 for ptr, f32 in (("*fp16", False), ("*bf16", False), ("*fp32", True)):
     for two, st in itertools.product((True, False), repeat=2):
         triton.compile(ASTSource(fn=k.skip_add, signature=dict(X=ptr, X2=ptr, WT=ptr, H=ptr, BIAS=ptr, Y=ptr,

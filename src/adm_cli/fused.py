@@ -398,7 +398,13 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
 # Rows per statistics block that ``residual_add`` takes in its loop inside ``shared_statistics``:
 # its partial results are then ~3% of the bytes it writes (2 x float32 per channel per 128 rows
 # of half-precision y), and ``finalize`` loops over HW / 128 of them.
-_RESIDUAL_STATS_ROWS = 128
+# Geometry of the residual add that takes its output's statistics (``layers.RESIDUAL_STATS``):
+# rows per statistics block, elements per program tile, warps. Each program loops over its
+# block's tiles; session 14's H200 timed the shipped (128, 4096, 4) at 2.7x the plain add's time
+# (one tile in flight per program, two cross-warp reductions per tile). (rows, tile) with rows
+# equal to the tile's rows is one tile per program, no loop, at the cost of more blocks for the
+# finalize; benchmarks/ops.py times the choices (``--add-stats``).
+_RESIDUAL_STATS_ROWS, _RESIDUAL_STATS_TILE, _RESIDUAL_STATS_WARPS = 128, _TILE, _WARPS
 
 
 def _residual_add(x: torch.Tensor, r: torch.Tensor, bias: torch.Tensor | None, resample: str | None,
@@ -406,15 +412,17 @@ def _residual_add(x: torch.Tensor, r: torch.Tensor, bias: torch.Tensor | None, r
     x, r = _nhwc(x), _nhwc(r)
     n, c, ho, wo = x.shape
     y = torch.empty_like(x, memory_format=torch.channels_last)
-    block_r, block_c = _blocks(c)
     hr, wr = r.shape[-2:]
+    block_r, block_c = _tile_shape(c, _RESIDUAL_STATS_TILE)
     rpp = max(block_r, _RESIDUAL_STATS_ROWS)  # (both powers of two: whole tiles)
     token, part = _part_to_keep(stats, n, ho * wo, rpp, c, x.device)
+    warps = _RESIDUAL_STATS_WARPS
     if part is None:
+        (block_r, block_c), warps = _blocks(c), _WARPS
         rpp = block_r
     _launch("residual_add", (-(-ho * wo // rpp), n), x, r, bias if bias is not None else x, y,
             part if part is not None else y, ho * wo, hr * wr, wr, wo, c, rpp, HAS_BIAS=bias is not None,
-            RESAMPLE=_RESAMPLE[resample], STATS=part is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_WARPS)
+            RESAMPLE=_RESAMPLE[resample], STATS=part is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
     if part is not None:
         _keep(y, token, (part, rpp, part.shape[2]))
     return y
