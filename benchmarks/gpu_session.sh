@@ -46,8 +46,10 @@ step 150 python3 benchmarks/bench.py --device cuda --cases ddim-256,ddpm-512-gui
 #    cost 2.7x the plain add), also followed by the next norm (addnorm: what the epilogue changes,
 #    the finalize of its blocks included). Then, if one geometry's add + norm beats the plain
 #    add + norm by 3%, the 256 step with graphs with it on, against the defaults, back to back.
+#    The skip GEMM's tiles: 64:256 reads each row of x once, 256:128 each weight tile half as often
+#    (it runs at ~1.9 TB/s of its bytes, the step's furthest from the memory roof; NOTES.md).
 step 75 python3 benchmarks/ops.py --model 256x256_diffusion --batch 16 --repeats 10 --groups addnorm,add,skip \
-    --tiles 128:128:64:4:3,128:128:64:8:3 --json "$RES/ops256.json"
+    --tiles 128:128:64:4:3,128:128:64:8:3,64:256:64:8:3,256:128:64:8:3 --json "$RES/ops256.json"
 BEST=$(python3 -c 'import json, sys
 tot = {}
 for r in json.load(open(sys.argv[1]))["rows"]:
