@@ -395,15 +395,14 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
     return _NormAct.apply(x, aff, bool(act), resample)
 
 
-# Rows per statistics block that ``residual_add`` takes in its loop inside ``shared_statistics``:
-# its partial results are then ~3% of the bytes it writes (2 x float32 per channel per 128 rows
-# of half-precision y), and ``finalize`` loops over HW / 128 of them.
 # Geometry of the residual add that takes its output's statistics (``layers.RESIDUAL_STATS``):
 # rows per statistics block, elements per program tile, warps. Each program loops over its
-# block's tiles; session 14's H200 timed the shipped (128, 4096, 4) at 2.7x the plain add's time
-# (one tile in flight per program, two cross-warp reductions per tile). (rows, tile) with rows
-# equal to the tile's rows is one tile per program, no loop, at the cost of more blocks for the
-# finalize; benchmarks/ops.py times the choices (``--add-stats``).
+# block's tiles. With 128-row blocks the partial results are ~3% of the bytes it writes (2 x
+# float32 per channel per 128 rows of half-precision y) and ``finalize`` loops over HW / 128 of
+# them; but session 14's H200 timed that (128, 4096, 4) at 2.7x the plain add's time (one tile in
+# flight per program, two cross-warp reductions per tile). Rows no more than the tile's rows give
+# one tile per program, no loop, at the cost of more blocks for the finalize; benchmarks/ops.py
+# times the choices (``--add-stats``).
 _RESIDUAL_STATS_ROWS, _RESIDUAL_STATS_TILE, _RESIDUAL_STATS_WARPS = 128, _TILE, _WARPS
 
 
