@@ -39,6 +39,7 @@ steps with each switch, against the reference.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -93,6 +94,19 @@ def up_shapes(cfg) -> dict[tuple, int]:
     return {(res, width): 1 for lvl, (res, width) in enumerate(_levels(cfg)) if lvl}
 
 
+@contextlib.contextmanager
+def _tuned(**values):
+    """``fused``'s tunables (``_GEMM_M`` ...) set to ``values`` for the block, restored after it."""
+    saved = {name: getattr(fused, name) for name in values}
+    for name, v in values.items():
+        setattr(fused, name, v)
+    try:
+        yield
+    finally:
+        for name, v in saved.items():
+            setattr(fused, name, v)
+
+
 def _time(fn, repeats: int, device: torch.device) -> float:
     fn()  # warm-up: compiles, algorithm search
     times = []
@@ -134,12 +148,8 @@ def _forms_skip(n, res, cx, cs, co, dtype, device, tiles):
     forms = [("gemms+add", plain)]
     for tile in tiles:
         def gemm(tile=tile):
-            saved = (fused._GEMM_M, fused._GEMM_N, fused._GEMM_K, fused._GEMM_WARPS, fused._GEMM_STAGES)
-            fused._GEMM_M, fused._GEMM_N, fused._GEMM_K, fused._GEMM_WARPS, fused._GEMM_STAGES = tile
-            try:
+            with _tuned(**dict(zip(("_GEMM_M", "_GEMM_N", "_GEMM_K", "_GEMM_WARPS", "_GEMM_STAGES"), tile))):
                 return fused.skip_add(h, x, x2, w_t, bias)
-            finally:
-                fused._GEMM_M, fused._GEMM_N, fused._GEMM_K, fused._GEMM_WARPS, fused._GEMM_STAGES = saved
         forms.append(("skip_add " + ":".join(map(str, tile)), gemm))
 
     def with_stats():  # the shipped tiles, the output's statistics out of the epilogue
@@ -196,13 +206,9 @@ def _forms_add(n, res, c, resample, dtype, device, geometries, norm=False):
               lambda: then(fused.add_bias(x, r, bias, resample=resample, stats=False)))]
     for geo in geometries:
         def with_stats(geo=geo):
-            saved = fused._RESIDUAL_STATS_ROWS, fused._RESIDUAL_STATS_TILE, fused._RESIDUAL_STATS_WARPS
-            fused._RESIDUAL_STATS_ROWS, fused._RESIDUAL_STATS_TILE, fused._RESIDUAL_STATS_WARPS = geo
-            try:
-                with fused.shared_statistics():
-                    return then(fused.add_bias(x, r, bias, resample=resample))
-            finally:
-                fused._RESIDUAL_STATS_ROWS, fused._RESIDUAL_STATS_TILE, fused._RESIDUAL_STATS_WARPS = saved
+            with _tuned(_RESIDUAL_STATS_ROWS=geo[0], _RESIDUAL_STATS_TILE=geo[1], _RESIDUAL_STATS_WARPS=geo[2]), \
+                    fused.shared_statistics():
+                return then(fused.add_bias(x, r, bias, resample=resample))
         forms.append((f"add +stats {':'.join(map(str, geo))}" + (", norm" if norm else ""), with_stats))
     if not norm:
         forms.append(("(stats pass over y)", _stats_pass(fused.add_bias(x, r, bias, resample=resample, stats=False))))
@@ -238,12 +244,8 @@ def _forms_io(n, res, cin, cmid, cout, dtype, device):
     forms_in = [("cuDNN + bias", lambda: conv_in(x)), ("conv_in", lambda: fused.conv_in(x, w_in, conv_in.padding))]
     for tile in ((128, 8), (128, 4), (64, 4)):
         def direct(tile=tile):
-            saved = fused._CONV_IN_N, fused._CONV_IN_WARPS
-            fused._CONV_IN_N, fused._CONV_IN_WARPS = tile
-            try:
+            with _tuned(_CONV_IN_N=tile[0], _CONV_IN_WARPS=tile[1]):
                 return fused.conv_in_direct(x, matrix, bias, conv_in.kernel_size)
-            finally:
-                fused._CONV_IN_N, fused._CONV_IN_WARPS = saved
         forms_in.append(("direct N:W " + ":".join(map(str, tile)), direct))
 
     def with_stats():  # the shipped tile, the output's statistics out of the epilogue
@@ -285,7 +287,9 @@ def main(argv=None) -> int:
     unknown = sorted(set(groups) - {"skip", "add", "addnorm", "up", "in", "out"})
     if unknown:
         p.error(f"--groups: unknown {', '.join(unknown)} (from skip, add, addnorm, up, in, out)")
-    geometries = [tuple(int(v) for v in t.split(":")) for t in args.add_stats.split(",") if t]
+    geometries = [tuple(int(v) if v.isdigit() else 0 for v in t.split(":")) for t in args.add_stats.split(",") if t]
+    if any(len(geo) != 3 or min(geo) < 1 for geo in geometries):
+        p.error(f"--add-stats {args.add_stats}: want ROWS:TILE:WARPS items, positive integers")
     rows = []
 
     def run(group, shape, count, forms):

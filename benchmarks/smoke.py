@@ -36,8 +36,8 @@ CLASSIFIER = True  # also the tiny classifier's input gradient (autograd through
 GRAD_BOUND = {"float32": 1e-5, "float16": 1e-2, "bfloat16": 5e-2}
 
 
-def _defaults() -> dict:
-    return {item.partition("=")[0]: getattr(layers, item.partition("=")[0]) for item in FALLBACK}
+def _failure(what: str, e: Exception) -> str:
+    return f"{what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def check(device: str, dtype: str) -> list[str]:
@@ -54,7 +54,7 @@ def check(device: str, dtype: str) -> list[str]:
                 got = ours(x.to(device), t.to(device), **{k: v.to(device) for k, v in kw.items()}).float().cpu()
             err = rel_norm(want, got)
         except Exception as e:  # noqa: BLE001  (a kernel the compiler or the GPU rejects)
-            problems.append(f"{family}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            problems.append(_failure(family, e))
             traceback.print_exc(limit=3)
             continue
         if not err <= OUTPUT_BOUNDS[dtype]:  # (a NaN fails too)
@@ -71,27 +71,27 @@ def check(device: str, dtype: str) -> list[str]:
         if not err <= GRAD_BOUND[dtype]:
             problems.append(f"classifier gradient: relative error {err:.2e} > {GRAD_BOUND[dtype]:.0e}")
     except Exception as e:  # noqa: BLE001
-        problems.append(f"classifier gradient: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        problems.append(_failure("classifier gradient", e))
     return problems
 
 
 def find_sets(device: str, dtype: str) -> list[str] | None:
-    """The shortest prefix of FALLBACK under which ``check`` passes, less the items that change
-    nothing (switches already in that state); None if none passes. Leaves ``layers`` as it found
-    it."""
-    saved = _defaults()
-    changes = [n for n, item in enumerate(FALLBACK, 1)
-               if saved[item.partition("=")[0]] != bench.SWITCHES[item.partition("=")[0]][item.partition("=")[2]]]
+    """The shortest prefix of FALLBACK under which ``check`` passes, less its items that change
+    nothing (switches already in that state: neither tried nor returned); None if none passes.
+    Leaves ``layers`` as it found it."""
+    named = [(item, *item.split("=")) for item in FALLBACK]
+    saved = {name: getattr(layers, name) for _, name, _ in named}
+    steps = [item for item, name, value in named if saved[name] != bench.SWITCHES[name][value]]
     try:
-        for n in [0, *changes]:
+        for n in range(len(steps) + 1):
             for name, value in saved.items():
                 setattr(layers, name, value)
-            bench.apply_switches(list(FALLBACK[:n]))
+            bench.apply_switches(steps[:n])
             problems = check(device, dtype)
-            print(f"switched back: {', '.join(FALLBACK[:n]) or 'nothing'}: "
+            print(f"switched back: {', '.join(steps[:n]) or 'nothing'}: "
                   + ("passes" if not problems else "; ".join(problems)), flush=True)
             if not problems:
-                return [item for i, item in enumerate(FALLBACK[:n], 1) if i in changes]
+                return steps[:n]
         return None
     finally:
         for name, value in saved.items():
