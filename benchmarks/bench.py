@@ -35,9 +35,11 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.join(ROOT, "src"), os.path.join(ROOT, "tests")]
 
-from adm_cli import api, fast, fused, graphs  # noqa: E402
+from adm_cli import api, fast, graphs  # noqa: E402
 from adm_cli.config import PRESETS  # noqa: E402
 from adm_cli.models import build_model  # noqa: E402
+
+import tunables  # noqa: E402  (benchmarks/)
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -352,6 +354,8 @@ def main(argv=None) -> int:
                         "on/off or, for UP_CONV, transposed/plain), to time a part against its plainer form")
     p.add_argument("--add-stats", default=None, metavar="ROWS:TILE:WARPS", help="ours, fused: the residual "
                    "add's statistics geometry (with --set RESIDUAL_STATS=on; ops.py --groups addnorm times them)")
+    p.add_argument("--skip-gemm", default=None, metavar="M:N:K:W:S[:L]", help="ours, fused: skip_add's tiles, "
+                   "warps, stages and (L=1) one K loop over the decoder's two inputs (ops.py --groups skip times them)")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the rows as JSON")
     args = p.parse_args(argv)
     if args.steps < 2:
@@ -374,11 +378,11 @@ def main(argv=None) -> int:
     try:
         switched = apply_switches(args.set)
         if args.add_stats:
-            geometry = tuple(int(v) if v.isdigit() else 0 for v in args.add_stats.split(":"))
-            if len(geometry) != 3 or min(geometry) < 1:
-                raise ValueError(f"--add-stats {args.add_stats}: want ROWS:TILE:WARPS, positive integers")
-            fused._RESIDUAL_STATS_ROWS, fused._RESIDUAL_STATS_TILE, fused._RESIDUAL_STATS_WARPS = geometry
+            tunables.apply(tunables.add_stats(args.add_stats))
             switched.append(f"add-stats {args.add_stats}")
+        if args.skip_gemm:
+            tunables.apply(tunables.gemm(args.skip_gemm))
+            switched.append(f"skip-gemm {args.skip_gemm}")
     except ValueError as e:
         p.error(str(e))
     torch.manual_seed(0)

@@ -10,7 +10,8 @@ form's (relative to its largest value). The forms (``layers``' switches):
 
 - skip: a block's closing add with its 1x1 skip conv. "gemms+add": cuBLAS (``conv1x1_cat``, or
   one GEMM without a skip connection) then ``add_bias``; "skip_add M:N:K:W:S": the one Triton
-  GEMM (``fused.skip_add``) at tiles of M rows, N output and K input channels, W warps, S stages;
+  GEMM (``fused.skip_add``) at tiles of M rows, N output and K input channels, W warps, S stages,
+  "M:N:K:W:S:1" the same with the decoder's two inputs in one K loop (``fused._GEMM_ONE_LOOP``);
   "skip_add +stats": the shipped tiles, taking the output's statistics in the epilogue (as inside
   the U-Net's ``shared_statistics``, where the tile divides the pixels per sample), and "(stats
   pass over y)" the statistics kernel over the output, which that spares the next norm.
@@ -39,7 +40,6 @@ steps with each switch, against the reference.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import os
@@ -56,7 +56,11 @@ if not torch.cuda.is_available():  # the kernels run in Triton's interpreter (be
 from adm_cli import fast, fused  # noqa: E402
 from adm_cli.config import get_preset  # noqa: E402
 
-DEFAULT_TILES = "128:128:64:4:3,128:128:64:8:3,128:64:64:4:4,64:128:64:4:4,128:256:64:8:3,256:128:64:8:3"
+import tunables  # noqa: E402  (benchmarks/)
+
+DEFAULT_TILES = ("128:128:64:4:3,128:128:64:4:3:1,128:128:64:8:3,128:128:64:8:3:1,128:64:64:4:4,64:128:64:4:4,"
+                 "128:256:64:8:3,256:128:64:8:3")
+
 DEFAULT_ADD_STATS = "128:4096:4,16:4096:4,16:8192:8,16:16384:8"
 
 
@@ -92,19 +96,6 @@ def skip_shapes(cfg) -> dict[tuple, int]:
 def up_shapes(cfg) -> dict[tuple, int]:
     """{(low resolution, channels): calls per forward} for the BigGAN up blocks."""
     return {(res, width): 1 for lvl, (res, width) in enumerate(_levels(cfg)) if lvl}
-
-
-@contextlib.contextmanager
-def _tuned(**values):
-    """``fused``'s tunables (``_GEMM_M`` ...) set to ``values`` for the block, restored after it."""
-    saved = {name: getattr(fused, name) for name in values}
-    for name, v in values.items():
-        setattr(fused, name, v)
-    try:
-        yield
-    finally:
-        for name, v in saved.items():
-            setattr(fused, name, v)
 
 
 def _time(fn, repeats: int, device: torch.device) -> float:
@@ -146,11 +137,11 @@ def _forms_skip(n, res, cx, cs, co, dtype, device, tiles):
         s = fused.conv1x1_cat(conv, x, x2) if x2 is not None else fused.conv_nobias(conv, x)
         return fused.add_bias(h, s, bias)
     forms = [("gemms+add", plain)]
-    for tile in tiles:
-        def gemm(tile=tile):
-            with _tuned(**dict(zip(("_GEMM_M", "_GEMM_N", "_GEMM_K", "_GEMM_WARPS", "_GEMM_STAGES"), tile))):
+    for spec in tiles:
+        def gemm(values=tunables.gemm(spec)):
+            with tunables.tuned(values):
                 return fused.skip_add(h, x, x2, w_t, bias)
-        forms.append(("skip_add " + ":".join(map(str, tile)), gemm))
+        forms.append(("skip_add " + spec, gemm))
 
     def with_stats():  # the shipped tiles, the output's statistics out of the epilogue
         with fused.shared_statistics():
@@ -206,10 +197,9 @@ def _forms_add(n, res, c, resample, dtype, device, geometries, norm=False):
               lambda: then(fused.add_bias(x, r, bias, resample=resample, stats=False)))]
     for geo in geometries:
         def with_stats(geo=geo):
-            with _tuned(_RESIDUAL_STATS_ROWS=geo[0], _RESIDUAL_STATS_TILE=geo[1], _RESIDUAL_STATS_WARPS=geo[2]), \
-                    fused.shared_statistics():
+            with tunables.tuned(tunables.add_stats(geo)), fused.shared_statistics():
                 return then(fused.add_bias(x, r, bias, resample=resample))
-        forms.append((f"add +stats {':'.join(map(str, geo))}" + (", norm" if norm else ""), with_stats))
+        forms.append((f"add +stats {geo}" + (", norm" if norm else ""), with_stats))
     if not norm:
         forms.append(("(stats pass over y)", _stats_pass(fused.add_bias(x, r, bias, resample=resample, stats=False))))
     return forms
@@ -244,7 +234,7 @@ def _forms_io(n, res, cin, cmid, cout, dtype, device):
     forms_in = [("cuDNN + bias", lambda: conv_in(x)), ("conv_in", lambda: fused.conv_in(x, w_in, conv_in.padding))]
     for tile in ((128, 8), (128, 4), (64, 4)):
         def direct(tile=tile):
-            with _tuned(_CONV_IN_N=tile[0], _CONV_IN_WARPS=tile[1]):
+            with tunables.tuned(dict(_CONV_IN_N=tile[0], _CONV_IN_WARPS=tile[1])):
                 return fused.conv_in_direct(x, matrix, bias, conv_in.kernel_size)
         forms_in.append(("direct N:W " + ":".join(map(str, tile)), direct))
 
@@ -264,7 +254,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--tiles", default=DEFAULT_TILES, help="skip_add tiles M:N:K:WARPS:STAGES, comma-separated")
+    p.add_argument("--tiles", default=DEFAULT_TILES, help="skip_add tiles M:N:K:WARPS:STAGES[:ONE_LOOP], "
+                   "comma-separated")
     p.add_argument("--groups", default="skip,add,up,in,out", help="comma-separated, run in this order "
                    "(also: addnorm)")
     p.add_argument("--add-stats", default=DEFAULT_ADD_STATS, help="the residual add's statistics geometries "
@@ -280,16 +271,21 @@ def main(argv=None) -> int:
                           attention_resolutions="4", num_head_channels=32)
         n = min(n, 2)
         dtype = torch.float32 if device.type != "cuda" else dtype
-    tiles = [tuple(int(v) for v in t.split(":")) for t in args.tiles.split(",") if t]
+    tiles = [t for t in args.tiles.split(",") if t]
+    geometries = [t for t in args.add_stats.split(",") if t]
+    try:
+        for t in tiles:
+            tunables.gemm(t)
+        for t in geometries:
+            tunables.add_stats(t)
+    except ValueError as e:
+        p.error(str(e))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     groups = args.groups.split(",")
     unknown = sorted(set(groups) - {"skip", "add", "addnorm", "up", "in", "out"})
     if unknown:
         p.error(f"--groups: unknown {', '.join(unknown)} (from skip, add, addnorm, up, in, out)")
-    geometries = [tuple(int(v) if v.isdigit() else 0 for v in t.split(":")) for t in args.add_stats.split(",") if t]
-    if any(len(geo) != 3 or min(geo) < 1 for geo in geometries):
-        p.error(f"--add-stats {args.add_stats}: want ROWS:TILE:WARPS items, positive integers")
     rows = []
 
     def run(group, shape, count, forms):

@@ -145,7 +145,8 @@ def test_host_step_script_compares_another_build_in_the_same_process(monkeypatch
 
 
 def test_single_op_script_runs_every_form_and_restores_the_tiles(monkeypatch, tmp_path):
-    """benchmarks/ops.py --small: a row per form of each op (skip GEMM at two tilings, the residual
+    """benchmarks/ops.py --small: a row per form of each op (skip GEMM at two tilings, the second
+    with the decoder's two inputs in one K loop, the residual
     add's statistics at two geometries, alone and with the next norm, the three up-block forms,
     the input conv's five and the output conv's two), every form agreeing with the plainest one
     (float32, Triton's interpreter), and the shipped tiles and geometries back in place."""
@@ -161,17 +162,18 @@ def test_single_op_script_runs_every_form_and_restores_the_tiles(monkeypatch, tm
     from adm_cli import fused
 
     def tiles():
-        return (fused._GEMM_M, fused._GEMM_N, fused._GEMM_K, fused._GEMM_WARPS, fused._GEMM_STAGES, fused._CONV_IN_N,
+        return (fused._GEMM_M, fused._GEMM_N, fused._GEMM_K, fused._GEMM_WARPS, fused._GEMM_STAGES,
+                fused._GEMM_ONE_LOOP, fused._CONV_IN_N,
                 fused._CONV_IN_WARPS, fused._RESIDUAL_STATS_ROWS, fused._RESIDUAL_STATS_TILE,
                 fused._RESIDUAL_STATS_WARPS)
 
     shipped = tiles()
     out = tmp_path / "ops.json"
-    assert ops.main(["--small", "--repeats", "1", "--tiles", "128:128:64:4:3,64:32:16:4:2", "--groups",
+    assert ops.main(["--small", "--repeats", "1", "--tiles", "128:128:64:4:3,64:32:16:4:2:1", "--groups",
                      "skip,add,addnorm,up,in,out", "--add-stats", "128:4096:4,16:1024:4", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     forms = {(r["group"], r["form"]) for r in rows}
-    assert forms == {("skip", "gemms+add"), ("skip", "skip_add 128:128:64:4:3"), ("skip", "skip_add 64:32:16:4:2"),
+    assert forms == {("skip", "gemms+add"), ("skip", "skip_add 128:128:64:4:3"), ("skip", "skip_add 64:32:16:4:2:1"),
                      ("skip", "skip_add +stats"), ("skip", "(stats pass over y)"), ("add", "add"),
                      ("add", "add +stats 128:4096:4"), ("add", "add +stats 16:1024:4"), ("add", "(stats pass over y)"),
                      ("addnorm", "add, norm"), ("addnorm", "add +stats 128:4096:4, norm"),
@@ -182,6 +184,43 @@ def test_single_op_script_runs_every_form_and_restores_the_tiles(monkeypatch, tm
     assert all(r["ms"] > 0 and r["diff"] <= 1e-5 for r in rows)
     assert {r["shape"] for r in rows if r["group"] == "skip"} >= {"4^2 32+0->64", "8^2 32+32->32"}
     assert tiles() == shipped
+
+
+def test_tunables_parse_set_and_restore(monkeypatch, capsys):
+    """benchmarks/tunables.py: the command-line forms of fused's tunables, refused in one line when
+    malformed (ops.py and bench.py exit 2 with that line), set and restored around a block."""
+    import pytest
+
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import tunables
+
+    from adm_cli import fused
+
+    assert tunables.gemm("64:32:16:8:2:1") == dict(_GEMM_M=64, _GEMM_N=32, _GEMM_K=16, _GEMM_WARPS=8,
+                                                     _GEMM_STAGES=2, _GEMM_ONE_LOOP=True)
+    assert tunables.gemm("128:128:64:4:3")["_GEMM_ONE_LOOP"] is False
+    assert tunables.add_stats("16:8192:8") == dict(_RESIDUAL_STATS_ROWS=16, _RESIDUAL_STATS_TILE=8192,
+                                                   _RESIDUAL_STATS_WARPS=8)
+    for bad in ("128:128:64", "128:128:64:4:3:2", "128:0:64:4:3", "a:b:c:d:e"):
+        with pytest.raises(ValueError, match="M:N:K:WARPS:STAGES"):
+            tunables.gemm(bad)
+    for bad in ("16:4096", "16:-1:4", "0:4096:4"):
+        with pytest.raises(ValueError, match="ROWS:TILE:WARPS"):
+            tunables.add_stats(bad)
+    shipped = (fused._GEMM_M, fused._GEMM_ONE_LOOP, fused._RESIDUAL_STATS_ROWS)
+    with tunables.tuned({**tunables.gemm("64:32:16:8:2:1"), **tunables.add_stats("16:8192:8")}):
+        assert (fused._GEMM_M, fused._GEMM_ONE_LOOP, fused._RESIDUAL_STATS_ROWS) == (64, True, 16)
+    assert (fused._GEMM_M, fused._GEMM_ONE_LOOP, fused._RESIDUAL_STATS_ROWS) == shipped
+    import bench
+    import ops
+
+    for main, argv in ((bench.main, ["--skip-gemm", "128:128:64"]), (bench.main, ["--add-stats", "16"]),
+                       (ops.main, ["--small", "--tiles", "1:2:3:4:5:6"])):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2 and "want" in err[-1] and "Traceback" not in "".join(err), err
+    assert (fused._GEMM_M, fused._GEMM_ONE_LOOP, fused._RESIDUAL_STATS_ROWS) == shipped
 
 
 def test_cpu_conv_script_times_every_3x3_conv_both_ways(monkeypatch, capsys):

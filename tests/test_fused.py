@@ -331,8 +331,11 @@ def test_block_embeddings_are_each_blocks_projection_and_follow_the_weights():
 @pytest.mark.parametrize("c1,c2,co,dtype", [(64, 32, 32, torch.float32), (96, None, 160, torch.float32),
                                             (128, 128, 64, torch.float16), (64, 96, 48, torch.bfloat16),
                                             (200, 56, 136, torch.float32)])  # channels off every tile
-def test_skip_add_matches_float64(c1, c2, co, dtype):
-    """h + bias + W [x; x2] in one GEMM vs float64; rows not a multiple of the row tile."""
+@pytest.mark.parametrize("one_loop", [False, True])
+def test_skip_add_matches_float64(c1, c2, co, dtype, one_loop, monkeypatch):
+    """h + bias + W [x; x2] in one GEMM vs float64; rows not a multiple of the row tile; the two
+    parts of the decoder's cat in one K loop or one loop each."""
+    monkeypatch.setattr(fused, "_GEMM_ONE_LOOP", one_loop)
     dev = _kernel_device()
     g = torch.Generator().manual_seed(7)
     cin = c1 + (c2 or 0)
@@ -360,6 +363,27 @@ def test_skip_add_matches_float64(c1, c2, co, dtype):
     strided = conv.weight[:, :, 0, 0].t().to(dev)
     assert rel_norm(got.double().cpu(), fused.skip_add(put(h), put(x), put(x2), strided, bias.to(dev)).double().cpu()) \
         <= 1e-12
+
+
+def test_skip_add_stages_follow_the_tiles(monkeypatch):
+    """The pipeline stages skip_add asks for are the tiles' own, capped by the GPU's shared memory
+    (one stage's worth spare), for whatever tiles are set when it launches: a benchmark that sets
+    other tiles in the same process gets their stages, not the first call's."""
+    import types
+
+    props = {0: types.SimpleNamespace(shared_memory_per_block_optin=227 * 1024),  # sm90
+             1: types.SimpleNamespace(shared_memory_per_block_optin=99 * 1024)}  # sm86/sm89
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props[i])
+    fused._stages_that_fit.cache_clear()
+    try:
+        for tiles, want in (((128, 128, 64, 3), (3, 2)), ((128, 64, 64, 4), (4, 3)), ((256, 128, 64, 4), (3, 2)),
+                            ((128, 128, 64, 6), (6, 2))):
+            for name, v in zip(("_GEMM_M", "_GEMM_N", "_GEMM_K", "_GEMM_STAGES"), tiles):
+                monkeypatch.setattr(fused, name, v)
+            assert (fused._gemm_stages(0), fused._gemm_stages(1)) == want, tiles
+    finally:
+        fused._stages_that_fit.cache_clear()
 
 
 @needs_kernels
@@ -727,11 +751,15 @@ def test_gpu_group_norm_act_large(dtype):
         assert rel_norm(fused.reference_group_norm_act(y, gamma, beta), z.double()) <= BOUNDS[dtype]
 
 
+GEMM_TUNABLES = ("_GEMM_M", "_GEMM_N", "_GEMM_K", "_GEMM_WARPS", "_GEMM_STAGES", "_GEMM_ONE_LOOP")
+
+
 @pytest.mark.gpu
 def test_gpu_skip_add_and_conv_up_large():
     """The 256x256 model's level-0 decoder skip GEMM (256 + 256 -> 256 channels, with and without
-    its statistics epilogue) and an up block's transposed conv (512 channels, 64 -> 128) at
-    batch 2 in float16, against float32 math on the same rounded inputs."""
+    its statistics epilogue, at the shipped tiles and each that benchmarks/gpu_session.sh times)
+    and an up block's transposed conv (512 channels, 64 -> 128) at batch 2 in float16, against
+    float32 math on the same rounded inputs."""
     g = torch.Generator().manual_seed(10)
     mk = lambda c, s: nhwc(torch.randn(2, c, s, s, generator=g)).cuda().half()  # noqa: E731
     x, x2, h = mk(256, 256), mk(256, 256), mk(256, 256)
@@ -740,6 +768,18 @@ def test_gpu_skip_add_and_conv_up_large():
     got = fused.skip_add(h, x, x2, fused.skip_weight(conv), bias)
     want = h.float() + bias.float()[:, None, None] + F.conv2d(torch.cat([x, x2], 1).float(), conv.weight.float())
     assert rel_norm(want, got.float()) <= 1e-3
+    # the tiles benchmarks/gpu_session.sh times (one K loop over both inputs: the sixth field)
+    for tile in ((128, 128, 64, 4, 3, True), (128, 128, 64, 8, 3, True), (64, 256, 64, 8, 3, True),
+                 (256, 128, 64, 8, 3, True), (128, 128, 64, 8, 3, False)):
+        saved = [getattr(fused, a) for a in GEMM_TUNABLES]
+        try:
+            for a, v in zip(GEMM_TUNABLES, tile):
+                setattr(fused, a, v)
+            other = fused.skip_add(h, x, x2, fused.skip_weight(conv), bias)
+        finally:
+            for a, v in zip(GEMM_TUNABLES, saved):
+                setattr(fused, a, v)
+        assert rel_norm(want, other.float()) <= 1e-3, tile
     # the same GEMM with its statistics epilogue, and the next norm over the decoder's cat of its
     # output and a skip whose statistics an earlier norm kept: no statistics kernel over either
     gamma, beta = torch.ones(512, device="cuda"), torch.zeros(512, device="cuda")
@@ -791,10 +831,21 @@ import triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
 from adm_cli import _fused_kernels as k
-def comp(fn, sig, const, warps=4):
+import multiprocessing
+jobs = []
+def comp(fn, sig, const, warps=4, stages=3, aligned=False):
+    # queued, compiled below on every core; aligned: also as launched at real sizes, where
+    # Triton's launcher marks every pointer (16-byte aligned) and every integer divisible by 16
+    # (the loads vectorize, the GEMMs' loops pipeline)
+    jobs.extend((fn.__name__, sig, const, warps, stages, at) for at in (False, True)[:1 + aligned])
+def work(job):
+    name, sig, const, warps, stages, aligned = job
+    fn = getattr(k, name)
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in sig} if aligned else {}
     sig = dict(sig, **{c: "constexpr" for c in const})
-    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
-                   options={"num_warps": warps})
+    done = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    return name, const, aligned, "cp.async" in done.asm["ptx"]
 dt, i, f = "*fp16", "i32", "*fp32"
 geo = dict(HW_IN=i, HW_OUT=i, W_IN=i, W_OUT=i, C=i)
 for ib, two, pre in itertools.product((True, False), repeat=3):
@@ -817,20 +868,24 @@ for act, rs in itertools.product((True, False), (0, 1, 2)):
          dict(ACT=act, RESAMPLE=rs, BLOCK_R=32, BLOCK_C=128))
     for st in (False, True):
         comp(k.residual_add, dict(X=dt, R=dt, BIAS=dt, Y=dt, PART=f, HW_OUT=i, HW_R=i, W_R=i, W_OUT=i, C=i, RPP=i),
-             dict(HAS_BIAS=act, RESAMPLE=rs, STATS=st, BLOCK_R=32, BLOCK_C=128))
+             dict(HAS_BIAS=act, RESAMPLE=rs, STATS=st, ONE_TILE=False, BLOCK_R=32, BLOCK_C=128))
     comp(k.residual_add, dict(X=dt, R=dt, BIAS=dt, Y=dt, PART=f, HW_OUT=i, HW_R=i, W_R=i, W_OUT=i, C=i, RPP=i),
-         dict(HAS_BIAS=act, RESAMPLE=rs, STATS=True, BLOCK_R=64, BLOCK_C=256), 8)  # (ops.py --add-stats)
+         dict(HAS_BIAS=act, RESAMPLE=rs, STATS=True, ONE_TILE=True, BLOCK_R=64, BLOCK_C=256), 8)  # (--add-stats)
 for ptr, f32 in (("*fp16", False), ("*bf16", False), ("*fp32", True)):
-    for two, st in itertools.product((True, False), repeat=2):
-        triton.compile(ASTSource(fn=k.skip_add, signature=dict(X=ptr, X2=ptr, WT=ptr, H=ptr, BIAS=ptr, Y=ptr,
-                                 PART=f, M=i, C1=i, C2=i, CO=i, TWO="constexpr", F32="constexpr", STATS="constexpr",
-                                 BLOCK_M="constexpr", BLOCK_N="constexpr", BLOCK_K="constexpr"),
-                                 constexprs=dict(TWO=two, F32=f32, STATS=st, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64)),
-                       target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
+    for two, st, one in itertools.product((True, False), repeat=3):
+        if not (one and not two):  # (aligned: the real sizes' half-precision decoder GEMM)
+            comp(k.skip_add, dict(X=ptr, X2=ptr, WT=ptr, H=ptr, BIAS=ptr, Y=ptr, PART=f, M=i, C1=i, C2=i, CO=i),
+                 dict(TWO=two, F32=f32, STATS=st, ONE_LOOP=one, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
+                 aligned=ptr == "*fp16" and two)
     for st, (block_k, block_n) in itertools.product((True, False), ((32, 128), (64, 64))):
         comp(k.conv_in, dict(X=ptr, WK=ptr, BIAS=f, Y=ptr, PART=f, SN=i, SC=i, SH=i, SW=i, H=i, W=i, C=i, CO=i),
              dict(KH=3, KW=3, F32=f32, STATS=st, BLOCK_M=128, BLOCK_N=block_n, BLOCK_K=block_k))
-print("compiled")
+with multiprocessing.get_context("fork").Pool(os.cpu_count()) as pool:
+    results = pool.map(work, jobs, chunksize=1)
+# there the tensor-core GEMM's loads are asynchronous copies: its loop is software-pipelined
+gemms = [r for r in results if r[0] == "skip_add" and r[2]]
+assert len(gemms) == 4 and all(r[3] for r in gemms), gemms
+print("compiled", len(results))
 '''
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"

@@ -367,17 +367,29 @@ def _residual_rows(X, R, BIAS, Y, n, rows, cols, cmask, HW_OUT, HW_R, W_R, W_OUT
 
 @triton.jit
 def residual_add(X, R, BIAS, Y, PART, HW_OUT, HW_R, W_R, W_OUT, C, RPP, HAS_BIAS: tl.constexpr,
-                 RESAMPLE: tl.constexpr, STATS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                 RESAMPLE: tl.constexpr, STATS: tl.constexpr, ONE_TILE: tl.constexpr, BLOCK_R: tl.constexpr,
+                 BLOCK_C: tl.constexpr):
     # y = x + resample(r) + bias: a residual block's closing add, its skip resampled on the fly.
     # Program (blk, n). Without STATS: one BLOCK_R-row tile. STATS: rows [blk * RPP, (blk + 1) * RPP)
     # tile by tile, and y's per-channel mean and M2 over them (as stored, shifted by the first
     # tile's mean, as in ``stats``) into PART [2, N, NBLK, C]: the next norm's statistics blocks,
     # so that norm never reads y for them. Per tile, the sums are reduced over its rows at once
     # (vectors, not tiles, carried across the loop: the plain add's registers, its occupancy).
+    # ONE_TILE (RPP = BLOCK_R, no loop): the block's exact mean, then M2 about it: two reductions
+    # over the rows in registers instead of four.
     n = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
     cmask = cols < C
-    if STATS:
+    if STATS and ONE_TILE:
+        start = tl.program_id(0) * BLOCK_R
+        y, mask = _residual_rows(X, R, BIAS, Y, n, start + tl.arange(0, BLOCK_R), cols, cmask, HW_OUT, HW_R, W_R,
+                                 W_OUT, C, HAS_BIAS, RESAMPLE)
+        mean = tl.sum(tl.where(mask, y, 0.0), axis=0) / tl.minimum(BLOCK_R, HW_OUT - start).to(tl.float32)
+        d = tl.where(mask, y - mean[None, :], 0.0)
+        out = (n * tl.num_programs(0) + tl.program_id(0)) * C + cols
+        tl.store(PART + out, mean, mask=cmask)
+        tl.store(PART + tl.num_programs(1) * tl.num_programs(0) * C + out, tl.sum(d * d, axis=0), mask=cmask)
+    elif STATS:
         start = tl.program_id(0) * RPP
         y, mask = _residual_rows(X, R, BIAS, Y, n, start + tl.arange(0, BLOCK_R), cols, cmask, HW_OUT, HW_R, W_R,
                                  W_OUT, C, HAS_BIAS, RESAMPLE)
@@ -420,8 +432,31 @@ def _gemm_part(acc, X, K, K0, WT, CO, rm, rn, mmask, nmask, BLOCK_K: tl.constexp
 
 
 @triton.jit
+def _gemm_cat(acc, X, X2, C1, C2, WT, CO, rm, rn, mmask, nmask, BLOCK_K: tl.constexpr, F32: tl.constexpr):
+    """acc += [X | X2][rm, :] @ WT[:, rn] as one loop over both parts' K tiles (X: [M, C1] rows,
+    X2: [M, C2]): one software pipeline across the concatenation, where ``_gemm_part`` twice
+    drains the first part's pipeline before the second's loads start (at the 256x256 model's
+    level 0, 4 + 4 tiles of 64 channels: half of each loop is its fill and drain)."""
+    t1 = tl.cdiv(C1, BLOCK_K)
+    for t in range(0, t1 + tl.cdiv(C2, BLOCK_K)):
+        second = t >= t1
+        width = tl.where(second, C2, C1)
+        rk = tl.where(second, t - t1, t) * BLOCK_K + tl.arange(0, BLOCK_K)
+        kmask = rk < width
+        a = tl.load(tl.where(second, X2, X) + rm[:, None] * width + rk[None, :], mask=mmask[:, None] & kmask[None, :],
+                    other=0.0)
+        b = tl.load(WT + (tl.where(second, C1, 0) + rk)[:, None] * CO + rn[None, :],
+                    mask=kmask[:, None] & nmask[None, :], other=0.0)
+        if F32:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
 def skip_add(X, X2, WT, H, BIAS, Y, PART, M, C1, C2, CO, TWO: tl.constexpr, F32: tl.constexpr, STATS: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+             ONE_LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # y = h + bias + W [x; x2]: a residual block's closing add with its 1x1 skip conv, over the
     # channels_last pixel rows ([M, C] matrices), with the decoder's cat(x, x2) read in place.
     # One program per (row tile, output-channel tile), the channel tiles of a row tile adjacent in
@@ -436,9 +471,12 @@ def skip_add(X, X2, WT, H, BIAS, Y, PART, M, C1, C2, CO, TWO: tl.constexpr, F32:
     mmask = rm < M
     nmask = rn < CO
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = _gemm_part(acc, X, C1, 0, WT, CO, rm, rn, mmask, nmask, BLOCK_K, F32)
-    if TWO:
-        acc = _gemm_part(acc, X2, C2, C1, WT, CO, rm, rn, mmask, nmask, BLOCK_K, F32)
+    if ONE_LOOP and TWO:
+        acc = _gemm_cat(acc, X, X2, C1, C2, WT, CO, rm, rn, mmask, nmask, BLOCK_K, F32)
+    else:
+        acc = _gemm_part(acc, X, C1, 0, WT, CO, rm, rn, mmask, nmask, BLOCK_K, F32)
+        if TWO:
+            acc = _gemm_part(acc, X2, C2, C1, WT, CO, rm, rn, mmask, nmask, BLOCK_K, F32)
     off = rm[:, None] * CO + rn[None, :]
     mask = mmask[:, None] & nmask[None, :]
     acc += tl.load(H + off, mask=mask, other=0.0).to(tl.float32)

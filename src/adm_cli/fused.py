@@ -401,8 +401,9 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
 # float32 per channel per 128 rows of half-precision y) and ``finalize`` loops over HW / 128 of
 # them; but session 14's H200 timed that (128, 4096, 4) at 2.7x the plain add's time (one tile in
 # flight per program, two cross-warp reductions per tile). Rows no more than the tile's rows give
-# one tile per program, no loop, at the cost of more blocks for the finalize; benchmarks/ops.py
-# times the choices (``--add-stats``).
+# one tile per program, no loop (the kernel's ONE_TILE: two reductions; offline for sm_90, 59
+# registers at 16 x 256, against 92 for the loop and 54 for the plain add), at the cost of more
+# blocks for the finalize; benchmarks/ops.py times the choices (``--add-stats``).
 _RESIDUAL_STATS_ROWS, _RESIDUAL_STATS_TILE, _RESIDUAL_STATS_WARPS = 128, _TILE, _WARPS
 
 
@@ -421,7 +422,8 @@ def _residual_add(x: torch.Tensor, r: torch.Tensor, bias: torch.Tensor | None, r
         rpp = block_r
     _launch("residual_add", (-(-ho * wo // rpp), n), x, r, bias if bias is not None else x, y,
             part if part is not None else y, ho * wo, hr * wr, wr, wo, c, rpp, HAS_BIAS=bias is not None,
-            RESAMPLE=_RESAMPLE[resample], STATS=part is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
+            RESAMPLE=_RESAMPLE[resample], STATS=part is not None, ONE_TILE=rpp == block_r, BLOCK_R=block_r,
+            BLOCK_C=block_c, num_warps=warps)
     if part is not None:
         _keep(y, token, (part, rpp, part.shape[2]))
     return y
@@ -486,6 +488,12 @@ def conv1x1_cat(conv: torch.nn.Conv2d, x: torch.Tensor, x2: torch.Tensor) -> tor
 # a 64 x 128 tile of W^T: 32 KB in half precision, 96 KB for 3 stages, more than GPUs with
 # ~100 KB of shared memory per block (sm86, sm89, sm120) have; they get 2 stages.
 _GEMM_M, _GEMM_N, _GEMM_K, _GEMM_WARPS, _GEMM_STAGES = 128, 128, 64, 4, 3
+# The decoder's [x; x2] as one K loop (one software pipeline over both parts) instead of one loop
+# per part, each of which fills and drains its own pipeline: at the 256x256 model's level 0 each
+# part is 4 tiles of 64 channels, as few as the stages' reach. Compiled for sm_90 by Triton 3.6
+# both forms are pipelined (cp.async, 96 KB of shared memory) at the same registers; off until a
+# GPU has timed it (benchmarks/ops.py --tiles M:N:K:W:S:1, bench.py --skip-gemm).
+_GEMM_ONE_LOOP = False
 
 
 def gemm_runs(h: torch.Tensor) -> bool:
@@ -495,17 +503,21 @@ def gemm_runs(h: torch.Tensor) -> bool:
     return h.dtype in (torch.float16, torch.bfloat16) or interpreted()
 
 
-@functools.lru_cache(maxsize=None)
 def _gemm_stages(device_index: int | None) -> int:
-    """Pipeline stages of ``skip_add`` that fit the GPU's shared memory (one stage's worth left
-    for the epilogue's layout conversions)."""
+    """Pipeline stages of ``skip_add`` at the current tiles that fit the GPU's shared memory (one
+    stage's worth left for the epilogue's layout conversions)."""
+    return _stages_that_fit(device_index, _GEMM_M, _GEMM_N, _GEMM_K, _GEMM_STAGES)
+
+
+@functools.lru_cache(maxsize=None)
+def _stages_that_fit(device_index: int | None, m: int, n: int, k: int, stages: int) -> int:
+    # (keyed by the tiles too: benchmarks/ops.py sets other ones in one process)
     if device_index is None or not torch.cuda.is_available():
-        return _GEMM_STAGES
+        return stages
     props = torch.cuda.get_device_properties(device_index)
     smem = getattr(props, "shared_memory_per_block_optin", 0) or \
         (160 * 1024 if torch.cuda.get_device_capability(device_index) in ((8, 0), (9, 0), (10, 0)) else 99 * 1024)
-    per_stage = (_GEMM_M * _GEMM_K + _GEMM_K * _GEMM_N) * 2
-    return max(2, min(_GEMM_STAGES, smem // per_stage - 1))
+    return max(2, min(stages, smem // ((m * k + k * n) * 2) - 1))
 
 
 def skip_add(h: torch.Tensor, x: torch.Tensor, x2: torch.Tensor | None, weight_t: torch.Tensor,
@@ -549,7 +561,7 @@ def skip_add(h: torch.Tensor, x: torch.Tensor, x2: torch.Tensor | None, weight_t
     # Inside shared_statistics y's statistics come out of the epilogue, for the norm that reads y next.
     token, part = _part_to_keep(stats and (hh * ww) % _GEMM_M == 0, n, hh * ww, _GEMM_M, co, h.device)
     _launch("skip_add", grid, x, x2 if x2 is not None else x, weight_t, h, bias, y, part if part is not None else y,
-            m, c1, c2, co, TWO=x2 is not None,
+            m, c1, c2, co, TWO=x2 is not None, ONE_LOOP=_GEMM_ONE_LOOP,
             F32=h.dtype == torch.float32 or (interpreted() and h.dtype == torch.bfloat16), STATS=part is not None,
             BLOCK_M=_GEMM_M, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=_GEMM_WARPS,
             num_stages=_gemm_stages(h.device.index if h.is_cuda else None))
