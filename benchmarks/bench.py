@@ -16,6 +16,11 @@ per case with FlopCounterMode (1 multiply-add = 2 FLOPs), so both sides get cred
 work. Peak memory: CUDA max_memory_allocated during the step minus what was allocated before,
 plus the side's own weights (what a process running only that side would hold), plus with
 ``--cuda-graph`` what the captures' memory pool holds; n/a on CPU.
+
+``--variant NAME=ARGS`` (repeatable) also times ours in another setting of the fused path's
+switches and tunables, in turn with the rest in every repeat, as a row "CASE [NAME]" against the
+same reference timings: an A/B without the run-to-run spread of separate processes. Its graphs
+are its own, in the same capture pool (so each graphed row's peak counts every setting's captures).
 """
 
 from __future__ import annotations
@@ -235,36 +240,51 @@ def device_peak(device: torch.device) -> tuple[str, float | None]:
     return name, next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
-def run_case(case: Case, args, device: torch.device) -> dict:
+def run_case(case: Case, args, device: torch.device) -> list[dict]:
+    """The case's row, and one per ``--variant`` (ours in that setting, timed in turn with the
+    others in the same repeats, against the same reference timings)."""
     cfg, batch, ours, ref, count = make_case(case, args, device)
     start = time.perf_counter()
     ours.run()  # warm-up (with --compile: the compilation)
     sync(device)
     warm_s = time.perf_counter() - start
+    variants = []
+    for v in args.variants:
+        side = Side(v.wrap(ours.run, ours.modules), ours.modules, ours.steps, ours.graphed)
+        side.run()  # its warm-up: its kernels' compiles, its captures
+        variants.append((v, side))
     ref.run()
     # FLOPs of one reference step: a full timed run counted, divided by its steps.
     flops = count_flops(count) / ref.steps if not args.no_flops else float("nan")
     print(f"{case.name}: warm-up {warm_s:.1f} s, {flops / 1e9:.4g} GFLOP/step", file=sys.stderr, flush=True)
+    sides = [ours, *(side for _, side in variants), ref]
     for r in range(args.repeats):
-        for side in ((ours, ref) if r % 2 == 0 else (ref, ours)):  # alternate who goes first
+        for side in sides[r % len(sides):] + sides[:r % len(sides)]:  # rotate who goes first
             side.timed(device)
-        print(f"  repeat {r}: ours {ours.times[-1] * 1e3:.1f} ms, ref {ref.times[-1] * 1e3:.1f} ms per step",
-              file=sys.stderr, flush=True)
+        print(f"  repeat {r}: ours {ours.times[-1] * 1e3:.1f} ms, "
+              + "".join(f"{v.name} {side.times[-1] * 1e3:.1f} ms, " for v, side in variants)
+              + f"ref {ref.times[-1] * 1e3:.1f} ms per step", file=sys.stderr, flush=True)
     if args.profile:
         profile(ours, device, f"{args.profile}.{case.name}.txt")
     name, peak = device_peak(device)
     row = {"case": case.name, "device": name, "image_size": cfg.image_size, "batch": batch,
            "repeats": args.repeats, "steps_timed": ours.steps, "ours_warmup_s": round(warm_s, 2),
            "gflop_per_step": flops / 1e9}
-    for label, side in (("ours", ours), ("ref", ref)):
-        ms = statistics.median(side.times) * 1e3
-        tflops = flops / (ms * 1e-3) / 1e12
-        row.update({f"{label}_ms": ms, f"{label}_ms_all": [t * 1e3 for t in side.times],
-                    f"{label}_img_s_250": batch / (ms * 1e-3 * 250) if case.kind != "forward" else None,
-                    f"{label}_peak_mib": None if side.peak is None else side.peak / 2 ** 20,
-                    f"{label}_tflops": tflops, f"{label}_peak_frac": None if peak is None else tflops / peak})
-    row["speedup"] = row["ref_ms"] / row["ours_ms"]
-    return row
+    rows = []
+    for variant, mine in [(None, ours), *variants]:
+        r = dict(row, case=case.name + ("" if variant is None else f" [{variant.name}]"))
+        if variant is not None:
+            r["variant"] = variant.desc
+        for label, side in (("ours", mine), ("ref", ref)):
+            ms = statistics.median(side.times) * 1e3
+            tflops = flops / (ms * 1e-3) / 1e12
+            r.update({f"{label}_ms": ms, f"{label}_ms_all": [t * 1e3 for t in side.times],
+                      f"{label}_img_s_250": batch / (ms * 1e-3 * 250) if case.kind != "forward" else None,
+                      f"{label}_peak_mib": None if side.peak is None else side.peak / 2 ** 20,
+                      f"{label}_tflops": tflops, f"{label}_peak_frac": None if peak is None else tflops / peak})
+        r["speedup"] = r["ref_ms"] / r["ours_ms"]
+        rows.append(r)
+    return rows
 
 
 def profile(side: Side, device: torch.device, path: str) -> None:
@@ -309,16 +329,75 @@ SWITCHES = {"FUSED_SKIP": {"on": True, "off": False}, "PAD_IO": {"on": True, "of
             "DIRECT_IN": {"on": True, "off": False}}
 
 
+def switch(item: str) -> tuple[str, object]:
+    """(``layers`` attribute, value) of a ``NAME=VALUE`` item of ``--set``; ValueError if unknown."""
+    name, _, value = item.partition("=")
+    if name not in SWITCHES or value not in SWITCHES[name]:
+        raise ValueError(f"--set {item}: choose " + "; ".join(f"{k}={'/'.join(v)}" for k, v in SWITCHES.items()))
+    return name, SWITCHES[name][value]
+
+
 def apply_switches(items: list[str]) -> list[str]:
     """Set ``layers``' switches from ``NAME=VALUE`` items (``--set``); returns the items applied."""
     from adm_cli import layers
 
     for item in items:
-        name, _, value = item.partition("=")
-        if name not in SWITCHES or value not in SWITCHES[name]:
-            raise ValueError(f"--set {item}: choose " + "; ".join(f"{k}={'/'.join(v)}" for k, v in SWITCHES.items()))
-        setattr(layers, name, SWITCHES[name][value])
+        setattr(layers, *switch(item))
     return list(items)
+
+
+class Variant:
+    """Another setting of ours timed in the same run (``--variant NAME=ARGS``): ``layers``' switches
+    and ``fused``'s tunables from ARGS (``--set``, ``--skip-gemm``, ``--add-stats``), set around
+    each of its runs and restored after, with CUDA graphs of its own (the captures kept on the
+    networks are swapped in and out: a graph replays the kernels it captured)."""
+
+    def __init__(self, spec: str):
+        name, sep, rest = spec.partition("=")
+        if not sep or not name or not rest.strip():
+            raise ValueError(f"--variant {spec!r}: want NAME=ARGS, e.g. 'picks=--skip-gemm 128:128:64:4:3:1'")
+        p = argparse.ArgumentParser(prog=f"--variant {name}", add_help=False)
+        p.add_argument("--set", action="append", default=[])
+        p.add_argument("--skip-gemm", default=None)
+        p.add_argument("--add-stats", default=None)
+        try:
+            a, extra = p.parse_known_args(rest.split())
+        except SystemExit:
+            extra = [rest]
+        if extra:
+            raise ValueError(f"--variant {spec!r}: want only --set, --skip-gemm and --add-stats in ARGS")
+        self.name, self.desc = name, rest.strip()
+        self.layers = dict(switch(item) for item in a.set)
+        self.fused = {**(tunables.gemm(a.skip_gemm) if a.skip_gemm else {}),
+                      **(tunables.add_stats(a.add_stats) if a.add_stats else {})}
+        self.captures: dict[int, object] = {}
+
+    def wrap(self, run, modules):
+        """``run`` with this variant's settings and graphs, everything restored after."""
+        from adm_cli import layers
+
+        def run_variant():
+            saved_layers = {k: getattr(layers, k) for k in self.layers}
+            mods = [m for m in modules if m is not None]
+            saved_caps = [m.__dict__.pop("_adm_captures", None) for m in mods]
+            for m in mods:
+                if id(m) in self.captures:
+                    object.__setattr__(m, "_adm_captures", self.captures[id(m)])
+            try:
+                for k, v in self.layers.items():
+                    setattr(layers, k, v)
+                with tunables.tuned(self.fused):
+                    run()
+            finally:
+                for k, v in saved_layers.items():
+                    setattr(layers, k, v)
+                for m, caps in zip(mods, saved_caps):
+                    mine = m.__dict__.pop("_adm_captures", None)
+                    if mine is not None:
+                        self.captures[id(m)] = mine
+                    if caps is not None:
+                        object.__setattr__(m, "_adm_captures", caps)
+        return run_variant
 
 
 def main(argv=None) -> int:
@@ -356,6 +435,9 @@ def main(argv=None) -> int:
                    "add's statistics geometry (with --set RESIDUAL_STATS=on; ops.py --groups addnorm times them)")
     p.add_argument("--skip-gemm", default=None, metavar="M:N:K:W:S[:L]", help="ours, fused: skip_add's tiles, "
                    "warps, stages and (L=1) one K loop over the decoder's two inputs (ops.py --groups skip times them)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
+                   help="ours, fused: also time ours with ARGS (--set, --skip-gemm, --add-stats; quoted, on top "
+                        "of this run's own) in the same process, in turn with the rest, as a row 'CASE [NAME]'")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the rows as JSON")
     args = p.parse_args(argv)
     if args.steps < 2:
@@ -383,6 +465,9 @@ def main(argv=None) -> int:
         if args.skip_gemm:
             tunables.apply(tunables.gemm(args.skip_gemm))
             switched.append(f"skip-gemm {args.skip_gemm}")
+        args.variants = [Variant(spec) for spec in args.variant]
+        if len({v.name for v in args.variants}) < len(args.variants):
+            raise ValueError("--variant: each NAME once")
     except ValueError as e:
         p.error(str(e))
     torch.manual_seed(0)
@@ -400,7 +485,7 @@ def main(argv=None) -> int:
     rows, failed = [], []
     for n in names:
         try:
-            rows.append(run_case(CASES[n], args, device))
+            rows.extend(run_case(CASES[n], args, device))
         except Exception as e:  # noqa: BLE001 - one broken case must not lose the others' numbers
             failed.append(n)
             print(f"{n}: FAILED: {type(e).__name__}: {e}", file=sys.stderr, flush=True)

@@ -75,19 +75,33 @@ def pick(group, shipped, arg):
         return ""
     best, t = min(cands.items(), key=lambda kv: kv[1])
     return arg(best) if t < 0.97 * base else ""
-out = [pick("skip", "skip_add 128:128:64:4:3", lambda f: "--skip-gemm " + f.split()[1]),
-       pick("addnorm", "add, norm", lambda f: "--set RESIDUAL_STATS=on --add-stats " + f.split()[2].rstrip(","))]
-print(" ".join(o for o in out if o))' "$RES/ops256-add.json" "$RES/ops256-skip.json" 2>/dev/null)
+print(pick("skip", "skip_add 128:128:64:4:3", lambda f: "--skip-gemm " + f.split()[1]) + "|"
+      + pick("addnorm", "add, norm", lambda f: "--set RESIDUAL_STATS=on --add-stats " + f.split()[2].rstrip(",")))' \
+    "$RES/ops256-add.json" "$RES/ops256-skip.json" 2>/dev/null)
+SKIP_PICK=${PICKS%%|*} ADD_PICK=${PICKS#*|}
+PICKS="$SKIP_PICK${SKIP_PICK:+${ADD_PICK:+ }}$ADD_PICK"
 echo "=== picks that pay by ops.py: ${PICKS:-(none)}" | tee -a "$LOG"
-#    The 256 step with graphs with the picks, against the defaults, twice each, alternating (whole
-#    steps spread 64-68 ms run to run on the H200, in two clusters: one pair is not enough).
+#    The 256 step with graphs with the picks against the defaults, in one process, the settings
+#    taking turns within each repeat (bench.py --variant: whole steps spread 64-68 ms from run to
+#    run on the H200, in two clusters; in one process the same reference timings serve all). If
+#    that run breaks, separate runs instead, twice each, alternating.
 if [ -n "$PICKS" ]; then
-  for k in 1 2; do
-    step 45 python3 benchmarks/bench.py --device cuda --cases ddim-256 --repeats 5 --no-flops --cuda-graph $SETS \
-        --json "$RES/graphs256-defaults-$k.json"
-    step 45 python3 benchmarks/bench.py --device cuda --cases ddim-256 --repeats 5 --no-flops --cuda-graph $SETS \
-        $PICKS --json "$RES/graphs256-picks-$k.json"
-  done
+  VARIANTS=()
+  [ -n "$SKIP_PICK" ] && VARIANTS+=(--variant "skip=$SKIP_PICK")
+  [ -n "$ADD_PICK" ] && VARIANTS+=(--variant "add=$ADD_PICK")
+  [ -n "$SKIP_PICK" ] && [ -n "$ADD_PICK" ] && VARIANTS+=(--variant "both=$PICKS")
+  step 90 python3 benchmarks/bench.py --device cuda --cases ddim-256 --repeats 10 --no-flops --cuda-graph $SETS \
+      "${VARIANTS[@]}" --json "$RES/graphs256-variants.json"
+  if ! python3 -c 'import json, sys
+sys.exit(not any("variant" in r for r in json.load(open(sys.argv[1]))["rows"]))' "$RES/graphs256-variants.json" \
+      2>/dev/null; then
+    for k in 1 2; do
+      step 45 python3 benchmarks/bench.py --device cuda --cases ddim-256 --repeats 5 --no-flops --cuda-graph $SETS \
+          --json "$RES/graphs256-defaults-$k.json"
+      step 45 python3 benchmarks/bench.py --device cuda --cases ddim-256 --repeats 5 --no-flops --cuda-graph $SETS \
+          $PICKS --json "$RES/graphs256-picks-$k.json"
+    done
+  fi
 fi
 # 3. The fused kernels' GPU tests (real sizes; the statistics kept by the closing adds among them).
 step 70 python3 -m pytest -q -p no:cacheprovider -rf -m gpu tests/test_fused.py

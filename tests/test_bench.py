@@ -215,12 +215,47 @@ def test_tunables_parse_set_and_restore(monkeypatch, capsys):
     import ops
 
     for main, argv in ((bench.main, ["--skip-gemm", "128:128:64"]), (bench.main, ["--add-stats", "16"]),
+                       (bench.main, ["--variant", "picks"]), (bench.main, ["--variant", "a=--skip-gemm 1:2"]),
+                       (bench.main, ["--variant", "a=--dtype float32"]),
                        (ops.main, ["--small", "--tiles", "1:2:3:4:5:6"])):
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_.value.code == 2 and "want" in err[-1] and "Traceback" not in "".join(err), err
     assert (fused._GEMM_M, fused._GEMM_ONE_LOOP, fused._RESIDUAL_STATS_ROWS) == shipped
+
+
+def test_bench_variant_runs_in_its_setting_with_graphs_of_its_own(monkeypatch):
+    """bench.py --variant: each run of the variant has its switches and tunables set and the
+    networks' graph captures of its own (a graph replays what it captured), kept between its
+    runs; after each, the run's own setting and captures are back."""
+    import torch
+
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import bench
+
+    from adm_cli import fused, graphs, layers
+
+    def setting():
+        return layers.RESIDUAL_STATS, fused._GEMM_ONE_LOOP, fused._GEMM_M, fused._RESIDUAL_STATS_ROWS
+
+    net = torch.nn.Linear(1, 1)
+    graphs._captures(net)["unet"] = "the run's own"
+    seen = []
+
+    def run():
+        seen.append((setting(), dict(graphs._captures(net))))
+        graphs._captures(net)["unet"] = f"captured by call {len(seen)}"
+
+    shipped = setting()
+    v = bench.Variant("x=--set RESIDUAL_STATS=on --skip-gemm 64:32:16:4:2:1 --add-stats 16:8192:8")
+    wrapped = v.wrap(run, [net, None])
+    wrapped()
+    assert setting() == shipped and graphs._captures(net) == {"unet": "the run's own"}
+    wrapped()
+    assert seen[0] == ((True, True, 64, 16), {})  # no graph of the run's own setting replayed
+    assert seen[1] == ((True, True, 64, 16), {"unet": "captured by call 1"})
+    assert setting() == shipped and graphs._captures(net) == {"unet": "the run's own"}
 
 
 def test_cpu_conv_script_times_every_3x3_conv_both_ways(monkeypatch, capsys):
