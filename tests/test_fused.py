@@ -737,18 +737,29 @@ def test_gpu_group_norm_act_large(dtype):
         assert fwd <= BOUNDS[dtype] and bwd <= 2 * BOUNDS[dtype], (shape, fwd, bwd)
     # the closing residual add with its statistics loop at the 256x256 model's level 0 (and an
     # up block into it), then the norm over its output, which reads nothing more
+    # (at the shipped geometry, a loop over 128-row blocks, and at two of one tile per program
+    # that benchmarks/gpu_session.sh times: 16 rows at 4 warps, 32 at 8)
     g = torch.Generator().manual_seed(13)
     gamma, beta = torch.ones(256, device="cuda"), torch.zeros(256, device="cuda")
+    names = ("_RESIDUAL_STATS_ROWS", "_RESIDUAL_STATS_TILE", "_RESIDUAL_STATS_WARPS")
+    shipped = tuple(getattr(fused, a) for a in names)
     for rsize, resample in ((256, None), (128, "up")):
         x = nhwc(torch.randn(2, 256, 256, 256, generator=g) + 3.0).cuda().to(dtype)
         r = nhwc(torch.randn(2, 256, rsize, rsize, generator=g)).cuda().to(dtype)
         bias = torch.randn(256, generator=g).cuda()
-        with torch.no_grad(), fused.shared_statistics():
-            y = fused.add_bias(x, r, bias, resample=resample)
-            z, launched = _norm_launches(y, gamma, beta)
-        assert launched == ["finalize", "apply"]
-        assert torch.equal(y, fused.add_bias(x, r, bias, resample=resample, stats=False))
-        assert rel_norm(fused.reference_group_norm_act(y, gamma, beta), z.double()) <= BOUNDS[dtype]
+        for geometry in (shipped, (16, 4096, 4), (16, 8192, 8)):
+            try:
+                for a, v in zip(names, geometry):
+                    setattr(fused, a, v)
+                with torch.no_grad(), fused.shared_statistics():
+                    y = fused.add_bias(x, r, bias, resample=resample)
+                    z, launched = _norm_launches(y, gamma, beta)
+            finally:
+                for a, v in zip(names, shipped):
+                    setattr(fused, a, v)
+            assert launched == ["finalize", "apply"], geometry
+            assert torch.equal(y, fused.add_bias(x, r, bias, resample=resample, stats=False)), geometry
+            assert rel_norm(fused.reference_group_norm_act(y, gamma, beta), z.double()) <= BOUNDS[dtype], geometry
 
 
 GEMM_TUNABLES = ("_GEMM_M", "_GEMM_N", "_GEMM_K", "_GEMM_WARPS", "_GEMM_STAGES", "_GEMM_ONE_LOOP")
