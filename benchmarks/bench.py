@@ -337,6 +337,13 @@ def switch(item: str) -> tuple[str, object]:
     return name, SWITCHES[name][value]
 
 
+def settings(sets: list[str], skip_gemm: str | None, add_stats: str | None) -> tuple[dict, dict]:
+    """({``layers`` switch: value}, {``fused`` tunable: value}) from ``--set`` items, ``--skip-gemm``
+    and ``--add-stats``; ValueError (one line) if one is malformed."""
+    return (dict(switch(item) for item in sets),
+            {**(tunables.gemm(skip_gemm) if skip_gemm else {}), **(tunables.add_stats(add_stats) if add_stats else {})})
+
+
 def apply_switches(items: list[str]) -> list[str]:
     """Set ``layers``' switches from ``NAME=VALUE`` items (``--set``); returns the items applied."""
     from adm_cli import layers
@@ -367,9 +374,7 @@ class Variant:
         if extra:
             raise ValueError(f"--variant {spec!r}: want only --set, --skip-gemm and --add-stats in ARGS")
         self.name, self.desc = name, rest.strip()
-        self.layers = dict(switch(item) for item in a.set)
-        self.fused = {**(tunables.gemm(a.skip_gemm) if a.skip_gemm else {}),
-                      **(tunables.add_stats(a.add_stats) if a.add_stats else {})}
+        self.layers, self.fused = settings(a.set, a.skip_gemm, a.add_stats)
         self.captures: dict[int, object] = {}
 
     def wrap(self, run, modules):
@@ -377,20 +382,15 @@ class Variant:
         from adm_cli import layers
 
         def run_variant():
-            saved_layers = {k: getattr(layers, k) for k in self.layers}
             mods = [m for m in modules if m is not None]
             saved_caps = [m.__dict__.pop("_adm_captures", None) for m in mods]
             for m in mods:
                 if id(m) in self.captures:
                     object.__setattr__(m, "_adm_captures", self.captures[id(m)])
             try:
-                for k, v in self.layers.items():
-                    setattr(layers, k, v)
-                with tunables.tuned(self.fused):
+                with tunables.tuned(self.layers, layers), tunables.tuned(self.fused):
                     run()
             finally:
-                for k, v in saved_layers.items():
-                    setattr(layers, k, v)
                 for m, caps in zip(mods, saved_caps):
                     mine = m.__dict__.pop("_adm_captures", None)
                     if mine is not None:
@@ -458,13 +458,13 @@ def main(argv=None) -> int:
         from adm_cli import layers
         layers.FUSED_CONCAT = False
     try:
-        switched = apply_switches(args.set)
-        if args.add_stats:
-            tunables.apply(tunables.add_stats(args.add_stats))
-            switched.append(f"add-stats {args.add_stats}")
-        if args.skip_gemm:
-            tunables.apply(tunables.gemm(args.skip_gemm))
-            switched.append(f"skip-gemm {args.skip_gemm}")
+        from adm_cli import layers
+
+        switches, tuned = settings(args.set, args.skip_gemm, args.add_stats)
+        tunables.apply(switches, layers)
+        tunables.apply(tuned)
+        switched = list(args.set) + [f"{flag} {v}" for flag, v in (("add-stats", args.add_stats),
+                                                                      ("skip-gemm", args.skip_gemm)) if v]
         args.variants = [Variant(spec) for spec in args.variant]
         if len({v.name for v in args.variants}) < len(args.variants):
             raise ValueError("--variant: each NAME once")

@@ -57,27 +57,7 @@ step 100 python3 benchmarks/ops.py --model 256x256_diffusion --batch 16 --repeat
     --json "$RES/ops256-skip.json"
 #    Each pick that beats the shipped form by 3% over a forward's calls: the skip GEMM's tiles
 #    (--skip-gemm) and the residual add's statistics geometry (--add-stats, turning the epilogue on).
-PICKS=$(python3 -c 'import json, sys
-tot = {}
-def rows(f):
-    try:
-        return json.load(open(f))["rows"]
-    except (OSError, ValueError, KeyError):  # a call cut short: the rows of the other still count
-        return []
-for r in [r for f in sys.argv[1:] for r in rows(f)]:
-    if "ms" in r and (r["group"] == "addnorm" or r["group"] == "skip" and r["form"][:10].startswith("skip_add ") and r["form"][9:10].isdigit()):
-        key = (r["group"], r["form"])
-        tot[key] = tot.get(key, 0.0) + r["ms"] * r["calls"]
-def pick(group, shipped, arg):
-    base = tot.pop((group, shipped), None)
-    cands = {f: t for (g, f), t in tot.items() if g == group}
-    if not base or not cands:
-        return ""
-    best, t = min(cands.items(), key=lambda kv: kv[1])
-    return arg(best) if t < 0.97 * base else ""
-print(pick("skip", "skip_add 128:128:64:4:3", lambda f: "--skip-gemm " + f.split()[1]) + "|"
-      + pick("addnorm", "add, norm", lambda f: "--set RESIDUAL_STATS=on --add-stats " + f.split()[2].rstrip(",")))' \
-    "$RES/ops256-add.json" "$RES/ops256-skip.json" 2>/dev/null)
+PICKS=$(python3 benchmarks/tunables.py "$RES/ops256-add.json" "$RES/ops256-skip.json" 2>/dev/null)
 SKIP_PICK=${PICKS%%|*} ADD_PICK=${PICKS#*|}
 PICKS="$SKIP_PICK${SKIP_PICK:+${ADD_PICK:+ }}$ADD_PICK"
 echo "=== picks that pay by ops.py: ${PICKS:-(none)}" | tee -a "$LOG"

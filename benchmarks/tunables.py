@@ -6,12 +6,15 @@
   per program tile, warps).
 
 ops.py times several of each side by side; bench.py runs whole steps with one (``--skip-gemm``,
-``--add-stats``).
+``--add-stats``); ``python benchmarks/tunables.py OPS.json...`` prints those of ops.py's rows
+that pay (``picks``), for gpu_session.sh.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import sys
 
 from adm_cli import fused
 
@@ -38,19 +41,62 @@ def add_stats(spec: str) -> dict:
     return dict(zip(ADD_STATS, (int(v) for v in vals)))
 
 
-def apply(values: dict) -> None:
-    """Set ``fused``'s tunables for the rest of the process (bench.py: one setting per run)."""
+def apply(values: dict, module=fused) -> None:
+    """Set ``module``'s attributes (``fused``'s tunables, or ``layers``' switches) for the rest of
+    the process (bench.py: one setting per run)."""
     for name, v in values.items():
-        setattr(fused, name, v)
+        setattr(module, name, v)
 
 
 @contextlib.contextmanager
-def tuned(values: dict):
-    """``fused``'s tunables set to ``values`` for the block, restored after it (ops.py: several
-    settings side by side)."""
-    saved = {name: getattr(fused, name) for name in values}
-    apply(values)
+def tuned(values: dict, module=fused):
+    """``module``'s attributes set to ``values`` for the block, restored after it (ops.py: several
+    settings side by side; bench.py --variant)."""
+    saved = {name: getattr(module, name) for name in values}
+    apply(values, module)
     try:
         yield
     finally:
-        apply(saved)
+        apply(saved, module)
+
+
+SHIPPED_GEMM = "skip_add 128:128:64:4:3"
+PLAIN_ADD = "add, norm"
+
+
+def picks(rows: list[dict], margin: float = 0.97) -> tuple[str, str]:
+    """bench.py's arguments for the candidates among ops.py's rows that beat the shipped form by
+    ``margin`` over a forward's calls (time x calls, summed over the shapes): the skip GEMM's
+    tiles against the shipped ones ("--skip-gemm SPEC"), and the residual add's statistics
+    geometry with the next norm against the plain add and norm ("--set RESIDUAL_STATS=on
+    --add-stats SPEC"); "" where none does, or where a form has no rows."""
+    total: dict[tuple, float] = {}
+    for r in rows:
+        form = r.get("form", "")
+        tile = r["group"] == "skip" and form.startswith("skip_add ") and form[9:10].isdigit()
+        if "ms" in r and (tile or r["group"] == "addnorm"):
+            total[r["group"], form] = total.get((r["group"], form), 0.0) + r["ms"] * r["calls"]
+
+    def best(group: str, shipped: str) -> str | None:
+        base = total.pop((group, shipped), None)
+        cands = {f: t for (g, f), t in total.items() if g == group}
+        if not base or not cands:
+            return None
+        form, t = min(cands.items(), key=lambda kv: kv[1])
+        return form if t < margin * base else None
+
+    gemm_form, add_form = best("skip", SHIPPED_GEMM), best("addnorm", PLAIN_ADD)
+    return ("" if gemm_form is None else "--skip-gemm " + gemm_form.split()[1],
+            "" if add_form is None else "--set RESIDUAL_STATS=on --add-stats " + add_form.split()[2].rstrip(","))
+
+
+def _rows(path: str) -> list[dict]:
+    try:
+        with open(path) as f:
+            return json.load(f)["rows"]
+    except (OSError, ValueError, KeyError):  # a call cut short: the other files' rows still count
+        return []
+
+
+if __name__ == "__main__":  # gpu_session.sh: "SKIP_ARGS|ADD_ARGS"
+    print("|".join(picks([r for path in sys.argv[1:] for r in _rows(path)])))

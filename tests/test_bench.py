@@ -225,6 +225,41 @@ def test_tunables_parse_set_and_restore(monkeypatch, capsys):
     assert (fused._GEMM_M, fused._GEMM_ONE_LOOP, fused._RESIDUAL_STATS_ROWS) == shipped
 
 
+def test_tunables_picks_what_beats_the_shipped_form(monkeypatch, tmp_path):
+    """gpu_session.sh's picks from ops.py's rows: per form, time x calls summed over the shapes;
+    a candidate wins only by the margin, the "+stats" and failed rows never; the command line
+    joins the rows of several files and skips one that a cut-short call left missing."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import tunables
+
+    def rows(gemm_ms, add_ms):
+        return [dict(group="skip", form="skip_add 128:128:64:4:3", ms=1.0, calls=3, shape="a"),
+                dict(group="skip", form="skip_add 128:128:64:4:3", ms=2.0, calls=1, shape="b"),
+                dict(group="skip", form="skip_add 64:128:32:4:4:1", ms=gemm_ms, calls=3, shape="a"),
+                dict(group="skip", form="skip_add 64:128:32:4:4:1", ms=2.0, calls=1, shape="b"),
+                dict(group="skip", form="skip_add +stats", ms=0.01, calls=3, shape="a"),
+                dict(group="skip", form="gemms+add", ms=0.01, calls=3, shape="a"),
+                dict(group="skip", form="skip_add 256:128:64:8:3:1", error="RuntimeError: out of resources"),
+                dict(group="addnorm", form="add, norm", ms=2.0, calls=2, shape="a"),
+                dict(group="addnorm", form="add +stats 16:8192:8, norm", ms=add_ms, calls=2, shape="a"),
+                dict(group="addnorm", form="add +stats 128:4096:4, norm", ms=3.0, calls=2, shape="a"),
+                dict(group="add", form="add", ms=0.01, calls=1, shape="a")]
+
+    # 5 against 3 * 0.9 + 2 = 4.7 (6% less); 2 * 1.5 against 2 * 2
+    assert tunables.picks(rows(0.9, 1.5)) == ("--skip-gemm 64:128:32:4:4:1",
+                                               "--set RESIDUAL_STATS=on --add-stats 16:8192:8")
+    assert tunables.picks(rows(0.97, 1.99)) == ("", "")  # 4.91 vs 5 and 3.98 vs 4: under 3%
+    assert tunables.picks([r for r in rows(0.9, 1.5) if r["form"] != "add, norm"])[1] == ""
+    (tmp_path / "add.json").write_text(json.dumps({"rows": rows(0.9, 1.5)[7:]}))
+    (tmp_path / "skip.json").write_text(json.dumps({"rows": rows(0.9, 1.5)[:7]}))
+    run = lambda *names: subprocess.run(  # noqa: E731
+        [sys.executable, os.path.join(ROOT, "benchmarks", "tunables.py"), *(str(tmp_path / n) for n in names)],
+        capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"))).stdout.strip()
+    assert run("add.json", "skip.json") == "--skip-gemm 64:128:32:4:4:1|--set RESIDUAL_STATS=on --add-stats 16:8192:8"
+    assert run("add.json", "missing.json") == "|--set RESIDUAL_STATS=on --add-stats 16:8192:8"
+
+
 def test_bench_variant_runs_in_its_setting_with_graphs_of_its_own(monkeypatch):
     """bench.py --variant: each run of the variant has its switches and tunables set and the
     networks' graph captures of its own (a graph replays what it captured), kept between its

@@ -415,19 +415,24 @@ def residual_add(X, R, BIAS, Y, PART, HW_OUT, HW_R, W_R, W_OUT, C, RPP, HAS_BIAS
 
 
 @triton.jit
+def _mma(a, b, acc, F32: tl.constexpr):
+    """acc + a @ b. F32: in IEEE float32 (float32 inputs: no TF32; bfloat16 in Triton's
+    interpreter, whose dot does not take it), else on the tensor cores in the inputs' precision."""
+    if F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
 def _gemm_part(acc, X, K, K0, WT, CO, rm, rn, mmask, nmask, BLOCK_K: tl.constexpr, F32: tl.constexpr):
-    """acc += X[rm, 0:K] @ WT[K0:K0 + K, rn] (X: [M, K] rows, WT: the weight transposed, [C_in, C_out]).
-    F32: multiply in IEEE float32 (float32 inputs: no TF32; bfloat16 in Triton's interpreter,
-    whose dot does not take it), else on the tensor cores in the inputs' half precision."""
+    """acc += X[rm, 0:K] @ WT[K0:K0 + K, rn] (X: [M, K] rows, WT: the weight transposed, [C_in, C_out]);
+    F32 as in ``_mma``."""
     for k in range(0, K, BLOCK_K):
         rk = k + tl.arange(0, BLOCK_K)
         kmask = rk < K
         a = tl.load(X + rm[:, None] * K + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
         b = tl.load(WT + (K0 + rk)[:, None] * CO + rn[None, :], mask=kmask[:, None] & nmask[None, :], other=0.0)
-        if F32:
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+        acc = _mma(a, b, acc, F32)
     return acc
 
 
@@ -447,10 +452,7 @@ def _gemm_cat(acc, X, X2, C1, C2, WT, CO, rm, rn, mmask, nmask, BLOCK_K: tl.cons
                     other=0.0)
         b = tl.load(WT + (tl.where(second, C1, 0) + rk)[:, None] * CO + rn[None, :],
                     mask=kmask[:, None] & nmask[None, :], other=0.0)
-        if F32:
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+        acc = _mma(a, b, acc, F32)
     return acc
 
 
