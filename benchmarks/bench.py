@@ -337,11 +337,13 @@ def switch(item: str) -> tuple[str, object]:
     return name, SWITCHES[name][value]
 
 
-def settings(sets: list[str], skip_gemm: str | None, add_stats: str | None) -> tuple[dict, dict]:
-    """({``layers`` switch: value}, {``fused`` tunable: value}) from ``--set`` items, ``--skip-gemm``
-    and ``--add-stats``; ValueError (one line) if one is malformed."""
+def settings(sets: list[str], skip_gemm: str | None, add_stats: str | None,
+             stats_loop: str | None = None) -> tuple[dict, dict]:
+    """({``layers`` switch: value}, {``fused`` tunable: value}) from ``--set`` items, ``--skip-gemm``,
+    ``--add-stats`` and ``--stats-loop``; ValueError (one line) if one is malformed."""
     return (dict(switch(item) for item in sets),
-            {**(tunables.gemm(skip_gemm) if skip_gemm else {}), **(tunables.add_stats(add_stats) if add_stats else {})})
+            {**(tunables.gemm(skip_gemm) if skip_gemm else {}), **(tunables.add_stats(add_stats) if add_stats else {}),
+             **(tunables.stats_loop(stats_loop) if stats_loop else {})})
 
 
 def apply_switches(items: list[str]) -> list[str]:
@@ -355,9 +357,10 @@ def apply_switches(items: list[str]) -> list[str]:
 
 class Variant:
     """Another setting of ours timed in the same run (``--variant NAME=ARGS``): ``layers``' switches
-    and ``fused``'s tunables from ARGS (``--set``, ``--skip-gemm``, ``--add-stats``), set around
-    each of its runs and restored after, with CUDA graphs of its own (the captures kept on the
-    networks are swapped in and out: a graph replays the kernels it captured)."""
+    and ``fused``'s tunables from ARGS (``--set``, ``--skip-gemm``, ``--add-stats``,
+    ``--stats-loop``), set around each of its runs and restored after, with CUDA graphs of its own
+    (the captures kept on the networks are swapped in and out: a graph replays the kernels it
+    captured)."""
 
     def __init__(self, spec: str):
         name, sep, rest = spec.partition("=")
@@ -367,14 +370,16 @@ class Variant:
         p.add_argument("--set", action="append", default=[])
         p.add_argument("--skip-gemm", default=None)
         p.add_argument("--add-stats", default=None)
+        p.add_argument("--stats-loop", default=None)
         try:
             a, extra = p.parse_known_args(rest.split())
         except SystemExit:
             extra = [rest]
         if extra:
-            raise ValueError(f"--variant {spec!r}: want only --set, --skip-gemm and --add-stats in ARGS")
+            raise ValueError(f"--variant {spec!r}: want only --set, --skip-gemm, --add-stats and --stats-loop "
+                             "in ARGS")
         self.name, self.desc = name, rest.strip()
-        self.layers, self.fused = settings(a.set, a.skip_gemm, a.add_stats)
+        self.layers, self.fused = settings(a.set, a.skip_gemm, a.add_stats, a.stats_loop)
         self.captures: dict[int, object] = {}
 
     def wrap(self, run, modules):
@@ -435,9 +440,13 @@ def main(argv=None) -> int:
                    "add's statistics geometry (with --set RESIDUAL_STATS=on; ops.py --groups addnorm times them)")
     p.add_argument("--skip-gemm", default=None, metavar="M:N:K:W:S[:L]", help="ours, fused: skip_add's tiles, "
                    "warps, stages and (L=1) one K loop over the decoder's two inputs (ops.py --groups skip times them)")
+    p.add_argument("--stats-loop", default=None, metavar="STAGES:PPS", help="ours, fused: the reductions' "
+                   "row loops, pipeline stages (1: plain) and programs per multiprocessor (ops.py --groups stats "
+                   "times them)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
-                   help="ours, fused: also time ours with ARGS (--set, --skip-gemm, --add-stats; quoted, on top "
-                        "of this run's own) in the same process, in turn with the rest, as a row 'CASE [NAME]'")
+                   help="ours, fused: also time ours with ARGS (--set, --skip-gemm, --add-stats, --stats-loop; "
+                        "quoted, on top of this run's own) in the same process, in turn with the rest, as a row "
+                        "'CASE [NAME]'")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the rows as JSON")
     args = p.parse_args(argv)
     if args.steps < 2:
@@ -460,11 +469,12 @@ def main(argv=None) -> int:
     try:
         from adm_cli import layers
 
-        switches, tuned = settings(args.set, args.skip_gemm, args.add_stats)
+        switches, tuned = settings(args.set, args.skip_gemm, args.add_stats, args.stats_loop)
         tunables.apply(switches, layers)
         tunables.apply(tuned)
         switched = list(args.set) + [f"{flag} {v}" for flag, v in (("add-stats", args.add_stats),
-                                                                      ("skip-gemm", args.skip_gemm)) if v]
+                                                                      ("skip-gemm", args.skip_gemm),
+                                                                      ("stats-loop", args.stats_loop)) if v]
         args.variants = [Variant(spec) for spec in args.variant]
         if len({v.name for v in args.variants}) < len(args.variants):
             raise ValueError("--variant: each NAME once")

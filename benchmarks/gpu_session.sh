@@ -41,36 +41,48 @@ echo "=== switches for the later steps: ${SETS:-(none)}" | tee -a "$LOG"
 #    shapes' Triton compiles.
 step 150 python3 benchmarks/bench.py --device cuda --cases ddim-256,ddpm-512-guided,ddpm-64-guided --repeats 5 \
     --no-flops --cuda-graph $SETS --json "$RES/graphs.json"
-# 2. The residual add and the skip GEMM at the 256x256 model's shapes, each with and without
-#    its statistics epilogue; the residual add's at four geometries (session 14's loop of 128 rows
-#    cost 2.7x the plain add), also followed by the next norm (addnorm: what the epilogue changes,
-#    the finalize of its blocks included); the skip GEMM at the shipped tiles and five with the
-#    decoder's two inputs in one K loop (:1; offline, each part's loop fills and drains its own
-#    pipeline), among them smaller tiles that leave room for 3 or 4 programs per multiprocessor
-#    (offline, Triton 3.6, sm_90: the shipped tiles take 243 registers and 96 KB, 2 per SM). It ran
-#    at ~1.9 TB/s of its bytes in session 14, the step's furthest from the memory roof (NOTES.md).
-#    Two calls, each with its own limit and JSON, so one cut short cannot lose the other's rows.
-step 60 python3 benchmarks/ops.py --model 256x256_diffusion --batch 16 --repeats 10 --groups addnorm,add \
+# 2. Candidate forms at the 256x256 model's shapes, each against the shipped one:
+#    - the statistics kernel (with the finalize) at every input it reads in a forward, its row loop
+#      pipelined (2-4 stages) and at 4 or 5 programs per multiprocessor (session 14: ~1.7 TB/s,
+#      4.95 ms per step, less than half its roof; offline, Triton 3.6, sm_90: one 16-row tile in
+#      flight per program, 96 registers; pipelined: cp.async, 95-110);
+#    - the residual add's statistics epilogue at four geometries, followed by the next norm
+#      (addnorm: what the epilogue changes, the finalize of its blocks included; session 14's loop
+#      of 128 rows cost 2.7x the plain add);
+#    - the skip GEMM at the shipped tiles and five with the decoder's two inputs in one K loop (:1;
+#      offline, each part's loop fills and drains its own pipeline), among them smaller tiles that
+#      leave room for 3 or 4 programs per multiprocessor (the shipped tiles take 243 registers and
+#      96 KB, 2 per SM). It ran at ~1.9 TB/s of its bytes in session 14 (NOTES.md).
+#    Separate calls, each with its own limit and JSON, so one cut short cannot lose the others' rows.
+step 50 python3 benchmarks/ops.py --model 256x256_diffusion --batch 16 --repeats 10 --groups stats \
+    --json "$RES/ops256-stats.json"
+step 50 python3 benchmarks/ops.py --model 256x256_diffusion --batch 16 --repeats 10 --groups addnorm \
     --json "$RES/ops256-add.json"
 step 100 python3 benchmarks/ops.py --model 256x256_diffusion --batch 16 --repeats 10 --groups skip \
     --tiles 128:128:64:4:3,128:128:64:4:3:1,128:128:64:8:3:1,64:128:64:4:3:1,64:128:32:4:4:1,256:128:64:8:3:1 \
     --json "$RES/ops256-skip.json"
 #    Each pick that beats the shipped form by 3% over a forward's calls: the skip GEMM's tiles
-#    (--skip-gemm) and the residual add's statistics geometry (--add-stats, turning the epilogue on).
-PICKS=$(python3 benchmarks/tunables.py "$RES/ops256-add.json" "$RES/ops256-skip.json" 2>/dev/null)
-SKIP_PICK=${PICKS%%|*} ADD_PICK=${PICKS#*|}
-PICKS="$SKIP_PICK${SKIP_PICK:+${ADD_PICK:+ }}$ADD_PICK"
+#    (--skip-gemm), the residual add's statistics geometry (--add-stats, turning the epilogue on)
+#    and the statistics loop (--stats-loop).
+PICKS=$(python3 benchmarks/tunables.py "$RES/ops256-stats.json" "$RES/ops256-add.json" "$RES/ops256-skip.json" \
+    2>/dev/null)
+IFS='|' read -r SKIP_PICK ADD_PICK LOOP_PICK <<< "$PICKS"
+ALL=()
+for a in "$SKIP_PICK" "$ADD_PICK" "$LOOP_PICK"; do [ -n "$a" ] && ALL+=("$a"); done
+PICKS="${ALL[*]}"
 echo "=== picks that pay by ops.py: ${PICKS:-(none)}" | tee -a "$LOG"
 #    The 256 step with graphs with the picks against the defaults, in one process, the settings
 #    taking turns within each repeat (bench.py --variant: whole steps spread 64-68 ms from run to
-#    run on the H200, in two clusters; in one process the same reference timings serve all). If
-#    that run breaks, separate runs instead, twice each, alternating.
+#    run on the H200, in two clusters; in one process the same reference timings serve all): each
+#    pick alone and, if there are several, all of them. If that run breaks, separate runs instead,
+#    twice each, alternating.
 if [ -n "$PICKS" ]; then
   VARIANTS=()
   [ -n "$SKIP_PICK" ] && VARIANTS+=(--variant "skip=$SKIP_PICK")
   [ -n "$ADD_PICK" ] && VARIANTS+=(--variant "add=$ADD_PICK")
-  [ -n "$SKIP_PICK" ] && [ -n "$ADD_PICK" ] && VARIANTS+=(--variant "both=$PICKS")
-  step 90 python3 benchmarks/bench.py --device cuda --cases ddim-256 --repeats 10 --no-flops --cuda-graph $SETS \
+  [ -n "$LOOP_PICK" ] && VARIANTS+=(--variant "loop=$LOOP_PICK")
+  [ "${#ALL[@]}" -gt 1 ] && VARIANTS+=(--variant "all=$PICKS")
+  step 100 python3 benchmarks/bench.py --device cuda --cases ddim-256 --repeats 10 --no-flops --cuda-graph $SETS \
       "${VARIANTS[@]}" --json "$RES/graphs256-variants.json"
   if ! python3 -c 'import json, sys
 sys.exit(not any("variant" in r for r in json.load(open(sys.argv[1]))["rows"]))' "$RES/graphs256-variants.json" \

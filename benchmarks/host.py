@@ -180,6 +180,7 @@ def _package(src: str | None):
     """The ``adm_cli`` package to time: this tree's, or (``--against``) the one in the folder
     ``src``, imported under another name from a temporary copy so that both live in one process
     (its modules import each other relatively)."""
+    import atexit
     import importlib
     import shutil
     import tempfile
@@ -190,6 +191,7 @@ def _package(src: str | None):
     if not os.path.isfile(os.path.join(found, "fused.py")):
         raise SystemExit(f"--against: {src} holds no adm_cli package with a fused.py")
     root = tempfile.mkdtemp(prefix="adm-host-")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)  # (imported from there until the process ends)
     shutil.copytree(found, os.path.join(root, "adm_cli_against"), ignore=shutil.ignore_patterns("__pycache__", "*.safetensors"))
     sys.path.insert(0, root)
     importlib.import_module("adm_cli_against")

@@ -23,6 +23,12 @@ form's (relative to its largest value). The forms (``layers``' switches):
 - addnorm: the same adds followed by the next norm (GroupNorm + SiLU, ``group_norm_act``), which
   after "add +stats" only finalizes the kept blocks (more blocks for smaller R) and applies,
   after "add" also runs the statistics pass: the whole of what the epilogue changes.
+- stats: the statistics kernel and the finalize (``fused._affine``: a norm's first two kernels) at
+  every input the statistics kernel reads in one forward of the model as sampled (recorded from a
+  fused forward with random weights: the inputs whose statistics are taken in an epilogue or kept
+  for a second reader are not among them). "stats S:P": its row loop in S pipeline stages (1: the
+  plain loop) at P reduction programs per multiprocessor (``--stats-loops``; ``fused._LOOP_STAGES``,
+  ``_PROGRAMS_PER_SM``), the shipped setting first.
 - up: the norm + SiLU of a BigGAN up block and its first conv. "plain": the norm written
   upsampled, then the 3x3 conv; "transposed": the norm at the low resolution, then the stride-2
   transposed conv (``fused.conv_up``); "folded": a 2x2 conv to 4x the channels at the low
@@ -62,6 +68,8 @@ DEFAULT_TILES = ("128:128:64:4:3,128:128:64:4:3:1,128:128:64:8:3,128:128:64:8:3:
                  "128:256:64:8:3,256:128:64:8:3")
 
 DEFAULT_ADD_STATS = "128:4096:4,16:4096:4,16:8192:8,16:16384:8"
+
+DEFAULT_STATS_LOOPS = "2:4,3:4,4:4,1:5,2:5,4:5"
 
 
 def _levels(cfg):
@@ -205,6 +213,51 @@ def _forms_add(n, res, c, resample, dtype, device, geometries, norm=False):
     return forms
 
 
+def stats_calls(cfg, n, dtype, device) -> dict[tuple, int]:
+    """{(resolution, channels, channels of a second input or 0, the input bias's shape or None):
+    calls} of the statistics kernel in one forward of the model, fused, as a sampler runs it
+    (recorded: which inputs still need the pass depends on the switches of ``layers``)."""
+    from adm_cli.models import build_model
+
+    with torch.device(device):
+        net = build_model(cfg).eval()
+    net = fast.prepare(net, device=device, dtype=str(dtype).replace("torch.", ""), fused_kernels=True)
+    g = torch.Generator(device="cpu").manual_seed(4)
+    x = torch.randn(n, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g).to(device)
+    t = torch.full((n,), cfg.diffusion_steps // 2, device=device)
+    y = torch.randint(0, cfg.num_classes, (n,), generator=g).to(device) if cfg.class_cond else None
+    calls: dict[tuple, int] = {}
+    real = fused._statistics
+
+    def spy(x, x2=None, in_bias=None):
+        key = (x.shape[-1], x.shape[1], 0 if x2 is None else x2.shape[1],
+               None if in_bias is None else tuple(in_bias.shape))
+        calls[key] = calls.get(key, 0) + 1
+        return real(x, x2, in_bias)
+    fused._statistics = spy
+    try:
+        net(x, t, y)
+    finally:
+        fused._statistics = real
+    del net
+    return calls
+
+
+def _forms_stats(n, res, c1, c2, ib, dtype, device, loops):
+    g = torch.Generator(device="cpu").manual_seed(5)
+    x = _nhwc((torch.randn(n, c1, res, res, generator=g) + 3.0).to(device, dtype))
+    x2 = _nhwc(torch.randn(n, c2, res, res, generator=g).to(device, dtype)) if c2 else None
+    in_bias = torch.randn(ib, generator=g).to(device, dtype) if ib else None
+    gamma, beta = (1 + 0.1 * torch.randn(c1 + c2, generator=g)).to(device), torch.zeros(c1 + c2, device=device)
+    forms = []
+    for spec in loops:
+        def norm_stats(values=tunables.stats_loop(spec)):
+            with tunables.tuned(values):
+                return fused._affine(x, gamma, beta, 1e-5, in_bias, None, None, x2)
+        forms.append(("stats " + spec, norm_stats))
+    return forms
+
+
 def _forms_up(n, res, c, dtype, device):
     g = torch.Generator(device="cpu").manual_seed(1)
     x = _nhwc(torch.randn(n, c, res, res, generator=g).to(device, dtype))
@@ -257,9 +310,11 @@ def main(argv=None) -> int:
     p.add_argument("--tiles", default=DEFAULT_TILES, help="skip_add tiles M:N:K:WARPS:STAGES[:ONE_LOOP], "
                    "comma-separated")
     p.add_argument("--groups", default="skip,add,up,in,out", help="comma-separated, run in this order "
-                   "(also: addnorm)")
+                   "(also: addnorm, stats)")
     p.add_argument("--add-stats", default=DEFAULT_ADD_STATS, help="the residual add's statistics geometries "
                    "ROWS:TILE:WARPS, comma-separated (the first: the shipped one)")
+    p.add_argument("--stats-loops", default=DEFAULT_STATS_LOOPS, help="the statistics loop's STAGES:PPS, "
+                   "comma-separated, timed after the shipped one")
     p.add_argument("--small", action="store_true", help="a shrunk model and batch (the default without CUDA)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -273,19 +328,23 @@ def main(argv=None) -> int:
         dtype = torch.float32 if device.type != "cuda" else dtype
     tiles = [t for t in args.tiles.split(",") if t]
     geometries = [t for t in args.add_stats.split(",") if t]
+    shipped_loop = tunables.shipped_stats_loop().split()[1]
+    loops = [shipped_loop] + [t for t in args.stats_loops.split(",") if t and t != shipped_loop]
     try:
         for t in tiles:
             tunables.gemm(t)
         for t in geometries:
             tunables.add_stats(t)
+        for t in loops:
+            tunables.stats_loop(t)
     except ValueError as e:
         p.error(str(e))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     groups = args.groups.split(",")
-    unknown = sorted(set(groups) - {"skip", "add", "addnorm", "up", "in", "out"})
+    unknown = sorted(set(groups) - {"skip", "add", "addnorm", "stats", "up", "in", "out"})
     if unknown:
-        p.error(f"--groups: unknown {', '.join(unknown)} (from skip, add, addnorm, up, in, out)")
+        p.error(f"--groups: unknown {', '.join(unknown)} (from skip, add, addnorm, stats, up, in, out)")
     rows = []
 
     def run(group, shape, count, forms):
@@ -312,6 +371,11 @@ def main(argv=None) -> int:
             run("addnorm" if norm else "add", f"{res}^2 {c}" + (f" {resample}" if resample else ""), count,
                 _forms_add(n, res, c, resample, dtype, device, geometries, norm))
 
+    def stats():
+        for (res, c1, c2, ib), count in stats_calls(cfg, n, dtype, device).items():
+            run("stats", f"{res}^2 {c1}" + (f"+{c2}" if c2 else "") + (" +bias" if ib else ""), count,
+                _forms_stats(n, res, c1, c2, ib, dtype, device, loops))
+
     def up():
         for (res, c), count in up_shapes(cfg).items():
             run("up", f"{res}^2 -> {2 * res}^2, {c}", count, _forms_up(n, res, c, dtype, device))
@@ -327,8 +391,8 @@ def main(argv=None) -> int:
 
     with torch.no_grad():  # in the order given (a run cut short keeps the first groups' rows)
         for group in groups:
-            {"skip": skip, "add": add, "addnorm": lambda: add(norm=True), "up": up, "in": lambda: io("in"),
-             "out": lambda: io("out")}[group]()
+            {"skip": skip, "add": add, "addnorm": lambda: add(norm=True), "stats": stats, "up": up,
+             "in": lambda: io("in"), "out": lambda: io("out")}[group]()
     totals: dict[tuple, float] = {}
     for r in rows:
         if "ms" in r:

@@ -147,7 +147,8 @@ def test_host_step_script_compares_another_build_in_the_same_process(monkeypatch
 def test_single_op_script_runs_every_form_and_restores_the_tiles(monkeypatch, tmp_path):
     """benchmarks/ops.py --small: a row per form of each op (skip GEMM at two tilings, the second
     with the decoder's two inputs in one K loop, the residual
-    add's statistics at two geometries, alone and with the next norm, the three up-block forms,
+    add's statistics at two geometries, alone and with the next norm, the statistics kernel's
+    loop at three settings, the three up-block forms,
     the input conv's five and the output conv's two), every form agreeing with the plainest one
     (float32, Triton's interpreter), and the shipped tiles and geometries back in place."""
     import pytest
@@ -165,24 +166,32 @@ def test_single_op_script_runs_every_form_and_restores_the_tiles(monkeypatch, tm
         return (fused._GEMM_M, fused._GEMM_N, fused._GEMM_K, fused._GEMM_WARPS, fused._GEMM_STAGES,
                 fused._GEMM_ONE_LOOP, fused._CONV_IN_N,
                 fused._CONV_IN_WARPS, fused._RESIDUAL_STATS_ROWS, fused._RESIDUAL_STATS_TILE,
-                fused._RESIDUAL_STATS_WARPS)
+                fused._RESIDUAL_STATS_WARPS, fused._LOOP_STAGES, fused._PROGRAMS_PER_SM)
 
     shipped = tiles()
     out = tmp_path / "ops.json"
     assert ops.main(["--small", "--repeats", "1", "--tiles", "128:128:64:4:3,64:32:16:4:2:1", "--groups",
-                     "skip,add,addnorm,up,in,out", "--add-stats", "128:4096:4,16:1024:4", "--json", str(out)]) == 0
+                     "skip,add,addnorm,stats,up,in,out", "--add-stats", "128:4096:4,16:1024:4",
+                     "--stats-loops", "3:4,1:4,1:64", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     forms = {(r["group"], r["form"]) for r in rows}
     assert forms == {("skip", "gemms+add"), ("skip", "skip_add 128:128:64:4:3"), ("skip", "skip_add 64:32:16:4:2:1"),
                      ("skip", "skip_add +stats"), ("skip", "(stats pass over y)"), ("add", "add"),
                      ("add", "add +stats 128:4096:4"), ("add", "add +stats 16:1024:4"), ("add", "(stats pass over y)"),
                      ("addnorm", "add, norm"), ("addnorm", "add +stats 128:4096:4, norm"),
-                     ("addnorm", "add +stats 16:1024:4, norm"), ("up", "plain"), ("up", "transposed"), ("up", "folded"), ("in", "cuDNN + bias"),
+                     ("addnorm", "add +stats 16:1024:4, norm"), ("stats", "stats 1:4"), ("stats", "stats 3:4"),
+                     ("stats", "stats 1:64"), ("up", "plain"), ("up", "transposed"), ("up", "folded"),
+                     ("in", "cuDNN + bias"),
                      ("in", "conv_in"), ("in", "direct N:W 128:8"), ("in", "direct N:W 128:4"),
                      ("in", "direct N:W 64:4"), ("in", "direct +stats"), ("in", "(stats pass over y)"),
                      ("out", "cuDNN + bias"), ("out", "conv_out")}
     assert all(r["ms"] > 0 and r["diff"] <= 1e-5 for r in rows)
     assert {r["shape"] for r in rows if r["group"] == "skip"} >= {"4^2 32+0->64", "8^2 32+32->32"}
+    # the statistics kernel's inputs, recorded from a forward: the second norms' (with the
+    # embedding's per-sample bias) among them, the decoder's [h; skip] not (each half's statistics
+    # come from the op that wrote it, or are kept from the encoder's norm)
+    stats = {r["shape"]: r["calls"] for r in rows if r["group"] == "stats" and r["form"] == "stats 1:4"}
+    assert "8^2 32 +bias" in stats and "4^2 64 +bias" in stats and not any("+" in k.split()[1] for k in stats), stats
     assert tiles() == shipped
 
 
@@ -207,6 +216,10 @@ def test_tunables_parse_set_and_restore(monkeypatch, capsys):
     for bad in ("16:4096", "16:-1:4", "0:4096:4"):
         with pytest.raises(ValueError, match="ROWS:TILE:WARPS"):
             tunables.add_stats(bad)
+    assert tunables.stats_loop("3:5") == dict(_LOOP_STAGES=3, _PROGRAMS_PER_SM=5)
+    for bad in ("3", "0:4", "3:4:1", "a:4"):
+        with pytest.raises(ValueError, match="STAGES:PPS"):
+            tunables.stats_loop(bad)
     shipped = (fused._GEMM_M, fused._GEMM_ONE_LOOP, fused._RESIDUAL_STATS_ROWS)
     with tunables.tuned({**tunables.gemm("64:32:16:8:2:1"), **tunables.add_stats("16:8192:8")}):
         assert (fused._GEMM_M, fused._GEMM_ONE_LOOP, fused._RESIDUAL_STATS_ROWS) == (64, True, 16)
@@ -216,8 +229,10 @@ def test_tunables_parse_set_and_restore(monkeypatch, capsys):
 
     for main, argv in ((bench.main, ["--skip-gemm", "128:128:64"]), (bench.main, ["--add-stats", "16"]),
                        (bench.main, ["--variant", "picks"]), (bench.main, ["--variant", "a=--skip-gemm 1:2"]),
-                       (bench.main, ["--variant", "a=--dtype float32"]),
-                       (ops.main, ["--small", "--tiles", "1:2:3:4:5:6"])):
+                       (bench.main, ["--variant", "a=--dtype float32"]), (bench.main, ["--stats-loop", "3"]),
+                       (bench.main, ["--variant", "a=--stats-loop 0:4"]),
+                       (ops.main, ["--small", "--tiles", "1:2:3:4:5:6"]),
+                       (ops.main, ["--small", "--stats-loops", "2:0"])):
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         err = capsys.readouterr().err.strip().splitlines()
@@ -245,19 +260,34 @@ def test_tunables_picks_what_beats_the_shipped_form(monkeypatch, tmp_path):
                 dict(group="addnorm", form="add +stats 128:4096:4, norm", ms=3.0, calls=2, shape="a"),
                 dict(group="add", form="add", ms=0.01, calls=1, shape="a")]
 
-    # 5 against 3 * 0.9 + 2 = 4.7 (6% less); 2 * 1.5 against 2 * 2
-    assert tunables.picks(rows(0.9, 1.5)) == ("--skip-gemm 64:128:32:4:4:1",
-                                               "--set RESIDUAL_STATS=on --add-stats 16:8192:8")
-    assert tunables.picks(rows(0.97, 1.99)) == ("", "")  # 4.91 vs 5 and 3.98 vs 4: under 3%
+    def loops(ms):  # the statistics loop: 1:4 (the shipped one) and two candidates
+        return [dict(group="stats", form="stats 1:4", ms=1.0, calls=4, shape="a"),
+                dict(group="stats", form="stats 1:4", ms=0.5, calls=2, shape="b"),
+                dict(group="stats", form="stats 3:4", ms=ms, calls=4, shape="a"),
+                dict(group="stats", form="stats 3:4", ms=0.5, calls=2, shape="b"),
+                dict(group="stats", form="stats 2:5", ms=1.5, calls=4, shape="a"),
+                dict(group="stats", form="stats 4:4", error="RuntimeError: out of resources")]
+
+    monkeypatch.setattr(tunables.fused, "_LOOP_STAGES", 1)
+    monkeypatch.setattr(tunables.fused, "_PROGRAMS_PER_SM", 4)
+    # 5 against 3 * 0.9 + 2 = 4.7 (6% less); 2 * 1.5 against 2 * 2; 5 against 4 * 0.9 + 1 = 4.6
+    assert tunables.picks(rows(0.9, 1.5) + loops(0.9)) == ("--skip-gemm 64:128:32:4:4:1",
+                                                           "--set RESIDUAL_STATS=on --add-stats 16:8192:8",
+                                                           "--stats-loop 3:4")
+    assert tunables.picks(rows(0.97, 1.99) + loops(0.97)) == ("", "", "")  # 4.91 vs 5, 3.98 vs 4, 4.88 vs 5
     assert tunables.picks([r for r in rows(0.9, 1.5) if r["form"] != "add, norm"])[1] == ""
-    (tmp_path / "add.json").write_text(json.dumps({"rows": rows(0.9, 1.5)[7:]}))
+    monkeypatch.setattr(tunables.fused, "_LOOP_STAGES", 3)  # the shipped form is whatever fused has
+    assert tunables.picks(loops(0.9))[2] == ""  # 3:4 (4.6) shipped: 1:4 (5) and 2:5 (8) lose
+    monkeypatch.setattr(tunables.fused, "_LOOP_STAGES", 1)
+    (tmp_path / "add.json").write_text(json.dumps({"rows": rows(0.9, 1.5)[7:] + loops(0.9)}))
     (tmp_path / "skip.json").write_text(json.dumps({"rows": rows(0.9, 1.5)[:7]}))
     run = lambda *names: subprocess.run(  # noqa: E731
         [sys.executable, os.path.join(ROOT, "benchmarks", "tunables.py"), *(str(tmp_path / n) for n in names)],
         capture_output=True, text=True, timeout=120,
         env=dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"))).stdout.strip()
-    assert run("add.json", "skip.json") == "--skip-gemm 64:128:32:4:4:1|--set RESIDUAL_STATS=on --add-stats 16:8192:8"
-    assert run("add.json", "missing.json") == "|--set RESIDUAL_STATS=on --add-stats 16:8192:8"
+    assert run("add.json", "skip.json") == ("--skip-gemm 64:128:32:4:4:1|--set RESIDUAL_STATS=on "
+                                            "--add-stats 16:8192:8|--stats-loop 3:4")
+    assert run("add.json", "missing.json") == "|--set RESIDUAL_STATS=on --add-stats 16:8192:8|--stats-loop 3:4"
 
 
 def test_bench_variant_runs_in_its_setting_with_graphs_of_its_own(monkeypatch):
@@ -272,7 +302,8 @@ def test_bench_variant_runs_in_its_setting_with_graphs_of_its_own(monkeypatch):
     from adm_cli import fused, graphs, layers
 
     def setting():
-        return layers.RESIDUAL_STATS, fused._GEMM_ONE_LOOP, fused._GEMM_M, fused._RESIDUAL_STATS_ROWS
+        return (layers.RESIDUAL_STATS, fused._GEMM_ONE_LOOP, fused._GEMM_M, fused._RESIDUAL_STATS_ROWS,
+                fused._LOOP_STAGES, fused._PROGRAMS_PER_SM)
 
     net = torch.nn.Linear(1, 1)
     graphs._captures(net)["unet"] = "the run's own"
@@ -283,13 +314,13 @@ def test_bench_variant_runs_in_its_setting_with_graphs_of_its_own(monkeypatch):
         graphs._captures(net)["unet"] = f"captured by call {len(seen)}"
 
     shipped = setting()
-    v = bench.Variant("x=--set RESIDUAL_STATS=on --skip-gemm 64:32:16:4:2:1 --add-stats 16:8192:8")
+    v = bench.Variant("x=--set RESIDUAL_STATS=on --skip-gemm 64:32:16:4:2:1 --add-stats 16:8192:8 --stats-loop 3:5")
     wrapped = v.wrap(run, [net, None])
     wrapped()
     assert setting() == shipped and graphs._captures(net) == {"unet": "the run's own"}
     wrapped()
-    assert seen[0] == ((True, True, 64, 16), {})  # no graph of the run's own setting replayed
-    assert seen[1] == ((True, True, 64, 16), {"unet": "captured by call 1"})
+    assert seen[0] == ((True, True, 64, 16, 3, 5), {})  # no graph of the run's own setting replayed
+    assert seen[1] == ((True, True, 64, 16, 3, 5), {"unet": "captured by call 1"})
     assert setting() == shipped and graphs._captures(net) == {"unet": "the run's own"}
 
 

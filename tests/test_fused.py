@@ -17,6 +17,7 @@ gradient 3.4% / 2.5% (bfloat16), uint8 pixels after 10 guided DDIM steps 99% wit
 
 import copy
 import functools
+import itertools
 
 import pytest
 import torch
@@ -211,10 +212,11 @@ def test_shared_statistics_reuse_the_second_inputs(c1, c2, dtype, monkeypatch):
 @needs_kernels
 def test_results_do_not_depend_on_the_launch_geometry(monkeypatch):
     """Tile size, warps and reduction programs per multiprocessor (what benchmarks/kernels.py
-    sweeps, with the statistics' prefetching loop or the plain one) change only the order of
-    float32 sums: the same output and input gradient to ~1e-6. 64 programs per multiprocessor
-    makes more partial blocks than one step of the per-group kernels reads (their loop runs twice);
-    the last setting runs those kernels wide (as for the 128-row blocks of kept statistics)."""
+    sweeps, with the statistics' prefetching loop or the plain one, the row loops pipelined or
+    not) change only the order of float32 sums: the same output and input gradient to ~1e-6. 64
+    programs per multiprocessor makes more partial blocks than one step of the per-group kernels
+    reads (their loop runs twice); the sixth setting runs those kernels wide (as for the 128-row
+    blocks of kept statistics)."""
     dev = _kernel_device()
     g = torch.Generator().manual_seed(8)
     x = nhwc(torch.randn(3, 96, 12, 8, generator=g) + 2.0).to(dev)
@@ -226,9 +228,12 @@ def test_results_do_not_depend_on_the_launch_geometry(monkeypatch):
     want_down = fused.reference_group_norm_act(xr, gamma[:96], beta[:96], resample="down")
     dy = torch.randn(want_down.shape, generator=g, dtype=torch.float64).to(dev)
     (want_grad,) = torch.autograd.grad(want_down, xr, dy)
-    for tile, warps, pps, pre, wide in ((4096, 4, 4, False, 64), (512, 2, 1, True, 64), (8192, 8, 16, False, 64),
-                                        (1024, 4, 2, True, 64), (512, 2, 64, False, 64), (512, 2, 64, False, 0)):
+    for tile, warps, pps, pre, wide, stages in ((4096, 4, 4, False, 64, 1), (512, 2, 1, True, 64, 1),
+                                                (8192, 8, 16, False, 64, 3), (1024, 4, 2, True, 64, 1),
+                                                (512, 2, 64, False, 64, 1), (512, 2, 64, False, 0, 1),
+                                                (512, 2, 1, False, 64, 2)):
         monkeypatch.setattr(fused, "_WIDE_FINALIZE_BLOCKS", wide)  # (0: the wide per-group kernels)
+        monkeypatch.setattr(fused, "_LOOP_STAGES", stages)
         monkeypatch.setattr(fused, "_TILE", tile)
         monkeypatch.setattr(fused, "_WARPS", warps)
         monkeypatch.setattr(fused, "_PROGRAMS_PER_SM", pps)
@@ -238,7 +243,7 @@ def test_results_do_not_depend_on_the_launch_geometry(monkeypatch):
         xf = x.detach().requires_grad_(True)
         down = fused.group_norm_act(xf, gamma[:96], beta[:96], resample="down")
         (grad,) = torch.autograd.grad(down, xf, dy.float())
-        setting = (tile, warps, pps, pre, wide)
+        setting = (tile, warps, pps, pre, wide, stages)
         if pps == 64 and wide:  # the per-group kernels' loop over blocks runs more than once
             for c in (160, 96):
                 nblk = fused._split(x.shape[2] * x.shape[3], x.shape[0], fused._blocks(c)[0], x.device)[1]
@@ -464,17 +469,21 @@ def test_direct_input_conv_matches_the_conv_and_gives_its_statistics(c, co, hw, 
     (96, (20, 12), None, torch.float32, None), (64, (6, 5), "up", torch.float32, None),
     (256, (8, 20), "down", torch.bfloat16, None), (64, (10, 12), None, torch.float16, None),
     (96, (20, 12), None, torch.float32, (16, 4096, 4)),  # 32-row blocks, one tile each: 8 blocks, the last short
-    (256, (8, 20), "down", torch.bfloat16, (16, 16384, 8))])  # 64-row tiles, a block each
+    (256, (8, 20), "down", torch.bfloat16, (16, 16384, 8)),  # 64-row tiles, a block each
+    (96, (20, 12), None, torch.float32, (128, 4096, 4, 3)),  # the loop pipelined (fused._LOOP_STAGES)
+    (64, (6, 5), "up", torch.float16, (128, 4096, 4, 2))])
 def test_residual_add_gives_its_outputs_statistics_to_the_next_norm(c, hw, resample, dtype, geometry, monkeypatch):
     """Inside ``shared_statistics`` the closing residual add also takes its output's statistics
     (blocks of 128 rows, the last one short or the only one, or another geometry of ops.py's
-    --add-stats; resampled skips; a mean 20 standard deviations off zero, for the shifted sums):
+    --add-stats, or the loop pipelined; resampled skips; a mean 20 standard deviations off zero,
+    for the shifted sums):
     the same y as outside, and the next norm over it reads nothing and matches the float64 norm
     of the stored y."""
     dev = _kernel_device()
     if geometry:
-        for name, v in zip(("ROWS", "TILE", "WARPS"), geometry):
-            monkeypatch.setattr(fused, f"_RESIDUAL_STATS_{name}", v)
+        for name, v in zip(("_RESIDUAL_STATS_ROWS", "_RESIDUAL_STATS_TILE", "_RESIDUAL_STATS_WARPS", "_LOOP_STAGES"),
+                           geometry):
+            monkeypatch.setattr(fused, name, v)
     g = torch.Generator().manual_seed(12)
     rhw = {None: hw, "up": (hw[0] // 2, hw[1] // 2), "down": (2 * hw[0], 2 * hw[1])}[resample] if resample != "up" \
         else hw
@@ -489,8 +498,8 @@ def test_residual_add_gives_its_outputs_statistics_to_the_next_norm(c, hw, resam
         with fused.shared_statistics():
             y = fused.add_bias(x, r, bias, resample=resample)
             reads.clear()
-            if geometry:  # (the blocks' rows as set: one tile each)
-                rows = fused._tile_shape(c, geometry[1])[0]
+            if geometry:  # (the blocks' rows as set: a tile each, or a loop over 128 rows)
+                rows = max(fused._tile_shape(c, geometry[1])[0], geometry[0])
                 assert getattr(y, fused._KEPT)[1][0].shape[2] == -(-ohw[0] * ohw[1] // rows)
             got = fused.group_norm_act(y, gamma, beta)
             assert reads == []
@@ -731,23 +740,29 @@ def _norm_launches(y, gamma, beta, **kw):
 def test_gpu_group_norm_act_large(dtype):
     """Real sizes on a GPU: the 512x512 model's first level (128 channels, 4 per group) and a
     768-channel level of the 64x64 model (24 per group, padded to 1,024 lanes); the residual
-    add's statistics at the 256x256 model's first level."""
-    for shape in ((4, 128, 256, 256), (16, 768, 8, 8)):
-        fwd, bwd = _run_case("cuda", *shape, dtype, "c", True, True, 0.5, "down")
-        assert fwd <= BOUNDS[dtype] and bwd <= 2 * BOUNDS[dtype], (shape, fwd, bwd)
+    add's statistics at the 256x256 model's first level; each with the row loops plain and
+    pipelined (``fused._LOOP_STAGES``, as benchmarks/gpu_session.sh times them)."""
+    shipped_stages = fused._LOOP_STAGES
+    for shape, stages in itertools.product(((4, 128, 256, 256), (16, 768, 8, 8)), (shipped_stages, 2, 3)):
+        try:
+            fused._LOOP_STAGES = stages
+            fwd, bwd = _run_case("cuda", *shape, dtype, "c", True, True, 0.5, "down")
+        finally:
+            fused._LOOP_STAGES = shipped_stages
+        assert fwd <= BOUNDS[dtype] and bwd <= 2 * BOUNDS[dtype], (shape, stages, fwd, bwd)
     # the closing residual add with its statistics loop at the 256x256 model's level 0 (and an
     # up block into it), then the norm over its output, which reads nothing more
-    # (at the shipped geometry, a loop over 128-row blocks, and at two of one tile per program
-    # that benchmarks/gpu_session.sh times: 16 rows at 4 warps, 32 at 8)
+    # (at the shipped geometry, a loop over 128-row blocks, plain and pipelined, and at two of one
+    # tile per program that benchmarks/gpu_session.sh times: 16 rows at 4 warps, 32 at 8)
     g = torch.Generator().manual_seed(13)
     gamma, beta = torch.ones(256, device="cuda"), torch.zeros(256, device="cuda")
-    names = ("_RESIDUAL_STATS_ROWS", "_RESIDUAL_STATS_TILE", "_RESIDUAL_STATS_WARPS")
+    names = ("_RESIDUAL_STATS_ROWS", "_RESIDUAL_STATS_TILE", "_RESIDUAL_STATS_WARPS", "_LOOP_STAGES")
     shipped = tuple(getattr(fused, a) for a in names)
     for rsize, resample in ((256, None), (128, "up")):
         x = nhwc(torch.randn(2, 256, 256, 256, generator=g) + 3.0).cuda().to(dtype)
         r = nhwc(torch.randn(2, 256, rsize, rsize, generator=g)).cuda().to(dtype)
         bias = torch.randn(256, generator=g).cuda()
-        for geometry in (shipped, (16, 4096, 4), (16, 8192, 8)):
+        for geometry in (shipped, (*shipped[:3], 3), (16, 4096, 4, 1), (16, 8192, 8, 1)):
             try:
                 for a, v in zip(names, geometry):
                     setattr(fused, a, v)
@@ -859,9 +874,14 @@ def work(job):
     return name, const, aligned, "cp.async" in done.asm["ptx"]
 dt, i, f = "*fp16", "i32", "*fp32"
 geo = dict(HW_IN=i, HW_OUT=i, W_IN=i, W_OUT=i, C=i)
+stats_sig = dict(X=dt, X2=dt, IB=dt, IB_SN=i, PART=f, HW=i, C=i, C1=i, RPP=i)
 for ib, two, pre in itertools.product((True, False), repeat=3):
-    comp(k.stats, dict(X=dt, X2=dt, IB=dt, IB_SN=i, PART=f, HW=i, C=i, C1=i, RPP=i),
-         dict(HAS_IB=ib, TWO=two, PREFETCH=pre, BLOCK_R=32, BLOCK_C=128))
+    comp(k.stats, stats_sig, dict(HAS_IB=ib, TWO=two, PREFETCH=pre, STAGES=1, BLOCK_R=32, BLOCK_C=128))
+# the row loops' pipelined form (fused._LOOP_STAGES), aligned as launched: asynchronous copies
+# at 2 or more stages, none at 1
+for two, stages in ((False, 1), (False, 3), (True, 2)):
+    comp(k.stats, stats_sig, dict(HAS_IB=False, TWO=two, PREFETCH=False, STAGES=stages, BLOCK_R=16, BLOCK_C=256),
+         aligned=True)
 comp(k.bwd_finalize, dict(PART=f, M=f, NBLK=i, HW=i, C=i, CPG=i, RPP=i, inv_count="fp32"),
      dict(BLOCK_B=16, GPP=32, BLOCK_G=4))
 for ib, ss, grad, split in itertools.product((True, False), repeat=4):
@@ -874,14 +894,18 @@ for act, rs in itertools.product((True, False), (0, 1, 2)):
         comp(k.apply, dict(X=dt, X2=dt, AFF=f, Y=dt, **geo, C1=i),
              dict(ACT=act, RESAMPLE=rs, TWO=two, BLOCK_R=32, BLOCK_C=128))
     comp(k.bwd_stats, dict(X=dt, DY=dt, AFF=f, PART=f, **geo, RPP=i),
-         dict(ACT=act, RESAMPLE=rs, BLOCK_R=32, BLOCK_C=128))
+         dict(ACT=act, RESAMPLE=rs, STAGES=3 if act and rs == 2 else 1, BLOCK_R=32, BLOCK_C=128),
+         aligned=act and rs == 2)
     comp(k.bwd_apply, dict(X=dt, DY=dt, AFF=f, M=f, DX=dt, **geo),
          dict(ACT=act, RESAMPLE=rs, BLOCK_R=32, BLOCK_C=128))
     for st in (False, True):
         comp(k.residual_add, dict(X=dt, R=dt, BIAS=dt, Y=dt, PART=f, HW_OUT=i, HW_R=i, W_R=i, W_OUT=i, C=i, RPP=i),
-             dict(HAS_BIAS=act, RESAMPLE=rs, STATS=st, ONE_TILE=False, BLOCK_R=32, BLOCK_C=128))
+             dict(HAS_BIAS=act, RESAMPLE=rs, STATS=st, ONE_TILE=False, STAGES=1, BLOCK_R=32, BLOCK_C=128))
     comp(k.residual_add, dict(X=dt, R=dt, BIAS=dt, Y=dt, PART=f, HW_OUT=i, HW_R=i, W_R=i, W_OUT=i, C=i, RPP=i),
-         dict(HAS_BIAS=act, RESAMPLE=rs, STATS=True, ONE_TILE=True, BLOCK_R=64, BLOCK_C=256), 8)  # (--add-stats)
+         dict(HAS_BIAS=act, RESAMPLE=rs, STATS=True, ONE_TILE=True, STAGES=1, BLOCK_R=64, BLOCK_C=256),
+         8)  # (--add-stats)
+comp(k.residual_add, dict(X=dt, R=dt, BIAS=dt, Y=dt, PART=f, HW_OUT=i, HW_R=i, W_R=i, W_OUT=i, C=i, RPP=i),
+     dict(HAS_BIAS=True, RESAMPLE=1, STATS=True, ONE_TILE=False, STAGES=3, BLOCK_R=16, BLOCK_C=256), aligned=True)
 for ptr, f32 in (("*fp16", False), ("*bf16", False), ("*fp32", True)):
     for two, st, one in itertools.product((True, False), repeat=3):
         if not (one and not two):  # (aligned: the real sizes' half-precision decoder GEMM)
@@ -896,6 +920,8 @@ with multiprocessing.get_context("fork").Pool(os.cpu_count()) as pool:
 # there the tensor-core GEMM's loads are asynchronous copies: its loop is software-pipelined
 gemms = [r for r in results if r[0] == "skip_add" and r[2]]
 assert len(gemms) == 4 and all(r[3] for r in gemms), gemms
+loops = [r for r in results if r[0] in ("stats", "bwd_stats", "residual_add") and r[2]]
+assert len(loops) == 5 and all(r[3] == (r[1]["STAGES"] > 1) for r in loops), loops
 print("compiled", len(results))
 '''
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
@@ -905,7 +931,8 @@ print("compiled", len(results))
         from triton.backends.compiler import GPUTarget  # noqa: F401
     except ImportError:
         pytest.skip(f"Triton {triton.__version__} has no ASTSource/GPUTarget")
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    # (~2-4 minutes with a cold Triton cache on a 2-core machine, seconds with a warm one)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     if "ptxas" in done.stderr and "not found" in done.stderr.lower():
         pytest.skip("this Triton build has no ptxas")
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]

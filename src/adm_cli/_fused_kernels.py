@@ -68,13 +68,15 @@ def _shifted_sums(acc1, acc2, x, mask, shift):
 
 @triton.jit
 def stats(X, X2, IB, IB_SN, PART, HW, C, C1, RPP, HAS_IB: tl.constexpr, TWO: tl.constexpr,
-          PREFETCH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+          PREFETCH: tl.constexpr, STAGES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     # Program (blk, n): per-channel mean and M2 over rows [blk * RPP, (blk + 1) * RPP). Sums of
     # x - K with K the first chunk's mean (close to the block's mean, so the shifted sum of
     # squares loses nothing to cancellation), accumulated elementwise in registers and reduced
     # once at the end. PREFETCH: each chunk's load is issued before the previous chunk's
     # arithmetic, two chunks in flight per program instead of one (the two accumulators leave
-    # room for only a few programs per multiprocessor, so the loads' latency shows).
+    # room for only a few programs per multiprocessor, so the loads' latency shows). STAGES > 1
+    # (without PREFETCH): Triton's pipeliner issues the next STAGES - 1 chunks' loads as
+    # asynchronous copies into shared memory while this one is summed (fused._LOOP_STAGES).
     blk, n, nblk, cols, cmask = _block_of_rows(C, BLOCK_C)
     ib = tl.zeros([BLOCK_C], tl.float32)
     if HAS_IB:
@@ -101,7 +103,7 @@ def stats(X, X2, IB, IB_SN, PART, HW, C, C1, RPP, HAS_IB: tl.constexpr, TWO: tl.
             xv = xn
             mask = nmask
     else:
-        for r0 in range(0, RPP, BLOCK_R):  # the last program's tail chunks may be empty
+        for r0 in tl.range(0, RPP, BLOCK_R, num_stages=STAGES):  # the last program's tail chunks may be empty
             rows = start + r0 + tl.arange(0, BLOCK_R)
             mask = (rows < HW)[:, None] & cmask[None, :]
             acc1, acc2 = _shifted_sums(acc1, acc2, _rows(X, X2, n, rows, mask, cols, HW, C, C1, TWO), mask, shift)
@@ -295,14 +297,15 @@ def _grad_z(X, DY, n, rows, mask, cols, a, b, HW_IN, HW_OUT, W_IN, W_OUT, C, ACT
 
 @triton.jit
 def bwd_stats(X, DY, AFF, PART, HW_IN, HW_OUT, W_IN, W_OUT, C, RPP, ACT: tl.constexpr,
-              RESAMPLE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    # Program (blk, n): per-channel sums of g = dL/dz * w and g * x^ over the block's input rows.
+              RESAMPLE: tl.constexpr, STAGES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # Program (blk, n): per-channel sums of g = dL/dz * w and g * x^ over the block's input rows
+    # (STAGES: the row loop's pipeline, as in ``stats``).
     blk, n, nblk, cols, cmask = _block_of_rows(C, BLOCK_C)
     a, b, w, rs, xo = _per_channel(AFF, n, C, cols, cmask)
     acc1 = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
     acc2 = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
     start = blk * RPP
-    for r0 in range(0, RPP, BLOCK_R):
+    for r0 in tl.range(0, RPP, BLOCK_R, num_stages=STAGES):
         rows = start + r0 + tl.arange(0, BLOCK_R)
         mask = (rows < HW_IN)[:, None] & cmask[None, :]
         x, dz = _grad_z(X, DY, n, rows, mask, cols, a, b, HW_IN, HW_OUT, W_IN, W_OUT, C, ACT, RESAMPLE)
@@ -367,8 +370,8 @@ def _residual_rows(X, R, BIAS, Y, n, rows, cols, cmask, HW_OUT, HW_R, W_R, W_OUT
 
 @triton.jit
 def residual_add(X, R, BIAS, Y, PART, HW_OUT, HW_R, W_R, W_OUT, C, RPP, HAS_BIAS: tl.constexpr,
-                 RESAMPLE: tl.constexpr, STATS: tl.constexpr, ONE_TILE: tl.constexpr, BLOCK_R: tl.constexpr,
-                 BLOCK_C: tl.constexpr):
+                 RESAMPLE: tl.constexpr, STATS: tl.constexpr, ONE_TILE: tl.constexpr, STAGES: tl.constexpr,
+                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     # y = x + resample(r) + bias: a residual block's closing add, its skip resampled on the fly.
     # Program (blk, n). Without STATS: one BLOCK_R-row tile. STATS: rows [blk * RPP, (blk + 1) * RPP)
     # tile by tile, and y's per-channel mean and M2 over them (as stored, shifted by the first
@@ -376,7 +379,7 @@ def residual_add(X, R, BIAS, Y, PART, HW_OUT, HW_R, W_R, W_OUT, C, RPP, HAS_BIAS
     # so that norm never reads y for them. Per tile, the sums are reduced over its rows at once
     # (vectors, not tiles, carried across the loop: the plain add's registers, its occupancy).
     # ONE_TILE (RPP = BLOCK_R, no loop): the block's exact mean, then M2 about it: two reductions
-    # over the rows in registers instead of four.
+    # over the rows in registers instead of four. STAGES: the STATS loop's pipeline, as in ``stats``.
     n = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
     cmask = cols < C
@@ -398,7 +401,7 @@ def residual_add(X, R, BIAS, Y, PART, HW_OUT, HW_R, W_R, W_OUT, C, RPP, HAS_BIAS
         d = tl.where(mask, y - k[None, :], 0.0)
         s1 = tl.sum(d, axis=0)
         s2 = tl.sum(d * d, axis=0)
-        for r0 in range(BLOCK_R, RPP, BLOCK_R):
+        for r0 in tl.range(BLOCK_R, RPP, BLOCK_R, num_stages=STAGES):
             y, mask = _residual_rows(X, R, BIAS, Y, n, start + r0 + tl.arange(0, BLOCK_R), cols, cmask, HW_OUT,
                                      HW_R, W_R, W_OUT, C, HAS_BIAS, RESAMPLE)
             d = tl.where(mask, y - k[None, :], 0.0)

@@ -76,6 +76,14 @@ _TILE = 4096
 _WARPS = 4
 _PROGRAMS_PER_SM = 4
 _STATS_PREFETCH = False
+# Pipeline stages of the reductions' row loops (statistics, the norm backward's sums, the residual
+# add's statistics loop): 1 is a plain loop, each tile's load waits for the last tile's arithmetic,
+# so a program has one tile in flight (~32 KB per multiprocessor at 4 programs of 16 x 256 halves);
+# N > 1 has Triton's pipeliner issue the next N - 1 tiles' loads asynchronously into shared memory
+# (compiled for sm_90, Triton 3.6: cp.async, 16 KB of shared memory per program at 3 stages, 110
+# registers against 96). The statistics kernel read at ~1.7 TB/s on an H200 (session 14), less
+# than half its roof. Off until a GPU has timed it (benchmarks/ops.py --groups stats).
+_LOOP_STAGES = 1
 
 
 @functools.lru_cache(maxsize=None)
@@ -204,8 +212,8 @@ def _statistics(x: torch.Tensor, x2: torch.Tensor | None = None,
     part = torch.empty((2, n, nblk, c), dtype=torch.float32, device=x.device)  # per-block means, M2
     ib, ib_sn = _row_vec(in_bias, n, c)
     _launch("stats", (nblk, n), x, x2 if x2 is not None else x, ib if ib is not None else x, ib_sn, part,
-            hw, c, c1, rpp, HAS_IB=ib is not None, TWO=x2 is not None, PREFETCH=_STATS_PREFETCH, BLOCK_R=block_r,
-            BLOCK_C=block_c, num_warps=_WARPS)
+            hw, c, c1, rpp, HAS_IB=ib is not None, TWO=x2 is not None, PREFETCH=_STATS_PREFETCH, STAGES=_LOOP_STAGES,
+            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_WARPS)
     return part, rpp, nblk
 
 
@@ -356,7 +364,7 @@ class _NormAct(torch.autograd.Function):
         part = torch.empty((2, n, nblk, c), dtype=torch.float32, device=x.device)  # per-block sums
         geometry = (hw, ho * wo, wd, wo, c)
         mode = dict(ACT=ctx.act, RESAMPLE=_RESAMPLE[ctx.resample], BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_WARPS)
-        _launch("bwd_stats", (nblk, n), x, dy, aff, part, *geometry, rpp, **mode)
+        _launch("bwd_stats", (nblk, n), x, dy, aff, part, *geometry, rpp, STAGES=_LOOP_STAGES, **mode)
         means = torch.empty((2, n, c), dtype=torch.float32, device=x.device)  # their group means
         cpg, grid, tiles = _group_tiles(c, nblk)
         _launch("bwd_finalize", (n, grid), part, means, nblk, hw, c, cpg, rpp, 1.0 / (hw * cpg), **tiles)
@@ -422,8 +430,8 @@ def _residual_add(x: torch.Tensor, r: torch.Tensor, bias: torch.Tensor | None, r
         rpp = block_r
     _launch("residual_add", (-(-ho * wo // rpp), n), x, r, bias if bias is not None else x, y,
             part if part is not None else y, ho * wo, hr * wr, wr, wo, c, rpp, HAS_BIAS=bias is not None,
-            RESAMPLE=_RESAMPLE[resample], STATS=part is not None, ONE_TILE=rpp == block_r, BLOCK_R=block_r,
-            BLOCK_C=block_c, num_warps=warps)
+            RESAMPLE=_RESAMPLE[resample], STATS=part is not None, ONE_TILE=rpp == block_r,
+            STAGES=_LOOP_STAGES, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
     if part is not None:
         _keep(y, token, (part, rpp, part.shape[2]))
     return y
