@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from adm_cli import api, cli
 from adm_cli.errors import UsageError
-from adm_cli.outputs import plan_difference
+from adm_cli.outputs import plan_difference, read_run_plan, record_batch, write_run_plan
 
 
 def _main(monkeypatch, capsys, *argv):
@@ -226,3 +226,121 @@ def test_resume_keeps_the_graphs_setting_it_began_with(monkeypatch, tmp_path, re
     plan = plan_run(SampleRequest(model="demo-digits", classes="1", num_samples=2, steps=2, out=out, resume=True,
                                   cuda_graph=flag))
     assert plan.cuda_graph is want
+
+
+def _sample(out, *extra, env=None):
+    cli._register()
+    return CliRunner().invoke(cli.app, ["sample", "--model", "demo-digits", "-n", "2", "--steps", "2", "--device",
+                                        "cpu", "--batch-size", "1", "--quiet", "--out", str(out), *extra], env=env)
+
+
+@pytest.mark.parametrize("plan,message", [
+    ({"seed": 3, "stages": 5}, "stages is 5, not a list of objects"),
+    ({"seed": 3, "classes": 7}, "classes is 7, not a string or null"),
+    ({"seed": 3, "stages": [5]}, "stages is [5], not a list of objects"),
+    ({"seed": 3, "stages": [{"name": "base", "model": ["a"]}]}, 'stages[0].model is ["a"], not a string or null'),
+    ({"seed": 3, "stages": [{"name": "base", "eta": "0"}]}, 'stages[0].eta is "0", not a number'),
+    ({"seed": True}, "seed is true, not an integer"),
+    ({"seed": 3, "num_samples": 2.0}, "num_samples is 2.0, not an integer"),
+    ({"seed": 3, "labels": [1, "2"]}, 'labels is [1, "2"], not a list of integers or null'),
+    ({"seed": 3, "cuda_graph": "no"}, 'cuda_graph is "no", not a boolean'),
+    ({"seed": 3, "nrow": "4"}, 'nrow is "4", not an integer or null'),
+    ({"seed": 3, "resolved_batch_size": [2]}, "resolved_batch_size is [2], not an object of batch sizes"),
+    ({"seed": 3, "resolved_batch_size": {"base": "2"}}, 'resolved_batch_size is {"base": "2"}, not an object of'),
+])
+def test_resume_refuses_a_plan_with_a_field_of_the_wrong_type(monkeypatch, tmp_path, plan, message):
+    """A run-plan.json edited into valid JSON of other types was a TypeError or AttributeError
+    traceback (in the plan comparison, in the printed plan); now one line naming the field."""
+    monkeypatch.delenv("ADM_DEBUG", raising=False)
+    out = tmp_path / "run"
+    out.mkdir()
+    text = json.dumps(plan)
+    (out / "run-plan.json").write_text(text)
+    res = _sample(out, "--resume")
+    lines = res.output.strip().splitlines()
+    assert res.exit_code == 1 and len(lines) == 1, res.output
+    assert lines[0].startswith(f"error: cannot read {out / 'run-plan.json'} ({message}")
+    assert lines[0].endswith("); choose a new --out to start the run afresh")
+    assert [p.name for p in out.iterdir()] == ["run-plan.json"] and (out / "run-plan.json").read_text() == text
+
+
+def test_plans_the_current_code_writes_read_back_whole(monkeypatch, tmp_path):
+    """The type checks refuse nothing this version writes: the plan recorded before sampling
+    (with the batch size added as it is chosen), run.json of a finished run, and that run
+    resumed from either."""
+    from adm_cli.runner import SampleRequest, plan_run
+
+    monkeypatch.delenv("ADM_DEBUG", raising=False)
+    for classes, nrow in ((None, None), ("3,4", 2)):  # random labels and no --nrow; given ones
+        plan = plan_run(SampleRequest(model="demo-digits", classes=classes, num_samples=2, steps=2, device="cpu",
+                                      nrow=nrow, out=tmp_path / f"plan-{nrow}"))
+        info = plan.describe()
+        write_run_plan(tmp_path, info)
+        assert read_run_plan(tmp_path) == json.loads(json.dumps(info, default=str))
+        record_batch(tmp_path, "base", 2)
+        record_batch(tmp_path, "base", 1)
+        assert read_run_plan(tmp_path)["resolved_batch_size"] == {"base": [2, 1]}
+        (tmp_path / "run-plan.json").unlink()
+    out = tmp_path / "run"
+    res = _sample(out, "--class", "5")
+    assert res.exit_code == 0, res.output
+    run = json.loads((out / "run.json").read_text())
+    assert read_run_plan(out) == run and run["labels"] == [5, 5] and run["resolved_batch_size"] == {"base": 1}
+    first = (out / "000001.png").read_bytes()
+    (out / "000001.png").unlink()  # a run cut short, resumed from run.json
+    (out / "grid.png").unlink()
+    res = _sample(out, "--resume")
+    assert res.exit_code == 0, res.output
+    assert (out / "000001.png").read_bytes() == first
+    (out / "run.json").rename(out / "run-plan.json")  # ... and from the plan a run in progress keeps
+    (out / "000001.png").unlink()
+    res = _sample(out, "--resume")
+    assert res.exit_code == 0, res.output
+    assert (out / "000001.png").read_bytes() == first and read_run_plan(out)["computed"] == {"base": 1}
+
+
+@pytest.mark.parametrize("name", ["ADM_WINOGRAD", "ADM_FUSED"])
+@pytest.mark.parametrize("value,want", [(None, True), ("", True), ("1", True), ("yes", True), (" On ", True),
+                                        ("true", True), ("0", False), ("false", False), ("no", False),
+                                        ("OFF", False)])
+def test_on_off_switches_read_like_adm_offline(monkeypatch, name, value, want):
+    """ADM_WINOGRAD and ADM_FUSED understood only "0": ADM_WINOGRAD=false left Winograd on."""
+    from adm_cli import fast
+
+    if value is None:
+        monkeypatch.delenv(name, raising=False)
+    else:
+        monkeypatch.setenv(name, value)
+    assert fast.env_switch(name) is want
+    if name == "ADM_FUSED" and not want:
+        assert not fast.use_fused_kernels("cuda")  # before any look at the device
+
+
+def test_winograd_off_by_any_false_word(monkeypatch):
+    from test_fast import TINY, exact
+
+    from adm_cli import fast, winograd
+
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)  # the tiny net's convs qualify
+    monkeypatch.setattr(winograd, "MIN_TILES", 1)
+    uses = lambda m: any(getattr(c, "use_winograd", False) for c in m.modules())  # noqa: E731
+    monkeypatch.setenv("ADM_WINOGRAD", "on")
+    assert uses(fast.prepare(exact(TINY["new-order"]), device="cpu", dtype="float32"))
+    for off in ("false", "off", "no"):
+        monkeypatch.setenv("ADM_WINOGRAD", off)
+        assert not uses(fast.prepare(exact(TINY["new-order"]), device="cpu", dtype="float32"))
+
+
+@pytest.mark.parametrize("name", ["ADM_WINOGRAD", "ADM_FUSED"])
+def test_an_unknown_switch_value_is_one_line(monkeypatch, tmp_path, name):
+    from adm_cli import fast
+    from test_fast import TINY, exact
+
+    monkeypatch.delenv("ADM_DEBUG", raising=False)
+    monkeypatch.setenv(name, "maybe")
+    with pytest.raises(UsageError, match=rf"^{name} must be 1 or 0 \(or true/false, yes/no, on/off\), got 'maybe'$"):
+        fast.prepare(exact(TINY["new-order"]), device="cpu")  # on any device, not only where it is used
+    res = _sample(tmp_path / "run", env={name: "maybe"})
+    assert res.exit_code == 2 and res.output == f"error: {name} must be 1 or 0 (or true/false, yes/no, on/off), " \
+                                                "got 'maybe'\n", res.output
+    assert not (tmp_path / "run").exists()  # refused before the plan is written

@@ -202,8 +202,9 @@ def test_bad_model_choices_fail_with_one_line(tmp_path, files, monkeypatch):
 
 
 def test_cuda_graph_flag_is_recorded_and_changes_no_image_off_cuda(tmp_path, files):
-    """--cuda-graph is only a way to replay the same GPU work: on CPU it is ignored, the images
-    are byte-identical to a run without it, and run.json records that it was asked for."""
+    """--cuda-graph is only a way to replay the same GPU work: on CPU it is ignored (the printed
+    plan does not claim it), the images are byte-identical to a run without it, and run.json
+    records that it was asked for (a --resume on CUDA goes on with it)."""
     extra = ["--sampler", "ddpm", "--steps", "3", "-n", "2", "--class", "207",
              "--classifier-weights", str(files["classifier"]), "--guidance", "2"]
     plain, out_plain = _sample(tmp_path, files, *extra, name="plain")
@@ -213,6 +214,9 @@ def test_cuda_graph_flag_is_recorded_and_changes_no_image_off_cuda(tmp_path, fil
         assert np.array_equal(a["arr_0"], b["arr_0"])
     assert json.loads((out_graphed / "run.json").read_text())["cuda_graph"] is True
     assert json.loads((out_plain / "run.json").read_text())["cuda_graph"] is False
+    loud = runner.invoke(app, ["sample", "--weights", str(files["unet"]), "--out", str(tmp_path / "loud"), "--seed",
+                               "5", "--device", "cpu", "--steps", "2", "-n", "1", "--cuda-graph"])
+    assert loud.exit_code == 0 and "device cpu, dtype" in loud.output and "CUDA graphs" not in loud.output, loud.output
 
 
 def test_unwritable_output_folder(tmp_path, files):
@@ -551,6 +555,71 @@ def test_options_that_would_be_ignored_are_refused(tmp_path, files):
         assert message in _one_error_line(res)
 
 
+def test_upsample_refuses_a_base_model_the_upsampler_cannot_take_before_a_download(tmp_path, monkeypatch):
+    """--upsample conditions the upsampler on the base model's images and labels: a --model of
+    another size is refused in one line before anything is fetched (a fitting one gets as far as
+    the fetch, here refused offline); unconditional or other-class bases likewise."""
+    import dataclasses
+
+    from adm_cli.registry import load_registry
+
+    monkeypatch.setenv("ADM_HOME", str(tmp_path / "cache"))  # empty: anything used would be fetched
+    for model, res, message in (("demo-digits", "256", "--upsample to 256 starts from 64x64 images; "
+                                                       "--model demo-digits makes 32x32 ones"),
+                                ("256x256_diffusion", "256", "makes 256x256 ones"),
+                                ("64x64_diffusion", "512", "--upsample to 512 starts from 128x128 images"),
+                                ("64x64_classifier", "256", "holds no diffusion model")):
+        res_ = runner.invoke(app, ["sample", "--res", res, "--upsample", "--model", model, "--offline", "-n", "1",
+                                   "--out", str(tmp_path / "run")])
+        assert message in _one_error_line(res_), (model, res_.output)
+    res_ = runner.invoke(app, ["sample", "--res", "256", "--upsample", "--model", "64x64_diffusion", "--offline",
+                               "-n", "1", "--out", str(tmp_path / "run")])
+    assert "offline" in _one_error_line(res_)  # past the check: the fetch is what stops it
+    assert not (tmp_path / "run").exists() and not list((tmp_path / "cache").rglob("*.safetensors"))
+    registry = load_registry()
+    up = registry.get("64_256_upsampler")
+    base = registry.get("64x64_diffusion")
+    run_api._check_upsampler_base(base, up)
+    for other, message in ((dataclasses.replace(base, class_cond=False), "is unconditional"),
+                           (dataclasses.replace(base, num_classes=10), "is conditioned on 10 classes")):
+        with pytest.raises(run_api.UsageError, match=message):
+            run_api._check_upsampler_base(other, up)
+
+
+def test_weights_res_and_classifier_options_are_checked_not_ignored(tmp_path, files, monkeypatch):
+    """With --weights, --res must be the file's size (any size: a custom model need not be one of
+    the registry's) and --classifier (a registry name) is refused; with a registry --model, a
+    --classifier is checked even at guidance 0, where it goes unused."""
+    res, out = _sample(tmp_path, files, "--res", "64", "--steps", "2", "-n", "1")
+    assert "makes 16x16 images, not --res 64" in _one_error_line(res) and not out.exists()
+    res, out = _sample(tmp_path, files, "--res", "16", "--steps", "2", "-n", "1", name="ok")
+    assert res.exit_code == 0 and (out / "000000.png").is_file(), res.output
+    res, out = _sample(tmp_path, files, "--classifier", "demo-digits-classifier", "--steps", "2", "-n", "1",
+                       name="clf")
+    assert "with --weights pass the file with --classifier-weights" in _one_error_line(res) and not out.exists()
+    monkeypatch.setenv("ADM_HOME", str(tmp_path / "cache"))
+    for classifier, message in (("nope", "nope"), ("demo-digits-uncond", "holds a diffusion model, not a classifier")):
+        res = runner.invoke(app, ["sample", "--model", "demo-digits", "--classifier", classifier, "--guidance", "0",
+                                  "-n", "1", "--steps", "2", "--out", str(tmp_path / "r")])
+        assert message in _one_error_line(res), res.output
+    res = runner.invoke(app, ["sample", "--model", "demo-digits", "--classifier", "demo-digits-classifier",
+                              "--guidance", "0", "-n", "1", "--steps", "2", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0 and "(no guidance)" in res.output, res.output
+
+
+def test_raw_weights_of_an_unknown_architecture_name_what_adm_sample_takes(tmp_path, files, monkeypatch):
+    """adm sample has no --arch: for a raw checkpoint that is not in the registry, the error
+    points to --config or to converting it first with --arch (convert-weights has it)."""
+    monkeypatch.setenv("ADM_HOME", str(tmp_path / "cache"))
+    pt = tmp_path / "mine.pt"
+    pt.write_bytes(files["unet"].with_suffix(".pt").read_bytes())
+    res = runner.invoke(app, ["sample", "--weights", str(pt), "-n", "1", "--steps", "2", "--out", str(tmp_path / "r")])
+    line = _one_error_line(res)
+    assert "pass --config FILE" in line and f"adm convert-weights {pt} --arch PRESET" in line, line
+    assert "pass --arch" not in line and not (tmp_path / "r").exists()
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))
+
+
 @pytest.mark.parametrize("out,message", [("", "--out is empty"), ("afile/sub", "afile is not a folder"),
                                          ("dangling", "is a symbolic link to nowhere, which does not exist")])
 def test_an_out_that_cannot_be_created_fails_first(tmp_path, files, monkeypatch, out, message):
@@ -560,6 +629,17 @@ def test_an_out_that_cannot_be_created_fails_first(tmp_path, files, monkeypatch,
     res = runner.invoke(app, ["sample", "--weights", str(files["unet"]), "--out", out, "--steps", "2", "-n", "1"])
     assert message in _one_error_line(res)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "dangling"]
+
+
+def test_an_unusable_default_out_fails_first(tmp_path, files, monkeypatch):
+    """Without --out the run goes to a new folder under ./samples: a file of that name is refused
+    in one line before the plan is printed, saying the folder was the default."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "samples").write_text("x")
+    res = runner.invoke(app, ["sample", "--weights", str(files["unet"]), "--steps", "2", "-n", "1"])
+    line = _one_error_line(res)
+    assert "samples is not a folder" in line and "the default output folder: pass --out DIR" in line, line
+    assert (tmp_path / "samples").read_text() == "x"
 
 
 def test_no_mps_device_is_one_line_and_leaves_no_plan(tmp_path, files, monkeypatch):

@@ -194,6 +194,67 @@ def test_config_file_toml_flat_flags(tmp_path):
     _assert_same_outputs(tmp_path / "o.safetensors", ref, cfg)
 
 
+def _flags(family: str) -> dict:
+    return {k: v for k, v in small(family).to_dict().items() if k != "kind"}
+
+
+def test_a_config_that_is_not_text_is_one_line(tmp_path, monkeypatch):
+    """A checkpoint given as --config (the two paths swapped) was a UnicodeDecodeError traceback,
+    in convert-weights and in adm sample --weights (which converts through the cache)."""
+    monkeypatch.setenv("ADM_HOME", str(tmp_path / "home"))
+    src = write_openai(tmp_path / "m.pt", reference_model(small("64x64")).state_dict())
+    result = CliRunner().invoke(app, ["convert-weights", str(src), "--config", str(src)])
+    assert result.exit_code == 1 and result.output == "error: m.pt is not a JSON or TOML config (not UTF-8 text)\n"
+    assert _only(tmp_path) == ["m.pt"]
+    (tmp_path / "latin1.toml").write_bytes("image_size = 32 # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"^latin1.toml is not a JSON or TOML config \(not UTF-8 text\)$"):
+        ensure_converted_file(src, config=str(tmp_path / "latin1.toml"), quiet=True)
+
+
+@pytest.mark.parametrize("table,key,value,meant", [
+    (None, "noise_scheduel", "cosine", "noise_schedule"),
+    (None, "use_new_attention_orders", True, "use_new_attention_order"),
+    (None, "Image_Size", 32, "image_size"),  # names are case-sensitive: as lost as a typo
+    (None, "classifier_widht", 32, "classifier_width"),
+    ("unet", "num_head_channel", 32, "num_head_channels"),
+])
+def test_a_misspelt_flag_is_refused_not_dropped(tmp_path, table, key, value, meant):
+    """A near miss of a model flag kept that flag's default: the 64x64 model's cosine schedule
+    and new attention order became linear and the old order, with the same tensor shapes, and
+    the conversion succeeded."""
+    src = write_openai(tmp_path / "m.pt", reference_model(small("64x64")).state_dict())
+    flags = _flags("64x64")
+    flags = {"unet": {**flags, key: value}} if table else {**flags, key: value}
+    (tmp_path / "typo.json").write_text(json.dumps(flags))
+    result = CliRunner().invoke(app, ["convert-weights", str(src), "--config", str(tmp_path / "typo.json")])
+    where = f"typo.json [{table}]" if table else "typo.json"
+    assert result.exit_code == 1, result.output
+    assert result.output == f"error: unknown flag {key!r} in {where} (did you mean {meant!r}?)\n"
+    assert _only(tmp_path) == ["m.pt", "typo.json"]
+    with pytest.raises(ConfigError, match=rf"^unknown flag '{key}' in the given config \(did you mean '{meant}'\?\)$"):
+        convert_checkpoint(src, config={**_flags("64x64"), key: value})
+
+
+def test_other_flags_of_openais_scripts_are_still_accepted(tmp_path):
+    """A flag file saved from OpenAI's sampling or training scripts holds their other arguments
+    (one, classifier_path, is 0.9 alike to classifier_depth): ignored, never taken for typos;
+    the model flags in it are all read ("-" for "_" too)."""
+    cfg = small("64x64")
+    ref = reference_model(cfg)
+    src = write_openai(tmp_path / "m.pt", ref.state_dict())
+    script = {"batch_size": 4, "num_samples": 100, "timestep_respacing": "250", "use_ddim": False,
+              "clip_denoised": True, "classifier_scale": 1.0, "classifier_path": "c.pt", "model_path": "m.pt",
+              "use_fp16": True, "lr": 1e-4, "classifier_use_fp16": False, "use_checkpoint": False,
+              "rescale_learned_sigmas": False, "use_kl": False, "my_own_note": "kept"}
+    flags = {**_flags("64x64"), **script}
+    flags["noise-schedule"] = flags.pop("noise_schedule")
+    (tmp_path / "flags.json").write_text(json.dumps(flags))
+    out = convert_checkpoint(src, config=tmp_path / "flags.json")["unet"]
+    assert json.loads(read_metadata(out)["adm_config"]) == cfg.to_dict()
+    assert cfg.noise_schedule == "cosine" and cfg.use_new_attention_order  # not the defaults
+    _assert_same_outputs(out, ref, cfg)
+
+
 def test_classifier_flags_make_a_classifier(tmp_path):
     cfg = small("256x256_classifier")
     src = write_openai(tmp_path / "clf.pt", reference_model(cfg).state_dict())
@@ -372,6 +433,50 @@ def test_a_safetensors_source_is_never_its_own_output(tmp_path):
                                       "--force"])
     assert result.exit_code == 1 and result.output.count("\n") == 1 and "source file itself" in result.output
     assert src.read_bytes() == before and pt.read_bytes() == pt_bytes
+
+
+@pytest.mark.parametrize("family", ["64x64", "64x64_classifier"])
+def test_a_file_adm_converted_converts_again_from_its_metadata(tmp_path, family):
+    """Its architecture is in its adm_config metadata: converting it to another dtype needs no
+    --config (it was refused as a file whose architecture cannot be read from its tensors)."""
+    from safetensors.torch import load_file
+
+    cfg = small(family)
+    ref = reference_model(cfg)
+    first = convert_checkpoint(write_openai(tmp_path / "m.pt", ref.state_dict()), config=cfg)
+    (role, path), = first.items()
+    result = CliRunner().invoke(app, ["convert-weights", str(path), "--dtype", "float16", "-q"])
+    assert result.exit_code == 0, result.output
+    again = tmp_path / "m.adm.safetensors"
+    meta = read_metadata(again)
+    assert json.loads(meta["adm_config"]) == cfg.to_dict() and meta["adm_role"] == role
+    assert meta["adm_dtype"] == "float16" and meta["adm_source_file"] == "m.safetensors"
+    want, got = load_file(str(path)), load_file(str(again))
+    assert got.keys() == want.keys()
+    assert all(got[k].dtype == torch.float16 and torch.equal(got[k], want[k].half()) for k in want)
+    assert convert_checkpoint(path, dtype="float16") == {role: again}  # up to date: a no-op
+    assert load_model(again).config == cfg
+
+
+def test_metadata_of_another_network_is_refused(tmp_path):
+    from adm_cli.weights import save_weights
+
+    unet = reference_model(small("64x64")).state_dict()
+    src = save_weights(tmp_path / "odd.safetensors", unet, small("64x64_classifier"))  # config of another network
+    with pytest.raises(ConversionError, match="^odd.safetensors holds unet, but its adm_config metadata describes "
+                                              "a classifier$"):
+        convert_checkpoint(src, dtype="float16")
+    assert _only(tmp_path) == ["odd.safetensors"]
+
+
+def test_a_safetensors_file_of_another_converter_still_needs_its_architecture(tmp_path):
+    from safetensors.torch import save_file
+
+    src = tmp_path / "other.safetensors"
+    save_file(reference_model(small("64x64")).state_dict(), str(src))  # no adm_config metadata
+    with pytest.raises(ConversionError, match="cannot be read from its tensors"):
+        convert_checkpoint(src)
+    assert _only(tmp_path) == ["other.safetensors"]
 
 
 def test_cli_trailing_slash_makes_a_folder(tmp_path):

@@ -33,7 +33,8 @@ def _print_plan(console: Console, plan: RunPlan) -> None:
                       + (f", eta {s.settings.eta:g}" if s.settings.sampler == "ddim" else ""))
     classes = "random" if not (plan.class_spec or "").strip() and plan.labels else (plan.class_spec or "none (unconditional)")
     console.print(f"  {plan.num_samples} samples, seed {plan.seed}, classes {classes}, device {plan.device}, "
-                  f"dtype {plan.dtype}{', CUDA graphs' if plan.cuda_graph else ''}, batch {plan.batch_size} "
+                  f"dtype {plan.dtype}{', CUDA graphs' if plan.cuda_graph and plan.device.startswith('cuda') else ''}, "
+                  f"batch {plan.batch_size} "
                   f"-> {plan.out_dir}")
 
 

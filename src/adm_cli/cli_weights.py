@@ -101,14 +101,16 @@ def fetch(
                 console.print(f"  {role}: {path}")
 
 
-_SRC_HELP = "An OpenAI .pt or mmagic .pth checkpoint (or a safetensors file with OpenAI names)."
+_SRC_HELP = ("An OpenAI .pt or mmagic .pth checkpoint, a safetensors file with OpenAI names, or one adm "
+             "converted (its recorded architecture is used: convert again to another --dtype).")
 _DST_DEFAULT = ("SRC with .safetensors (.unet/.classifier.safetensors for two networks); "
                 "a .safetensors SRC gets .adm before them")
 _DST_HELP = ("Output file, or a folder to write into: an existing one, or any path ending in / "
              "(created if missing). Never SRC itself.")
 _ARCH_HELP = "Architecture preset or registry name; repeat for a U-Net and a classifier."
 _CONFIG_HELP = ("JSON or TOML file of guided-diffusion flags (image_size, num_channels, ...; classifier_* flags "
-                "for a classifier; or \\[unet] and \\[classifier] tables) for a custom checkpoint.")
+                "for a classifier; or \\[unet] and \\[classifier] tables) for a custom checkpoint. Other flags of "
+                "OpenAI's scripts are ignored; a misspelt model flag is refused.")
 
 
 @app.command("convert-weights")
@@ -125,8 +127,9 @@ def convert_weights(
 ) -> None:
     """Convert a checkpoint to adm-cli's safetensors layout (OpenAI key names, config in metadata).
 
-    The file is read without running any code it carries. Its architecture comes from the
-    registry (matched by sha256 or file name), --arch or --config; shapes alone never decide.
+    The file is read without running any code it carries. Its architecture comes from --arch
+    or --config, from the metadata of a file adm converted before, or from the registry (matched
+    by sha256 or file name); shapes alone never decide.
     """
     console = Console(stderr=True, quiet=quiet, soft_wrap=True)
     paths = convert_checkpoint(src, dst, arch=arch or None, config=config, dtype=dtype, force=force,

@@ -5,9 +5,11 @@ The steps, each strict:
 2. find its networks: a plain state dict (OpenAI) or a ``state_dict`` with ``unet.`` /
    ``classifier.`` prefixes (mmagic; its U-Net names are renamed to OpenAI's by the declared
    table ``MMAGIC_UNET_RENAMES``, nothing is reshaped);
-3. take each network's architecture from ``--arch`` / ``--config`` or the registry (by name, by
-   sha256, by file name). Tensor shapes cannot tell the attention order or head size, so a file
-   nobody describes is refused with the presets its shapes fit, never guessed;
+3. take each network's architecture from ``--arch`` / ``--config``, the ``adm_config`` metadata of
+   a file adm converted before, or the registry (by name, by sha256, by file name). Tensor shapes
+   cannot tell the attention order or head size, so a file nobody describes is refused with the
+   presets its shapes fit, never guessed; a flag in ``--config`` that is a near miss of a model
+   flag (``noise_scheduel``) is refused, as it would be ignored;
 4. check every tensor against the model that config builds (on the meta device): each consumed,
    each shape right, no NaN/Inf, ``strict=True`` load; the first offending key is named;
 5. only then write (atomically) one safetensors file per network with the config and the
@@ -16,6 +18,7 @@ The steps, each strict:
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import json
@@ -33,7 +36,7 @@ from .errors import ConfigError, ConversionError, RegistryError, WeightsError
 from .models import build_model
 from .registry import Entry, Registry, load_registry
 from .safe_load import load_checkpoint
-from .weights import read_metadata, save_weights
+from .weights import read_config, read_metadata, save_weights
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -144,11 +147,51 @@ def read_networks(obj: Any, filename: str) -> dict[str, Network]:
 # -- architecture ----------------------------------------------------------------------------------
 
 
+# The flag names a flags table may use for the architecture: both configs' fields, OpenAI's
+# super-resolution name for image_size (config.py reads it as one), the table keys of a config
+# with two networks, and the two diffusion flags config.py refuses when they are set.
+MODEL_FLAGS = frozenset({f.name for c in (UNetConfig, ClassifierConfig) for f in dataclasses.fields(c)}
+                        | {"large_size", "kind", "unet", "classifier", "predict_xstart", "rescale_timesteps"})
+# Flags of guided-diffusion's scripts that are not architecture (sampling and training arguments,
+# fp16 and checkpointing switches): a flag file saved from those scripts holds them, and they are
+# ignored. Named here because some are near a model flag ('classifier_path' is 0.9 alike to
+# 'classifier_depth') and must not be taken for its misspelling.
+SCRIPT_FLAGS = frozenset({
+    "anneal_lr", "base_samples", "batch_size", "classifier_path", "classifier_scale", "classifier_use_fp16",
+    "clip_denoised", "data_dir", "ema_rate", "eval_interval", "fp16_scale_growth", "iterations", "log_interval",
+    "lr", "lr_anneal_steps", "microbatch", "model_path", "noised", "num_samples", "rescale_learned_sigmas",
+    "resume_checkpoint", "save_interval", "schedule_sampler", "timestep_respacing", "use_checkpoint", "use_ddim",
+    "use_fp16", "use_kl", "val_data_dir", "weight_decay",
+})
+# How alike (difflib's ratio) an unknown key must be to a model flag to be refused as its misspelling:
+# one or two letters off in a name of ten or more ('noise_scheduel', 'use_new_attention_orders').
+TYPO_CUTOFF = 0.85
+
+
+def check_flag_names(data: Mapping[str, Any], where: str) -> None:
+    """Refuse a key that is no known flag but nearly one: config.py ignores unknown keys (flag
+    files hold other arguments too), so a misspelt model flag would silently keep its default
+    and the file would be converted as another architecture. Looks into [unet] / [classifier]."""
+    for key in data:
+        name = str(key).replace("-", "_")  # config.py reads "noise-schedule" as noise_schedule
+        if name in MODEL_FLAGS or name in SCRIPT_FLAGS:
+            continue
+        # lowercased: config.py matches names exactly, so "Image_Size" is as lost as a typo
+        close = difflib.get_close_matches(name.lower(), sorted(MODEL_FLAGS), n=1, cutoff=TYPO_CUTOFF)
+        if close:
+            raise ConfigError(f"unknown flag {str(key)!r} in {where} (did you mean {close[0]!r}?)")
+    for role in ("unet", "classifier"):
+        if isinstance(data.get(role), Mapping):
+            check_flag_names(data[role], f"{where} [{role}]")
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """JSON or TOML with guided-diffusion flag names (flat, or with [unet] / [classifier] tables)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:  # a checkpoint (or another binary file) given as --config
+        raise ConfigError(f"{path.name} is not a JSON or TOML config (not UTF-8 text)") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
     is_toml = path.suffix.lower() == ".toml"
@@ -158,6 +201,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path.name} is not valid {'TOML' if is_toml else 'JSON'}: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path.name}: expected a table of flags")
+    check_flag_names(data, path.name)
     return data
 
 
@@ -205,6 +249,24 @@ def config_configs(config: Any, roles: Sequence[str]) -> dict[str, AnyConfig]:
         return {"classifier" if isinstance(config, ClassifierConfig) else "unet": config}
     data = config if isinstance(config, Mapping) else load_config_file(config)
     return _configs_from_flags(data, roles)
+
+
+def metadata_configs(src: Path, roles: Sequence[str]) -> dict[str, tuple[AnyConfig, str | None]]:
+    """{role: (config, preset)} a safetensors file adm wrote records in its metadata (so that
+    converting it again, say to another --dtype, needs no --arch or --config); {} for any other
+    file. The preset is kept where the config still is that preset's."""
+    if src.suffix != ".safetensors":
+        return {}
+    meta = read_metadata(src)
+    if "adm_config" not in meta:  # another converter's file: its architecture is not known
+        return {}
+    cfg = read_config(src)
+    role = "classifier" if isinstance(cfg, ClassifierConfig) else "unet"
+    if list(roles) != [role]:
+        raise ConversionError(f"{src.name} holds {' and '.join(roles)}, but its adm_config metadata describes "
+                              f"a {'classifier' if role == 'classifier' else 'U-Net'}")
+    preset = meta.get("adm_preset")
+    return {role: (cfg, preset if PRESETS.get(preset) == cfg else None)}
 
 
 def _arch_entry(name: str, registry: Registry) -> Entry:
@@ -366,7 +428,9 @@ def convert_checkpoint(src: str | Path, dst: str | Path | None = None, *, arch: 
         raise ConversionError(f"checkpoint not found: {src}")
     registry = registry or load_registry()
     chosen = arch_configs(arch, registry)  # bad names fail before reading gigabytes
-    if config is not None and not isinstance(config, (Mapping, UNetConfig, ClassifierConfig)):
+    if isinstance(config, Mapping):
+        check_flag_names(config, "the given config")
+    elif config is not None and not isinstance(config, (UNetConfig, ClassifierConfig)):
         config = load_config_file(config)
     digest = source_sha256 or sha256_file(src)
     networks = read_networks(_load_source(src), src.name)
@@ -375,6 +439,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path | None = None, *, arch: 
         if role in chosen:
             raise ConversionError(f"both --arch and --config describe the {role}")
         chosen[role] = (cfg, None)
+    if not chosen and not name:  # what the file itself records beats a registry guess by name
+        chosen = metadata_configs(src, roles)
     entry = registry.get(name) if name else (None if chosen else match_registry(registry, src.name, digest))
     if not chosen and entry is not None:
         if set(entry.roles) != set(roles):

@@ -131,13 +131,35 @@ def use_fused_kernels(device: torch.device | str, *, compile: bool | str = False
     """Whether ``prepare`` turns the fused GroupNorm kernels on by default: a CUDA GPU of compute
     capability 8.0 or newer (measured on Hopper; Triton's support of older chips is partial),
     Triton present, neither the exact path nor torch.compile (which generates its own fused
-    kernels). ``ADM_FUSED=0`` turns them off (to compare, or to work around a Triton problem)."""
-    if os.environ.get("ADM_FUSED", "1") == "0":
+    kernels). ``ADM_FUSED=0`` (or false, no, off) turns them off (to compare, or to work around a
+    Triton problem)."""
+    if not env_switch("ADM_FUSED"):
         return False
     device = torch.device(device)
     if device.type != "cuda" or compile or exact or not fused.available():
         return False
     return not torch.cuda.is_available() or torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def env_switch(name: str, default: bool = True) -> bool:
+    """An on/off environment variable, read as ADM_OFFLINE and ADM_DEBUG are (1/0, true/false,
+    yes/no, on/off; unset or empty: ``default``). Another value is refused in one line: taken
+    as "on", ADM_WINOGRAD=false left Winograd on without a word."""
+    from .cache import _FALSE, _TRUE
+
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if raw.lower() not in _TRUE + _FALSE:
+        raise UsageError(f"{name} must be 1 or 0 (or true/false, yes/no, on/off), got {raw!r}")
+    return raw.lower() in _TRUE
+
+
+def check_env() -> None:
+    """Read the switches ``prepare`` reads (ADM_FUSED, ADM_WINOGRAD): a caller can have a bad
+    value refused before it writes anything, as ``cpu_batch_size`` does for ADM_CPU_BATCH."""
+    env_switch("ADM_FUSED")
+    env_switch("ADM_WINOGRAD")
 
 
 def prepare(model: nn.Module, *, device: torch.device | str | None = None, dtype: Any = "auto",
@@ -158,10 +180,12 @@ def prepare(model: nn.Module, *, device: torch.device | str | None = None, dtype
     ``fused_kernels``: the Triton GroupNorm(+scale-shift)(+SiLU) kernels of ``fused.py`` on
     channels_last activations (default: ``use_fused_kernels``).
     ``winograd_convs``: with ``prepack``, the wide 3x3 convolutions by Winograd F(4x4, 3x3)
-    (``winograd.py``; default on, or ``ADM_WINOGRAD=0``): ~2x faster at the 64x64 model's lower
-    levels, ~3x the float32 rounding error of a direct conv, and transformed weights 4x the size
-    of those convs' weights in RAM (instead of the packed copy).
+    (``winograd.py``; default on, or ``ADM_WINOGRAD=0`` / false / no / off): ~2x faster at the
+    64x64 model's lower levels, ~3x the float32 rounding error of a direct conv, and transformed
+    weights 4x the size of those convs' weights in RAM (instead of the packed copy).
     """
+    # read on every device, so that a bad value is refused wherever it is set, not only on CPU
+    winograd_on = env_switch("ADM_WINOGRAD")
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
@@ -202,7 +226,7 @@ def prepare(model: nn.Module, *, device: torch.device | str | None = None, dtype
         prepack = isinstance(model, UNet) and not compile and channels_last and not use_fused
     if prepack and device.type == "cpu" and dt == torch.float32 and _prepack_works():
         if winograd_convs is None:
-            winograd_convs = os.environ.get("ADM_WINOGRAD", "1") != "0" and _winograd_fits(model)
+            winograd_convs = winograd_on and _winograd_fits(model)
         for m in model.modules():
             if type(m) is nn.Conv2d and m.padding_mode == "zeros" and isinstance(m.padding, tuple):
                 m.__class__ = PrepackedConv2d

@@ -190,11 +190,78 @@ def read_run_plan(out_dir: Path | None) -> dict | None:
     except (OSError, ValueError) as exc:
         recorded, problem = None, str(exc)
     else:
-        problem = None if isinstance(recorded, dict) else "not a JSON object"
+        problem = plan_problem(recorded)
     if problem is not None:
         # Not "remove it": a folder of samples without its plan cannot be resumed safely.
         raise OutputError(f"cannot read {path} ({problem}); choose a new --out to start the run afresh")
     return recorded
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is no count
+
+
+def _is_batch(value: Any) -> bool:
+    """A stage's recorded batch size(s): see ``batch_record``."""
+    return value is None or _is_int(value) or (isinstance(value, list) and all(map(_is_int, value)))
+
+
+# What each field of a recorded plan must be ("or null": None too): the types RunPlan.describe()
+# writes, resolved_batch_size (record_batch) and the report run.json adds. --resume reads these
+# back into comparisons, the printed plan and the next run, where another type would surface as
+# a traceback, so a file edited into another shape is refused whole, by name.
+_KINDS: dict[str, Callable[[Any], bool]] = {
+    "a string": lambda v: isinstance(v, str),
+    "an integer": _is_int,
+    "a number": lambda v: _is_int(v) or isinstance(v, float),
+    "a boolean": lambda v: isinstance(v, bool),
+    "a list of integers": lambda v: isinstance(v, list) and all(map(_is_int, v)),
+    "a list of objects": lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v),
+    "an object": lambda v: isinstance(v, dict),
+    "an object of batch sizes": lambda v: isinstance(v, dict) and all(map(_is_batch, v.values())),
+}
+_PLAN_FIELDS = {
+    "adm_cli_version": "a string", "stages": "a list of objects", "num_samples": "an integer", "seed": "an integer",
+    "classes": "a string or null", "labels": "a list of integers or null", "device": "a string", "dtype": "a string",
+    "batch_size": "a string", "compile": "a boolean", "cuda_graph": "a boolean", "nrow": "an integer or null",
+    "resolved_batch_size": "an object of batch sizes",
+    "seconds": "a number", "torch": "a string", "python": "a string", "resolved_dtype": "a string",
+    "processes": "an integer", "computed": "an object",
+}
+_STAGE_FIELDS = {
+    "name": "a string", "model": "a string or null", "weights": "a string", "weights_sha256": "a string",
+    "classifier": "a string or null", "classifier_weights": "a string or null",
+    "classifier_sha256": "a string or null", "sampler": "a string", "steps": "an integer or null",
+    "respacing": "a string or null", "eta": "a number", "guidance": "a number", "clip_x0": "a boolean",
+    "num_steps": "an integer",
+}
+
+
+def _wrong_type(data: Mapping[str, Any], fields: Mapping[str, str], prefix: str = "") -> str | None:
+    """The first field of ``data`` that is not of its kind, described; None: all are. Absent
+    fields are left to the readers (a plan of an earlier version lacks the newer ones), and
+    fields unknown here are kept (a later version's)."""
+    for key, kind in fields.items():
+        if key not in data:
+            continue
+        value, base = data[key], kind.removesuffix(" or null")
+        if not ((value is None and base != kind) or _KINDS[base](value)):
+            shown = json.dumps(value, default=str)
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            return f"{prefix}{key} is {shown}, not {kind}"
+    return None
+
+
+def plan_problem(recorded: Any) -> str | None:
+    """Why a parsed run-plan.json / run.json cannot be a recorded plan (None: it can)."""
+    if not isinstance(recorded, dict):
+        return "not a JSON object"
+    if problem := _wrong_type(recorded, _PLAN_FIELDS):
+        return problem
+    for k, stage in enumerate(recorded.get("stages") or []):  # a list of objects by now
+        if problem := _wrong_type(stage, _STAGE_FIELDS, f"stages[{k}]."):
+            return problem
+    return None
 
 
 # Recorded by later versions only: a plan from an earlier one that lacks them is not refused.

@@ -23,7 +23,7 @@ import torch
 from . import __version__, api
 from .config import UNetConfig
 from .convert import ARCH_HINT
-from .errors import ConversionError, DeviceMemoryError, UsageError
+from .errors import ConversionError, DeviceMemoryError, OutputError, UsageError
 from .outputs import (SampleWriter, batch_record, check_out_dir, default_out_dir, open_run_dir, portable_stage,
                       read_run_plan, record_batch)
 from .samplers import DEFAULT_STEPS
@@ -167,7 +167,8 @@ def _registry_stage(name: str, req: SampleRequest, *, stage: str, guidance: floa
         settings.respacing_for(cfg.diffusion_steps)
     if stage == "base":
         _check_classes(req, entry, clf if scale > 0 else None)
-    if clf and scale > 0:  # a classifier that cannot guide this model: refused before a download
+    if clf and (scale > 0 or classifier is not None):  # one that cannot guide this model (or a name
+        # typed but unused at guidance 0, which the plan shows): refused before a download
         clf_entry = load_registry().get(clf)
         if "classifier" not in clf_entry.roles:
             raise UsageError(f"{clf} holds a diffusion model, not a classifier")
@@ -214,9 +215,24 @@ def _check_classes(req: SampleRequest, entry, classifier: str | None) -> None:
 
 def _file_stage(req: SampleRequest) -> Stage:
     from .cache import ensure_converted_file
+    from .weights import read_config
 
+    if req.classifier is not None:
+        raise UsageError("--classifier picks a registry classifier for a registry --model; "
+                         "with --weights pass the file with --classifier-weights")
     config = str(req.config) if req.config else None
-    unet_path = ensure_converted_file(req.weights, config=config, role="unet")
+    try:
+        unet_path = ensure_converted_file(req.weights, config=config, role="unet")
+    except ConversionError as exc:  # adm sample has no --arch
+        if ARCH_HINT not in str(exc):
+            raise
+        raise ConversionError(str(exc).replace(ARCH_HINT, (
+            "pass --config FILE with its guided-diffusion flags, or convert it first "
+            f"(`adm convert-weights {req.weights} --arch PRESET`) and pass the .safetensors file to --weights"))) \
+            from None
+    cfg = read_config(unet_path)
+    if req.res is not None and getattr(cfg, "image_size", req.res) != req.res:
+        raise UsageError(f"--weights {req.weights} makes {cfg.image_size}x{cfg.image_size} images, not --res {req.res}")
     clf_path = None
     if req.classifier_weights is not None:
         try:
@@ -257,6 +273,8 @@ def _stages(req: SampleRequest) -> list[Stage]:
                    and e.resolution == req.res), None)
         if up is None:
             raise UsageError(f"no upsampler to {req.res} in the registry")
+        if req.model is not None:
+            _check_upsampler_base(registry.get(req.model), up)
         return [_registry_stage(req.model or base.name, req, stage="base", guidance=req.guidance,
                                 classifier=req.classifier),
                 _registry_stage(up.name, req, stage="upsampler", guidance=0.0, classifier=None)]
@@ -267,6 +285,21 @@ def _stages(req: SampleRequest) -> list[Stage]:
     if req.res is not None and entry.resolution != req.res:
         raise UsageError(f"--model {name} makes {entry.resolution}x{entry.resolution} images, not --res {req.res}")
     return [_registry_stage(name, req, stage="base", guidance=req.guidance, classifier=req.classifier)]
+
+
+def _check_upsampler_base(base, up) -> None:
+    """--model under --upsample: the upsampler conditions on the base model's images (its input
+    size) and labels (the same classes), so a base of another size or class set is refused
+    before any download."""
+    if "unet" not in base.roles:
+        raise UsageError(f"{base.name} holds no diffusion model (it is a classifier); pick one with --model")
+    if base.resolution != up.upsampler_base:
+        raise UsageError(f"--upsample to {up.resolution} starts from {up.upsampler_base}x{up.upsampler_base} images; "
+                         f"--model {base.name} makes {base.resolution}x{base.resolution} ones")
+    if up.class_cond and (not base.class_cond or base.num_classes != up.num_classes):
+        raise UsageError(f"--upsample: {up.name} takes the {up.num_classes} ImageNet classes of a class-conditional "
+                         f"base model; --model {base.name} is " + (
+                             f"conditioned on {base.num_classes} classes" if base.class_cond else "unconditional"))
 
 
 def _check_stage(stage: Stage) -> None:
@@ -312,7 +345,7 @@ def _validate_numbers(req: SampleRequest) -> None:
     # ASCII digits only: str.isdigit() also accepts "²", which int() then rejects.
     if req.batch_size != "auto" and (not re.fullmatch(r"[0-9]+", str(req.batch_size)) or int(req.batch_size) < 1):
         raise UsageError(f"--batch-size must be a positive integer or 'auto', got {req.batch_size!r}")
-    if req.res is not None and req.res not in (64, 128, 256, 512) and req.model is None:
+    if req.res is not None and req.res not in (64, 128, 256, 512) and req.model is None and req.weights is None:
         raise UsageError(f"--res {req.res} is not available (choose 64, 128, 256 or 512)")
     if req.dtype not in ("auto", "float32", "float16", "bfloat16"):
         raise UsageError(f"unknown --dtype {req.dtype!r} (auto, float32, float16, bfloat16)")
@@ -366,6 +399,11 @@ def check_output(req: SampleRequest) -> None:
     the folder."""
     if req.out is not None:
         check_out_dir(Path(req.out), resume=req.resume)
+        return
+    try:  # the default, a new folder under ./samples
+        check_out_dir(default_out_dir())
+    except OutputError as exc:
+        raise OutputError(f"{exc} (the default output folder: pass --out DIR)") from None
 
 
 def plan_run(req: SampleRequest) -> RunPlan:
@@ -376,6 +414,7 @@ def plan_run(req: SampleRequest) -> RunPlan:
     device = pick_device(req.device)
     if req.batch_size == "auto" and torch.device(device).type != "cuda":
         fast.cpu_batch_size()  # a bad ADM_CPU_BATCH fails now, not after run-plan.json is written
+    fast.check_env()  # and a bad ADM_WINOGRAD or ADM_FUSED
     req = resolve_request(req)
     seed = req.seed
     stages = _stages(req)
