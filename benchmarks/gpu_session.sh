@@ -95,8 +95,9 @@ sys.exit(not any("variant" in r for r in json.load(open(sys.argv[1]))["rows"]))'
     done
   fi
 fi
-# 3. The fused kernels' GPU tests (real sizes; the statistics kept by the closing adds among them).
-step 70 python3 -m pytest -q -p no:cacheprovider -rf -m gpu tests/test_fused.py
+# 3. The fused kernels' GPU tests (real sizes; the statistics kept by the closing adds among them, every
+#    candidate step 2 times: the skip GEMM's tiles, the statistics geometries, the loops at 2-3 stages).
+step 100 python3 -m pytest -q -p no:cacheprovider -rf -m gpu tests/test_fused.py
 # 4. Accuracy of the fast path against float32 (TF32 off), full-size 512 and 64 models.
 step 70 python3 benchmarks/accuracy.py --dtypes auto $SETS --json "$RES/accuracy.json"
 # 5. The 256 step eager, with a profile of ours (GPU time by kernel).
