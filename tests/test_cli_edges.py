@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import sys
 
+import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from adm_cli import api, cli
@@ -144,6 +146,31 @@ def test_generate_checks_its_arguments():
     clf = exact(TINY_CLF, seed=4)
     with pytest.raises(UsageError, match="class label 12 is out of range"):
         api.generate(uncond, classes=[12], classifier=clf, settings=api.SamplerSettings("ddim", steps=2, guidance=1.0))
+    # what the CLI checks before a run, the library checks too (each was a raw torch or numpy error)
+    guided = api.SamplerSettings("ddim", steps=2, guidance=1.0)
+    for other, message in ((TINY_CLF.replace(image_size=8), "its image size is 8, the U-Net's 16"),
+                           (TINY_CLF.replace(in_channels=4), "its input channels is 4, the U-Net's 3"),
+                           (TINY_CLF.replace(num_classes=7), "its class count is 7, the U-Net's 10")):
+        with pytest.raises(UsageError, match=message):
+            api.generate(unet, num_samples=1, classifier=exact(other, seed=4), settings=guided)
+    with pytest.raises(UsageError, match=r"classes must be integer labels, got 'golden retriever'"):
+        api.generate(unet, classes=["golden retriever"], settings=quick)
+    assert api.generate(unet, classes=torch.tensor([3]), settings=quick).labels.tolist() == [3]
+    with pytest.raises(UsageError, match="low_res is for an upsampler"):
+        api.generate(unet, num_samples=1, low_res=np.zeros((1, 8, 8, 3), np.uint8), settings=quick)
+    up = exact(TINY["upsampler"])
+    with pytest.raises(UsageError, match="this U-Net is an upsampler: pass low_res"):
+        api.generate(up, num_samples=1, settings=quick)
+    with pytest.raises(UsageError, match="got 1 low_res images for 2 samples"):
+        api.generate(up, num_samples=2, low_res=np.zeros((1, 8, 8, 3), np.uint8), settings=quick)
+
+
+def test_prepare_for_a_missing_cuda_device_is_one_line(monkeypatch):
+    from test_fast import TINY, exact
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UsageError, match="device cuda was asked for but no CUDA device is available"):
+        api.prepare(exact(TINY["new-order"]), device="cuda")
 
 
 def test_plans_on_other_kinds_of_device_differ():

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import fast
-from .config import ClassifierConfig, UNetConfig
+from .config import ClassifierConfig, UNetConfig, guidance_mismatch
 from .denoiser import Denoiser
 from .errors import SamplingError, UsageError
 from .fast import prepare  # noqa: F401 - part of the public API
@@ -191,13 +191,27 @@ def generate(unet: UNet, *, num_samples: int | None = None, indices: Sequence[in
         raise UsageError(f"classifier must be a noisy-image classifier, got a {type(classifier).__name__}")
     if settings.guidance > 0 and classifier is None:
         raise UsageError("classifier guidance (guidance > 0) needs a classifier")
+    if classifier is not None and (found := guidance_mismatch(cfg, classifier.config)) is not None:
+        what, theirs, ours = found
+        raise UsageError(f"the classifier does not fit the U-Net: its {what} is {theirs}, the U-Net's {ours}")
+    if cfg.is_super_res and low_res is None:
+        raise UsageError("this U-Net is an upsampler: pass low_res, the base images (uint8 NHWC, one per index)")
+    if not cfg.is_super_res and low_res is not None:
+        raise UsageError("low_res is for an upsampler; this U-Net takes no base images")
     needs_labels = cfg.class_cond or settings.guidance > 0
     num_classes = cfg.num_classes if cfg.class_cond else classifier.config.num_classes if needs_labels else None
     if classes is None and needs_labels:
         classes = random_labels(seed, total, num_classes)
+    if isinstance(classes, torch.Tensor):
+        classes = classes.tolist()
+    if classes is not None and (bad := next((c for c in classes if not isinstance(c, (int, np.integer))
+                                             or isinstance(c, bool)), None)) is not None:
+        raise UsageError(f"classes must be integer labels, got {bad!r} (names: adm_cli.imagenet.resolve_classes)")
     label_arr = None if classes is None else np.asarray(classes, dtype=np.int64)
     if label_arr is not None and len(label_arr) < total:
         raise UsageError(f"got {len(label_arr)} class labels for {total} samples")
+    if low_res is not None and len(low_res) < total:
+        raise UsageError(f"got {len(low_res)} low_res images for {total} samples")
     if label_arr is not None and num_classes is not None and len(label_arr) and \
             not (0 <= label_arr.min() and label_arr.max() < num_classes):
         bad = next(int(c) for c in label_arr if not 0 <= c < num_classes)

@@ -321,6 +321,16 @@ class ClassifierConfig:
 AnyConfig = UNetConfig | ClassifierConfig
 
 
+def guidance_mismatch(unet: UNetConfig, clf: ClassifierConfig) -> tuple[str, int, int] | None:
+    """The first property on which ``clf`` cannot guide ``unet`` (what, the classifier's value,
+    the U-Net's), or None: the gradient is taken of the U-Net's own x_t (same size and channels)
+    and of the labels it is conditioned on (same class count, for a class-conditional U-Net)."""
+    checks = [("image size", clf.image_size, unet.image_size), ("input channels", clf.in_channels, unet.in_channels)]
+    if unet.class_cond:
+        checks.append(("class count", clf.num_classes, unet.num_classes))
+    return next(((what, c, u) for what, c, u in checks if c != u), None)
+
+
 def config_from_dict(data: Mapping[str, Any]) -> AnyConfig:
     """Inverse of ``to_dict`` (the ``kind`` key chooses the class)."""
     data = dict(data)

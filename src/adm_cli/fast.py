@@ -189,6 +189,8 @@ def prepare(model: nn.Module, *, device: torch.device | str | None = None, dtype
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():  # (torch's own error is an AssertionError)
+        raise UsageError(f"device {device} was asked for but no CUDA device is available")
     dt = resolve_dtype(dtype, device, classifier=isinstance(model, Classifier))
     use_fused = use_fused_kernels(device, compile=compile, exact=exact) if fused_kernels is None \
         else bool(fused_kernels) and not exact

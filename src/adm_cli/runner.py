@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import __version__, api
-from .config import UNetConfig
+from .config import UNetConfig, guidance_mismatch
 from .convert import ARCH_HINT
 from .errors import ConversionError, DeviceMemoryError, OutputError, UsageError
 from .outputs import (SampleWriter, batch_record, check_out_dir, default_out_dir, open_run_dir, portable_stage,
@@ -322,10 +322,9 @@ def _check_pair(cfg, clf, unet: str, classifier: str | None) -> None:
         return
     if not isinstance(clf, ClassifierConfig):
         raise UsageError(f"{classifier} holds a diffusion model, not a classifier")
-    for what, a, b in (("image size", cfg.image_size, clf.image_size), ("input channels", cfg.in_channels, clf.in_channels),
-                       *([("class count", cfg.num_classes, clf.num_classes)] if cfg.class_cond else [])):
-        if a != b:
-            raise UsageError(f"classifier {classifier} does not fit {unet}: its {what} is {b}, the model's {a}")
+    if (found := guidance_mismatch(cfg, clf)) is not None:
+        what, theirs, ours = found
+        raise UsageError(f"classifier {classifier} does not fit {unet}: its {what} is {theirs}, the model's {ours}")
 
 
 def _validate_numbers(req: SampleRequest) -> None:
