@@ -341,9 +341,9 @@ def settings(sets: list[str], skip_gemm: str | None, add_stats: str | None,
              stats_loop: str | None = None) -> tuple[dict, dict]:
     """({``layers`` switch: value}, {``fused`` tunable: value}) from ``--set`` items, ``--skip-gemm``,
     ``--add-stats`` and ``--stats-loop``; ValueError (one line) if one is malformed."""
+    specs = ((tunables.gemm, skip_gemm), (tunables.add_stats, add_stats), (tunables.stats_loop, stats_loop))
     return (dict(switch(item) for item in sets),
-            {**(tunables.gemm(skip_gemm) if skip_gemm else {}), **(tunables.add_stats(add_stats) if add_stats else {}),
-             **(tunables.stats_loop(stats_loop) if stats_loop else {})})
+            {name: v for parse, spec in specs if spec for name, v in parse(spec).items()})
 
 
 def apply_switches(items: list[str]) -> list[str]:

@@ -234,12 +234,8 @@ def stats_calls(cfg, n, dtype, device) -> dict[tuple, int]:
                None if in_bias is None else tuple(in_bias.shape))
         calls[key] = calls.get(key, 0) + 1
         return real(x, x2, in_bias)
-    fused._statistics = spy
-    try:
+    with tunables.tuned({"_statistics": spy}):
         net(x, t, y)
-    finally:
-        fused._statistics = real
-    del net
     return calls
 
 
@@ -328,7 +324,7 @@ def main(argv=None) -> int:
         dtype = torch.float32 if device.type != "cuda" else dtype
     tiles = [t for t in args.tiles.split(",") if t]
     geometries = [t for t in args.add_stats.split(",") if t]
-    shipped_loop = tunables.shipped_stats_loop().split()[1]
+    shipped_loop = tunables.shipped_stats_loop()
     loops = [shipped_loop] + [t for t in args.stats_loops.split(",") if t and t != shipped_loop]
     try:
         for t in tiles:

@@ -78,8 +78,8 @@ PLAIN_ADD = "add, norm"
 
 
 def shipped_stats_loop() -> str:
-    """ops.py's label of the statistics loop as shipped ("stats STAGES:PPS")."""
-    return f"stats {fused._LOOP_STAGES}:{fused._PROGRAMS_PER_SM}"
+    """The statistics loop as shipped, "STAGES:PPS" (ops.py labels its rows "stats STAGES:PPS")."""
+    return f"{fused._LOOP_STAGES}:{fused._PROGRAMS_PER_SM}"
 
 
 def picks(rows: list[dict], margin: float = 0.97) -> tuple[str, str, str]:
@@ -105,7 +105,7 @@ def picks(rows: list[dict], margin: float = 0.97) -> tuple[str, str, str]:
         return form if t < margin * base else None
 
     gemm_form, add_form = best("skip", SHIPPED_GEMM), best("addnorm", PLAIN_ADD)
-    loop_form = best("stats", shipped_stats_loop())
+    loop_form = best("stats", "stats " + shipped_stats_loop())
     return ("" if gemm_form is None else "--skip-gemm " + gemm_form.split()[1],
             "" if add_form is None else "--set RESIDUAL_STATS=on --add-stats " + add_form.split()[2].rstrip(","),
             "" if loop_form is None else "--stats-loop " + loop_form.split()[1])

@@ -60,13 +60,21 @@ def converted_path(entry: Entry, role: str) -> Path:
     return entry_dir(entry) / f"{entry.role(role)}.safetensors"
 
 
+def env_switch(name: str, default: bool = True) -> bool:
+    """An on/off environment variable (ADM_OFFLINE, ADM_WINOGRAD, ADM_FUSED): 1/0, true/false,
+    yes/no, on/off; unset or empty: ``default``. Another value is refused in one line rather
+    than taken as either (ADM_WINOGRAD=false once left Winograd on without a word)."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if raw.lower() not in _TRUE + _FALSE:
+        raise UsageError(f"{name} must be 1 or 0 (or true/false, yes/no, on/off), got {raw!r}")
+    return raw.lower() in _TRUE
+
+
 def offline_requested(offline: bool = False) -> bool:
-    """--offline, or ADM_OFFLINE set to a true value (one reading for every command: an unknown
-    value is refused rather than taken as "online")."""
-    raw = os.environ.get("ADM_OFFLINE", "").strip().lower()
-    if raw not in _TRUE + _FALSE:
-        raise UsageError(f"ADM_OFFLINE must be 1 or 0 (or true/false, yes/no, on/off), got {os.environ['ADM_OFFLINE']!r}")
-    return offline or raw in _TRUE
+    """--offline, or ADM_OFFLINE set to a true value (one reading for every command)."""
+    return env_switch("ADM_OFFLINE", default=False) or offline
 
 
 def urls_for(entry: Entry, mirror: str | None = None) -> list[str]:

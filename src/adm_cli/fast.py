@@ -142,17 +142,10 @@ def use_fused_kernels(device: torch.device | str, *, compile: bool | str = False
 
 
 def env_switch(name: str, default: bool = True) -> bool:
-    """An on/off environment variable, read as ADM_OFFLINE and ADM_DEBUG are (1/0, true/false,
-    yes/no, on/off; unset or empty: ``default``). Another value is refused in one line: taken
-    as "on", ADM_WINOGRAD=false left Winograd on without a word."""
-    from .cache import _FALSE, _TRUE
+    """``cache.env_switch`` (imported here late: ``fast`` does not pull in the download code)."""
+    from .cache import env_switch as read
 
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    if raw.lower() not in _TRUE + _FALSE:
-        raise UsageError(f"{name} must be 1 or 0 (or true/false, yes/no, on/off), got {raw!r}")
-    return raw.lower() in _TRUE
+    return read(name, default)
 
 
 def check_env() -> None:

@@ -213,36 +213,35 @@ def _check_classes(req: SampleRequest, entry, classifier: str | None) -> None:
                     entry.num_classes if entry.class_cond else clf_classes, classifier is not None)
 
 
-def _file_stage(req: SampleRequest) -> Stage:
+def _converted(path: Path, role: str, flag: str, config: str | None = None) -> Path:
+    """``ensure_converted_file``, with convert's advice reworded for adm sample: it has no --arch,
+    and its --config describes the U-Net only."""
     from .cache import ensure_converted_file
+
+    try:
+        return ensure_converted_file(path, config=config, role=role)
+    except ConversionError as exc:
+        if ARCH_HINT not in str(exc):
+            raise
+        how = ("pass --config FILE with its guided-diffusion flags, or convert it first "
+               f"(`adm convert-weights {path} --arch PRESET`)" if role == "unet" else
+               f"convert it first (`adm convert-weights {path} --arch PRESET` or `--config FILE`)")
+        raise ConversionError(str(exc).replace(ARCH_HINT, f"{how} and pass the .safetensors file to {flag}")) from None
+
+
+def _file_stage(req: SampleRequest) -> Stage:
     from .weights import read_config
 
     if req.classifier is not None:
         raise UsageError("--classifier picks a registry classifier for a registry --model; "
                          "with --weights pass the file with --classifier-weights")
-    config = str(req.config) if req.config else None
-    try:
-        unet_path = ensure_converted_file(req.weights, config=config, role="unet")
-    except ConversionError as exc:  # adm sample has no --arch
-        if ARCH_HINT not in str(exc):
-            raise
-        raise ConversionError(str(exc).replace(ARCH_HINT, (
-            "pass --config FILE with its guided-diffusion flags, or convert it first "
-            f"(`adm convert-weights {req.weights} --arch PRESET`) and pass the .safetensors file to --weights"))) \
-            from None
+    unet_path = _converted(req.weights, "unet", "--weights", config=str(req.config) if req.config else None)
     cfg = read_config(unet_path)
-    if req.res is not None and getattr(cfg, "image_size", req.res) != req.res:
+    if req.res is not None and cfg.image_size != req.res:
         raise UsageError(f"--weights {req.weights} makes {cfg.image_size}x{cfg.image_size} images, not --res {req.res}")
     clf_path = None
     if req.classifier_weights is not None:
-        try:
-            clf_path = ensure_converted_file(req.classifier_weights, role="classifier")
-        except ConversionError as exc:  # adm sample has no --arch, and --config describes the U-Net
-            if ARCH_HINT not in str(exc):
-                raise
-            raise ConversionError(str(exc).replace(ARCH_HINT, (
-                f"convert it first (`adm convert-weights {req.classifier_weights} --arch PRESET` or `--config FILE`) "
-                "and pass the .safetensors file to --classifier-weights"))) from None
+        clf_path = _converted(req.classifier_weights, "classifier", "--classifier-weights")
     scale = req.guidance if req.guidance is not None else (1.0 if clf_path else 0.0)
     sampler = req.sampler or "ddpm"
     settings = api.SamplerSettings(sampler, steps=None if req.respacing is not None else req.steps or DEFAULT_STEPS.get(sampler),
