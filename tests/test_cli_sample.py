@@ -180,7 +180,7 @@ def test_unconditional_model_needs_a_classifier_for_class(tmp_path, files):
 ])
 def test_bad_values_fail_with_one_line(tmp_path, files, args, message):
     res, out = _sample(tmp_path, files, *args)
-    assert res.exit_code != 0
+    assert res.exit_code == 2  # the input is wrong (1: the job failed on the way)
     lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], res.output
     assert "Traceback" not in res.output and not out.exists()
@@ -189,15 +189,15 @@ def test_bad_values_fail_with_one_line(tmp_path, files, args, message):
 def test_bad_model_choices_fail_with_one_line(tmp_path, files, monkeypatch):
     monkeypatch.setenv("ADM_HOME", str(tmp_path / "cache"))
     cases = [
-        (["sample", "--res", "100", "--offline"], "--res 100"),
-        (["sample", "--model", "256x256_difusion", "--offline"], "256x256_diffusion"),
-        (["sample", "--weights", str(tmp_path / "missing.safetensors")], "missing.safetensors"),
-        (["sample", "--res", "64", "--offline", "--out", str(tmp_path / "o")], "offline"),
+        (["sample", "--res", "100", "--offline"], "--res 100", 2),
+        (["sample", "--model", "256x256_difusion", "--offline"], "256x256_diffusion", 2),
+        (["sample", "--weights", str(tmp_path / "missing.safetensors")], "missing.safetensors", 1),
+        (["sample", "--res", "64", "--offline", "--out", str(tmp_path / "o")], "offline", 1),
     ]
-    for args, message in cases:
+    for args, message, code in cases:
         res = runner.invoke(app, args + ["--quiet"])
         lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
-        assert res.exit_code != 0 and len(lines) == 1 and message in lines[0], (args, res.output)
+        assert res.exit_code == code and len(lines) == 1 and message in lines[0], (args, res.output)
     assert not (tmp_path / "o").exists()
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 
 class AdmError(Exception):
-    """Base class of every error adm-cli reports to a user (never a bug)."""
+    """Base class of every error adm-cli reports to a user (never a bug).
+
+    Exit codes at the command line: 2 when the input is wrong (a flag's value, a model name, a
+    respacing), 1 when the job failed on the way (network, files, memory, devices)."""
 
     exit_code = 1
 
@@ -16,6 +19,8 @@ class ConfigError(AdmError, ValueError):
 class RespacingError(ConfigError):
     """A timestep-respacing string the reference would reject."""
 
+    exit_code = 2
+
 
 class UsageError(AdmError):
     """A bad command-line value (class, resolution, steps, ...)."""
@@ -24,7 +29,13 @@ class UsageError(AdmError):
 
 
 class RegistryError(AdmError):
-    """An unknown model name or a malformed registry entry."""
+    """A registry that cannot be read, or a malformed entry in it."""
+
+
+class UnknownModelError(RegistryError):
+    """A model name the registry does not hold, or a network the named entry lacks."""
+
+    exit_code = 2
 
 
 class DownloadError(AdmError):

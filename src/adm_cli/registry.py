@@ -20,7 +20,7 @@ from types import MappingProxyType
 from typing import Any, Mapping
 
 from .config import AnyConfig, ClassifierConfig, UNetConfig, config_from_dict, get_preset
-from .errors import ConfigError, RegistryError
+from .errors import ConfigError, RegistryError, UnknownModelError
 
 PACKAGE_DIR = Path(__file__).resolve().parent  # bundled entries' `path` is relative to it
 DEFAULT_REGISTRY = PACKAGE_DIR / "weights.toml"
@@ -81,7 +81,7 @@ class Entry:
             return role
         if role == "unet" and len(self.roles) == 1:
             return next(iter(self.roles))
-        raise RegistryError(f"{self.name} holds {' and '.join(self.roles)}, not a {role}")
+        raise UnknownModelError(f"{self.name} holds {' and '.join(self.roles)}, not a {role}")
 
     def config_for(self, role: str) -> AnyConfig | None:
         """The architecture of ``role``; None: read it from the (bundled) file's metadata."""
@@ -105,14 +105,14 @@ class Registry:
                 return entry
         close = difflib.get_close_matches(name, self.names(), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else "; `adm models` lists them"
-        raise RegistryError(f"unknown model {name!r}{hint}")
+        raise UnknownModelError(f"unknown model {name!r}{hint}")
 
     def default_for(self, resolution: int) -> Entry:
         for entry in self.entries:
             if entry.default and entry.resolution == resolution:
                 return entry
         valid = sorted({e.resolution for e in self.entries if e.default})
-        raise RegistryError(
+        raise UnknownModelError(
             f"no default model for resolution {resolution}; choose one of {', '.join(map(str, valid))}")
 
     def by_filename(self, filename: str) -> Entry | None:
