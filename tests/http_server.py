@@ -6,6 +6,10 @@ Per file, ``modes[name]`` picks a behaviour:
   "short"    the first response has no Content-Length and ends (connection closed) after half
   "norange"  ignores Range: always 200 with the whole file
   "flaky"    answers 500 to the first ``flaky_failures`` requests, then behaves normally
+  "length-list"  Content-Length as a list of one repeated value ("N, N"; RFC 9110 lets it pass)
+  "bad-length"   Content-Length "abc" (the body then ends where the connection does)
+  "bad-chunk"    the first response is chunked, and after one 4 KiB chunk its next size line
+                 runs past http.client's 64 KiB limit
 Unknown names get 404. Every request is recorded as a ``Request`` (name, Range header, status,
 body bytes sent). ``chunk_delay`` slows the body down so two clients overlap.
 """
@@ -108,8 +112,17 @@ class _Handler(BaseHTTPRequestHandler):
         record = Request(name, rng, 206 if start else 200, 0)
         self.state._record(record)  # before any byte leaves: the client may finish first
         self.send_response(record.status)
+        if mode == "bad-chunk" and earlier == 0:
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            record.sent = 4096
+            self.wfile.write(b"1000\r\n" + body[:4096] + b"\r\n" + b"f" * 70000 + b"\r\n")
+            self.close_connection = True
+            return
+        length = {"length-list": f"{len(data) - start}, {len(data) - start}", "bad-length": "abc"}.get(
+            mode, str(len(data) - start))
         if not (mode == "short" and earlier == 0):  # HTTP/1.0: the body then ends where we hang up
-            self.send_header("Content-Length", str(len(data) - start))
+            self.send_header("Content-Length", length)
         if start:
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         self.send_header("Accept-Ranges", "none" if mode == "norange" else "bytes")

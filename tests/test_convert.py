@@ -338,6 +338,11 @@ def test_mmagic_errors_name_the_key_in_the_file(tmp_path):
     src = write_mmagic(tmp_path / "bad.pth", unet=state)
     with pytest.raises(ConversionError, match=r"'unet\.in_blocks\.1\.0\.conv_1\.2\.weight'"):
         convert_checkpoint(src, config=cfg)
+    del state["input_blocks.1.0.in_layers.2.weight"]  # a missing one: named as the file would name it
+    src = write_mmagic(tmp_path / "bad.pth", unet=state)
+    with pytest.raises(ConversionError, match=r"'unet\.in_blocks\.1\.0\.conv_1\.2\.weight' \(= "
+                                              r"'input_blocks\.1\.0\.in_layers\.2\.weight'\) is missing"):
+        convert_checkpoint(src, config=cfg)
 
 
 def test_float16_overflow_is_refused(tmp_path):
@@ -611,3 +616,54 @@ def test_ensure_converted_file(tmp_path, monkeypatch):
     assert ensure_converted_file(out) == out  # already canonical
     with pytest.raises(WeightsError, match="not a classifier"):
         ensure_converted_file(src, config=str(tmp_path / "c.json"), role="classifier")
+
+
+def test_a_conversion_cut_between_two_networks_is_redone(tmp_path, monkeypatch):
+    """A run killed after writing the U-Net of a two-network file, before its classifier, left a
+    folder that was then taken as complete ("holds unet, not a classifier", forever)."""
+    monkeypatch.setenv("ADM_HOME", str(tmp_path / "home"))
+    unet_cfg, clf_cfg = small("64x64"), small("64x64_classifier")
+    src = write_mmagic(tmp_path / "g.pth", unet=reference_model(unet_cfg).state_dict(),
+                       classifier=reference_model(clf_cfg).state_dict())
+    arch = [json.dumps(unet_cfg.to_dict()), json.dumps(clf_cfg.to_dict())]
+    (tmp_path / "u.json").write_text(arch[0])
+    (tmp_path / "c.json").write_text(arch[1])
+    conf = {"unet": tmp_path / "u.json", "classifier": tmp_path / "c.json"}
+    (tmp_path / "both.toml").write_text("".join(
+        f"[{role}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in json.loads(p.read_text()).items()
+                                if k != "kind") for role, p in conf.items()))
+    unet = ensure_converted_file(src, config=str(tmp_path / "both.toml"), quiet=True)
+    folder = unet.parent
+    assert sorted(p.name for p in folder.iterdir()) == [".lock", "classifier.safetensors", "roles.json",
+                                                        "unet.safetensors"]
+    (folder / "classifier.safetensors").unlink()
+    (folder / "roles.json").unlink()  # as the kill left it
+    clf = ensure_converted_file(src, config=str(tmp_path / "both.toml"), role="classifier", quiet=True)
+    assert load_model(clf).config == clf_cfg and load_model(unet).config == unet_cfg
+
+
+def test_metadata_that_is_json_but_no_object_is_one_line(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "odd.safetensors"
+    save_file({"x": torch.zeros(1)}, str(path), metadata={"adm_config": "[1, 2]"})
+    for args in (["convert-weights", str(path), str(tmp_path / "out.safetensors")],):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+        assert "bad adm_config metadata (a JSON list, not an object)" in result.output
+
+
+def test_a_full_disk_while_writing_a_conversion_is_one_line(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def full(*args, **kwargs):
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    src = write_openai(tmp_path / "m.pt", reference_model(small("64x64")).state_dict())
+    (tmp_path / "c.json").write_text(json.dumps(small("64x64").to_dict()))
+    result = CliRunner().invoke(app, ["convert-weights", str(src), str(tmp_path) + "/out/", "--config",
+                                      str(tmp_path / "c.json")])
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert "cannot write" in result.output and "No space left on device" in result.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []

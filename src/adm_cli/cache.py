@@ -8,7 +8,8 @@ Layout under ``cache_root()`` (``ADM_HOME``, else the platform's user cache fold
                                      once that file has loaded as a checkpoint ("loaded")
     <name>/<role>.safetensors        the canonical conversion, one per network (convert.py)
     <name>/.lock                     held while fetching or converting that entry
-    converted/<key>/<role>.safetensors   conversions of files given by path (``--weights x.pt``)
+    converted/<key>/<role>.safetensors   conversions of files given by path (``--weights x.pt``),
+    converted/<key>/roles.json           written once all of them are
 """
 
 from __future__ import annotations
@@ -197,7 +198,7 @@ def fetch_entry(entry: Entry, *, offline: bool = False, mirror: str | None = Non
     if offline and not raw.is_file():
         raise _offline_error(entry)  # before the lock: an offline miss leaves no trace in the cache
     wait = lambda: _say(f"waiting for another process fetching {entry.name} ...", quiet)  # noqa: E731
-    with file_lock(entry_dir(entry) / ".lock", on_wait=wait):
+    with file_lock(entry_dir(entry) / ".lock", on_wait=wait) as held:
         if raw.is_file():  # verified again: it may have changed since (or been fetched meanwhile)
             digest = _cached_digest(entry, raw)
             if digest:
@@ -209,15 +210,15 @@ def fetch_entry(entry: Entry, *, offline: bool = False, mirror: str | None = Non
             raw.unlink()
         if offline:
             raise _offline_error(entry)
-        return raw, _download_entry(entry, raw, mirror, quiet)
+        return raw, _download_entry(entry, raw, mirror, quiet, held)
 
 
-def _download_entry(entry: Entry, raw: Path, mirror: str | None, quiet: bool) -> str:
+def _download_entry(entry: Entry, raw: Path, mirror: str | None, quiet: bool, exclusive: bool) -> str:
     expected, published = _expected_sha(entry, raw)
     urls = urls_for(entry, mirror)
     progress = NullProgress() if quiet else RichProgress(entry.name)
     try:
-        digest = download(urls, raw, sha256=expected, size=entry.size, progress=progress)
+        digest = download(urls, raw, sha256=expected, size=entry.size, progress=progress, exclusive=exclusive)
     except ChecksumError as exc:
         if expected and not published:
             raise ChecksumError(f"{exc}; the expected sha256 was recorded at the first download "
@@ -327,11 +328,21 @@ def ensure_converted_file(path: str | Path, *, arch: str | Sequence[str] | None 
     if path.suffix == ".safetensors" and "adm_config" in read_metadata(path) and not (arch or config):
         return path
     folder = cache_root() / "converted" / _conversion_key(path, arch, config)
+    done = folder / "roles.json"  # written last: a run killed between two networks' files redoes both
     with file_lock(folder / ".lock"):
         files = {p.name.removesuffix(".safetensors"): p for p in sorted(folder.glob("*.safetensors"))}
-        if not files:
+        try:
+            complete = sorted(json.loads(done.read_text(encoding="utf-8"))) == sorted(files)
+        except (OSError, ValueError, TypeError):
+            complete = False
+        if not complete:
+            for p in files.values():
+                p.unlink()
             files = convert_checkpoint(path, arch=arch, config=config,
                                        outputs=lambda r: folder / f"{r}.safetensors",
                                        log=None if quiet else (lambda m: _say(m, False)))
+            tmp = done.with_name(f".roles.{uuid.uuid4().hex[:12]}.tmp")
+            tmp.write_text(json.dumps(sorted(files)), encoding="utf-8")
+            os.replace(tmp, done)
     return _pick_role(files, role, path)
 

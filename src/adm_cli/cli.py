@@ -6,8 +6,10 @@ set ADM_DEBUG=1 to see the traceback instead.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import signal
 import sys
 from typing import Callable
 
@@ -49,6 +51,28 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (``timeout``, ``kill``, a closed terminal), raised as Ctrl-C is, so that
+    the same cleanup runs: a partial download kept for the next run to resume, temporary outputs
+    removed. Python's default for these signals ends the process without any of it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum: int, frame) -> None:
+    raise Stopped(signum)
+
+
+def _catch_stop_signals() -> None:
+    for name in ("SIGTERM", "SIGHUP"):
+        signum = getattr(signal, name, None)
+        if signum is not None and signal.getsignal(signum) is signal.SIG_DFL:
+            with contextlib.suppress(ValueError, OSError):  # not the main thread, or no such signal here
+                signal.signal(signum, _stop)
+
+
 def debug() -> bool:
     """ADM_DEBUG, read as ADM_OFFLINE is (cache._TRUE): ADM_DEBUG=0 means off."""
     from .cache import _TRUE
@@ -67,6 +91,8 @@ def handle_errors(fn: Callable) -> Callable:
             if debug():
                 raise
             fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, exc.exit_code)
+        except Stopped as exc:
+            fail(f"stopped by {signal.Signals(exc.signum).name}", 128 + exc.signum)
         except KeyboardInterrupt:
             fail("interrupted", 130)
         except OSError as exc:
@@ -84,6 +110,7 @@ def _register() -> None:
 
 def main() -> None:
     _register()
+    _catch_stop_signals()
     command = typer.main.get_command(app)
     try:
         # standalone_mode=False: click's own usage errors come here instead of printing a

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .cache import cache_root, cache_status, check_fetched, convert_entry, fetch_entry
+from .cache import cache_root, cache_status, check_fetched, convert_entry, converted_path, fetch_entry
 from .cli import app, fail, handle_errors
 from .convert import DTYPES, convert_checkpoint
 from .registry import Entry, load_registry
@@ -72,7 +72,8 @@ def fetch(
     names: List[str] = typer.Argument(None, help="Registry names (see `adm models`).", show_default="none"),
     res: Optional[int] = typer.Option(None, "--res", help=_RES_HELP, show_default="none"),
     all_: bool = typer.Option(False, "--all", show_default="off",
-                              help="Fetch every published file in the registry (about 41 GB)."),
+                              help="Fetch every published file in the registry: about 41 GB of downloads, and "
+                                   "as much again for their conversions (--no-convert skips those)."),
     mirror: Optional[str] = typer.Option(None, "--mirror", envvar="ADM_MIRROR", help=_MIRROR_HELP,
                                          show_default="none: each file's own URL"),
     offline: bool = typer.Option(False, "--offline", show_default="off (env ADM_OFFLINE=1 turns it on)",
@@ -91,6 +92,11 @@ def fetch(
     for entry in _selection(names or [], res, all_):
         if entry.bundled:
             console.print(f"{entry.name}: bundled with adm-cli, nothing to fetch")
+            continue
+        if not no_convert and cache_status(entry).converted:  # ready: adm sample reads only these
+            console.print(f"{entry.name}: converted already")
+            for role in entry.roles:
+                console.print(f"  {role}: {converted_path(entry, role)}")
             continue
         raw, digest = fetch_entry(entry, offline=offline, mirror=mirror, quiet=quiet)
         if no_convert:

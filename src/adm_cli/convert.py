@@ -341,7 +341,7 @@ def validate(net: Network, cfg: AnyConfig, label: str, dtype: torch.dtype) -> di
     out = {}
     for key, ref in expected.items():
         if key not in net.tensors:
-            raise ConversionError(f"tensor {key!r} is missing from the file ({label} needs it)")
+            raise ConversionError(f"tensor {_named(net, key)} is missing from the file ({label} needs it)")
         t = net.tensors[key]
         if tuple(t.shape) != tuple(ref.shape):
             raise ConversionError(f"tensor {_named(net, key)} has shape {tuple(t.shape)}, "
@@ -368,8 +368,19 @@ def _all_finite(t: torch.Tensor) -> bool:
 
 
 def _named(net: Network, key: str) -> str:
-    source = net.sources[key]
+    """``key`` as the file names it, and OpenAI's name where they differ."""
+    source = net.sources.get(key) or _name_in_file(net, key)
     return repr(source) if source == key else f"{source!r} (= {key!r})"
+
+
+def _name_in_file(net: Network, key: str) -> str:
+    """What the file would call a tensor it lacks: its renaming and prefix, read off a tensor it has."""
+    renamed = net.layout == "mmagic" and any(openai_to_mmagic(k) != k and s.endswith(openai_to_mmagic(k))
+                                             for k, s in net.sources.items())
+    rename = openai_to_mmagic if renamed else str
+    have, source = next(iter(net.sources.items()), (key, key))
+    prefix = source[:len(source) - len(rename(have))] if source.endswith(rename(have)) else ""
+    return prefix + rename(key)
 
 
 def output_paths(src: Path, dst: str | Path | None, roles: Sequence[str]) -> dict[str, Path]:

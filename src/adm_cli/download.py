@@ -3,11 +3,13 @@
 ``download(urls, dest, ...)`` streams into a private ``<dest>.<token>.incomplete`` beside
 ``dest``, resumes with a Range request after a broken transfer (restarting from zero when the
 server answers 200 instead of 206), retries timeouts, connection errors and 5xx with exponential
-backoff, fails at once on 404 (or a missing file:// file), checks the size and then the sha256
-(or its known prefix), and publishes with ``os.replace``. An interrupted download leaves
-``<dest>.incomplete`` for the next run to resume. Callers hold ``file_lock`` to avoid duplicate
-work; correctness never depends on it: a partial file is only adopted after an atomic rename, and
-only a finished, verified file is ever renamed onto ``dest``.
+backoff, fails at once on 404 (or a missing file:// file) and on a local write error (a full
+disk is no network trouble), checks the size and then the sha256 (or its known prefix), and
+publishes with ``os.replace``. An interrupted download leaves ``<dest>.incomplete`` for the next
+run to resume. Callers hold ``file_lock`` to avoid duplicate work; correctness never depends on
+it: a partial file is only adopted after an atomic rename, only a regular file (never through a
+symlink planted in a shared cache), and only a finished, verified file is ever renamed onto
+``dest``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import http.client
 import os
 import re
 import socket
+import stat
 import time
 import urllib.error
 import urllib.request
@@ -26,7 +29,7 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-from .errors import ChecksumError, DownloadError, OfflineError
+from .errors import ChecksumError, DownloadError, OfflineError, OutputError
 
 CHUNK = 1 << 20
 TIMEOUT = 30.0  # seconds without a byte before a socket read gives up (then we retry)
@@ -38,6 +41,9 @@ _NO_NETWORK = {errno.ENETUNREACH, errno.EHOSTUNREACH, getattr(errno, "ENONET", -
 _CANNOT_CREATE = {errno.EROFS, errno.EACCES, errno.EPERM}
 # urllib's reasons that no retry can change: a file:// URL to a missing file, a folder, no access
 _PERMANENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+# Partial files are opened without following a final symlink: in a shared cache another user
+# could otherwise point <dest>.incomplete at a file of ours and have the download overwrite it.
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
 
 
 class _Retry(Exception):
@@ -58,25 +64,26 @@ def sha256_matches(digest: str, expected: str | None) -> bool:
 
 
 @contextlib.contextmanager
-def file_lock(path: Path, on_wait=None) -> Iterator[None]:
-    """An exclusive advisory lock on ``path`` (created, never deleted: deleting lock files races).
-    Where the filesystem cannot lock, go on without: downloads stay correct, only duplicated.
-    So too where the lock file cannot be created (a read-only or another user's cache): a
-    complete cache is then only read, and a write that is still needed fails with its own error."""
+def file_lock(path: Path, on_wait=None) -> Iterator[bool]:
+    """An exclusive advisory lock on ``path`` (created, never deleted: deleting lock files races);
+    yields whether it is held. Where the filesystem cannot lock, go on without: downloads stay
+    correct, only duplicated. So too where the lock file cannot be created (a read-only or
+    another user's cache): a complete cache is then only read, and a write that is still needed
+    fails with its own error."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o644)
     except OSError as exc:
         if exc.errno not in _CANNOT_CREATE:
             raise
         fd = None
     if fd is None:
-        yield
+        yield False
         return
     try:
         locked = _lock(fd, on_wait)
         try:
-            yield
+            yield locked
         finally:
             if locked:
                 _unlock(fd)
@@ -120,24 +127,49 @@ def _unlock(fd: int) -> None:
         msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
 
 
-def _claim_partial(dest: Path) -> Path:
+def _private_partials(dest: Path) -> list[Path]:
+    """Other processes' partial files of ``dest`` (``<dest>.<token>.incomplete``)."""
+    return list(dest.parent.glob(f"{dest.name}.*.incomplete"))
+
+
+def _regular(path: Path) -> bool:
+    with contextlib.suppress(OSError):
+        return stat.S_ISREG(path.lstat().st_mode)
+    return False
+
+
+def _claim_partial(dest: Path, exclusive: bool = False) -> Path:
     """A private partial file for this process, adopting (by atomic rename) what an interrupted
-    run left: ``<dest>.incomplete``, or a private one nobody has touched for STALE_SECONDS."""
+    run left: ``<dest>.incomplete``, or a private one nobody has touched for STALE_SECONDS (any
+    private one when ``exclusive``: under the entry's lock, its writer is gone: killed, say, by
+    SIGKILL). The largest goes first; a symlink is never adopted."""
     mine = dest.with_name(f"{dest.name}.{uuid.uuid4().hex[:12]}.incomplete")
-    candidates = [dest.with_name(dest.name + ".incomplete")]
+    shared = dest.with_name(dest.name + ".incomplete")
     now = time.time()
-    for p in dest.parent.glob(f"{dest.name}.*.incomplete"):
+    candidates = []
+    for p in [shared, *_private_partials(dest)]:
         with contextlib.suppress(OSError):
-            if now - p.stat().st_mtime > STALE_SECONDS:
-                candidates.append(p)
-    for p in candidates:
+            st = p.lstat()
+            if stat.S_ISREG(st.st_mode) and (p == shared or exclusive or now - st.st_mtime > STALE_SECONDS):
+                candidates.append((st.st_size, p))
+    for _, p in sorted(candidates, key=lambda c: -c[0]):
         try:
             os.replace(p, mine)
-            return mine
         except OSError:
             continue  # gone already, or another process took it first
-    mine.touch()
+        if _regular(mine):  # swapped for a link between our look and the rename: not ours
+            return mine
+        mine.unlink(missing_ok=True)
+    os.close(os.open(mine, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644))
     return mine
+
+
+def _drop_leftovers(dest: Path) -> None:
+    """Under the entry's lock, once ``dest`` is complete: other runs' partial files of it are
+    waste (gigabytes, for a killed download of a real checkpoint)."""
+    for p in [dest.with_name(dest.name + ".incomplete"), *_private_partials(dest)]:
+        if _regular(p):
+            p.unlink(missing_ok=True)
 
 
 def _release_partial(part: Path, dest: Path) -> None:
@@ -149,14 +181,20 @@ def _release_partial(part: Path, dest: Path) -> None:
             part.unlink()
 
 
+def _open_part(part: Path, flags: int):
+    """An unbuffered file object of a partial file (never through a symlink)."""
+    return open(os.open(part, flags | _NOFOLLOW, 0o644), "rb" if flags == os.O_RDONLY else "ab", buffering=0)
+
+
 class _Transfer:
-    """The state of one download into a partial file: bytes so far and their running sha256."""
+    """The state of one download into a partial file: bytes so far and their running sha256.
+    ``size`` and ``hash`` always describe the file's own bytes: a failed write is cut back off."""
 
     def __init__(self, part: Path, progress):
         self.part, self.progress = part, progress
         self.hash = hashlib.sha256()
         self.size = 0
-        with open(part, "rb") as f:  # resuming: the hash must cover what is already there
+        with _open_part(part, os.O_RDONLY) as f:  # resuming: the hash must cover what is already there
             while block := f.read(CHUNK):
                 self.hash.update(block)
                 self.size += len(block)
@@ -164,7 +202,8 @@ class _Transfer:
 
     def restart(self) -> None:
         self.hash, self.size = hashlib.sha256(), 0
-        self.part.write_bytes(b"")
+        with _open_part(self.part, os.O_WRONLY | os.O_TRUNC):
+            pass
 
     def fetch(self, url: str) -> None:
         """One HTTP attempt, from ``self.size`` on. Raises _Retry on transient failures."""
@@ -223,39 +262,68 @@ class _Transfer:
         else:  # 200 (no Range support, or a fresh start; file:// has no status): from zero
             if self.size:
                 self.restart()
-            self.total = int(length) if length is not None else None
+            self.total = _content_length(length)
         self.progress.start(self.size, self.total)
 
     def _stream(self, url: str, resp) -> None:
-        got = 0
-        try:
-            with open(self.part, "ab") as f:
-                while block := resp.read(CHUNK):
-                    f.write(block)
-                    self.hash.update(block)
-                    self.size += len(block)
-                    got += len(block)
-                    self.progress.advance(len(block))
-        except http.client.IncompleteRead as exc:  # newer Pythons raise where older return short
-            raise _Retry(f"{url}: connection broke after {self.size} bytes") from exc
-        except (TimeoutError, ConnectionError, OSError) as exc:
-            raise _Retry(f"{url}: {exc or type(exc).__name__} after {self.size} bytes") from None
+        with _open_part(self.part, os.O_WRONLY | os.O_APPEND) as f:
+            while True:
+                try:
+                    block = resp.read(CHUNK)
+                except http.client.IncompleteRead as exc:  # newer Pythons raise where older return short
+                    raise _Retry(f"{url}: connection broke after {self.size} bytes") from exc
+                except (TimeoutError, ConnectionError, http.client.HTTPException, OSError) as exc:
+                    raise _Retry(f"{url}: {exc or type(exc).__name__} after {self.size} bytes") from None
+                if not block:
+                    break
+                self._write(f, block)
         if self.total is not None and self.size < self.total:
             raise _Retry(f"{url}: connection closed after {self.size} of {self.total} bytes")
 
+    def _write(self, f, block: bytes) -> None:
+        """Append ``block`` whole, or cut the file back to ``size`` and fail at once: a full disk
+        or a lost mount is no network trouble that a retry would mend, and bytes half-written
+        must not stay behind what a resumed request appends."""
+        try:
+            view = memoryview(block)
+            while view:
+                view = view[f.write(view):]
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(f.fileno(), self.size)
+            raise OutputError(f"cannot write to {self.part.parent}: {exc.strerror or exc} (the {self.size:,} "
+                              "bytes downloaded are kept for the next run to resume from)") from None
+        self.hash.update(block)
+        self.size += len(block)
+        self.progress.advance(len(block))
+
+
+def _content_length(value: str | None) -> int | None:
+    """The body's length from a Content-Length header, None where it is absent or unusable (the
+    stream then runs to its end). A list of one repeated value counts (RFC 9110, 8.6)."""
+    if value is None:
+        return None
+    values = {v.strip() for v in value.split(",")}
+    if len(values) != 1:
+        return None
+    (v,) = values
+    return int(v) if v.isdigit() else None
+
 
 def download(urls: list[str], dest: Path, *, sha256: str | None = None, size: int | None = None,
-             progress=None) -> str:
+             progress=None, exclusive: bool = False) -> str:
     """Fetch the first URL that answers into ``dest`` (atomically); returns the full sha256.
 
     ``sha256`` may be a full digest or a prefix. On a size or checksum mismatch the download is
-    deleted and ChecksumError says what was expected and what arrived.
+    deleted and ChecksumError says what was expected and what arrived. ``exclusive``: the caller
+    holds the entry's lock, so any other partial file of ``dest`` is a dead run's (resumed from,
+    and removed once ``dest`` is complete).
     """
     progress = progress or NullProgress()
     dest.parent.mkdir(parents=True, exist_ok=True)
     errors = []
     for url in urls:
-        part = _claim_partial(dest)
+        part = _claim_partial(dest, exclusive)
         try:
             transfer = _Transfer(part, progress)
             _with_retries(transfer, url)
@@ -272,6 +340,8 @@ def download(urls: list[str], dest: Path, *, sha256: str | None = None, size: in
             progress.stop()
         digest = _verify(transfer, part, dest.name, sha256, size)
         os.replace(part, dest)
+        if exclusive:
+            _drop_leftovers(dest)
         return digest
     raise DownloadError("; ".join(errors) if errors else f"no URL to fetch {dest.name} from")
 
@@ -293,6 +363,9 @@ def _with_retries(transfer: _Transfer, url: str) -> None:
 
 def _verify(transfer: _Transfer, part: Path, name: str, sha256: str | None, size: int | None) -> str:
     want = size if size is not None else transfer.total
+    if part.stat().st_size != transfer.size:  # the hash covers what we meant to write, not what is there
+        part.unlink(missing_ok=True)
+        raise ChecksumError(f"{name}: the partial file changed while it was written (download deleted)")
     if want is not None and transfer.size != want:
         part.unlink(missing_ok=True)
         raise ChecksumError(f"{name}: expected {want:,} bytes, got {transfer.size:,} (download deleted)")

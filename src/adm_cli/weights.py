@@ -18,7 +18,7 @@ import torch
 
 from .config import AnyConfig, config_from_dict
 from .download import sha256_file
-from .errors import ConfigError, WeightsError
+from .errors import ConfigError, OutputError, WeightsError
 from .models import build_model
 
 FORMAT_VERSION = "1"
@@ -66,7 +66,10 @@ def save_weights(path: str | Path, state_dict: Mapping[str, torch.Tensor], confi
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = atomic_target(path)
     try:
-        save_file(tensors, str(tmp), metadata=meta)
+        try:
+            save_file(tensors, str(tmp), metadata=meta)
+        except Exception as exc:  # noqa: BLE001 - safetensors wraps a full disk in its own error type
+            raise OutputError(f"cannot write {path}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a shared cache wants the usual mode
@@ -93,7 +96,10 @@ def read_config(path: str | Path) -> AnyConfig:
     if "adm_config" not in meta:
         raise WeightsError(f"{path} has no adm_config metadata: convert it with `adm convert-weights`")
     try:
-        return config_from_dict(json.loads(meta["adm_config"]))
+        data = json.loads(meta["adm_config"])
+        if not isinstance(data, dict):
+            raise ValueError(f"a JSON {type(data).__name__}, not an object")
+        return config_from_dict(data)
     except (ValueError, ConfigError) as exc:
         raise WeightsError(f"{path}: bad adm_config metadata ({exc})") from None
 
