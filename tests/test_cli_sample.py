@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from adm_cli import runner as run_api
 from adm_cli.cli import _register, app
-from adm_cli.errors import OutputError
+from adm_cli.errors import OutputError, SamplingError
 from adm_cli.outputs import hold_run_dir, open_run_dir
 from adm_cli.config import ClassifierConfig, UNetConfig
 from adm_cli.models import build_model
@@ -703,3 +703,84 @@ def test_convert_refuses_an_output_name_the_readers_would_misread(tmp_path, file
 def test_version():
     res = runner.invoke(app, ["--version"])
     assert res.exit_code == 0 and res.output.strip().startswith("adm-cli ")
+
+
+# -- refused before any download (session 17's audit) -------------------------------------------
+
+
+@pytest.fixture
+def dead_registry(tmp_path, monkeypatch):
+    """Registry entries whose URLs nothing answers: a check that comes after the fetch fails
+    with a download error instead of its own line."""
+    from publishers import inline_roles
+
+    dead = "http://127.0.0.1:9/"
+    (tmp_path / "registry.toml").write_text(
+        f'["plain"]\npublisher = "openai"\nurls = ["{dead}plain.pt"]\n{inline_roles(unet="lsun")}\n'
+        'noise_schedule = "linear"\nresolution = 32\nclass_cond = false\n\n'
+        f'["up"]\npublisher = "openai"\nurls = ["{dead}up.pt"]\n{inline_roles(unet="64_256_upsampler")}\n'
+        'noise_schedule = "linear"\nresolution = 256\nupsampler_base = 64\nclass_cond = true\n')
+    monkeypatch.setenv("ADM_REGISTRY", str(tmp_path / "registry.toml"))
+    monkeypatch.setenv("ADM_HOME", str(tmp_path / "home"))
+    return tmp_path
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "plain", "--guidance", "1"], "--guidance 1 needs a classifier and plain has none in the registry"),
+    (["--model", "up"], "up is an upsampler (64x64 images to 256x256): `adm sample --res 256 --upsample`"),
+])
+def test_refused_before_any_download(dead_registry, args, message):
+    out = dead_registry / "out"
+    res = runner.invoke(app, ["sample", *args, "-n", "1", "--out", str(out), "--quiet"])
+    assert res.exit_code == 2 and message in _one_error_line(res), res.output
+    assert not out.exists() and not (dead_registry / "home").exists()
+
+
+def test_an_upsampler_file_alone_is_refused(tmp_path, monkeypatch):
+    from publishers import small
+
+    monkeypatch.setenv("ADM_HOME", str(tmp_path / "home"))
+
+    model = randomize(build_model(small("64_256_upsampler")), seed=1, std=0.02)
+    torch.save(model.state_dict(), tmp_path / "up.pt")
+    (tmp_path / "up.json").write_text(json.dumps(_flags(small("64_256_upsampler"))))
+    res = runner.invoke(app, ["sample", "--weights", str(tmp_path / "up.pt"), "--config", str(tmp_path / "up.json"),
+                              "--out", str(tmp_path / "out"), "-n", "1", "--quiet"])
+    last = res.output.strip().splitlines()[-1]  # after the conversion's "wrote ..." line
+    assert res.exit_code == 2 and last.startswith("error: --weights") and "is an upsampler" in last, res.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_more_classes_than_samples_is_refused(tmp_path, files):
+    res, out = _sample(tmp_path, files, "--class", "1,2,3", "-n", "2")
+    assert "--class lists 3 classes but -n is 2" in _one_error_line(res) and not out.exists()
+
+
+def test_a_read_only_out_folder_is_refused_before_the_plan(tmp_path, files, monkeypatch):
+    import os as os_mod
+
+    out = tmp_path / "ro"
+    out.mkdir()
+    real = os_mod.access
+    monkeypatch.setattr(os_mod, "access", lambda p, mode, **k: False if str(p) == str(out) else real(p, mode, **k))
+    res, _ = _loud(tmp_path, files, "--steps", "2", "-n", "1", name="ro")
+    assert f"--out {out} is not writable" in _one_error_line(res)
+
+
+def test_a_run_that_fails_before_any_sample_leaves_nothing(tmp_path, files, monkeypatch):
+    """A NaN, out of memory or an early Ctrl-C left run-plan.json, and the same command was then
+    told the folder already holds a run."""
+    from adm_cli import api
+
+    def broken(*args, **kwargs):
+        raise SamplingError("sampling produced NaN")
+
+    monkeypatch.setattr(api, "generate", broken)
+    res, out = _sample(tmp_path, files, "--steps", "2", "-n", "1")
+    assert res.exit_code == 1 and "NaN" in res.output and not out.exists()
+    out.mkdir()  # a folder given that existed: kept, emptied of what the run wrote
+    res, _ = _sample(tmp_path, files, "--steps", "2", "-n", "1")
+    assert res.exit_code == 1 and sorted(out.iterdir()) == []
+    monkeypatch.undo()
+    res, _ = _sample(tmp_path, files, "--steps", "2", "-n", "1")
+    assert res.exit_code == 0, res.output

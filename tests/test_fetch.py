@@ -536,3 +536,21 @@ def test_fetch_of_a_converted_entry_needs_neither_network_nor_the_raw_file(env, 
     result = runner.invoke(app, ["fetch", "tiny", "--offline", "--no-convert"])  # the raw file itself
     assert result.exit_code == 1 and "not in the cache" in result.output
     assert len(server.requests) == 1
+
+
+def test_fetch_of_several_goes_on_past_a_failure(env, server, files):
+    _registry(env / "registry.toml", server.base + "missing/", files)  # tiny: 404
+    text = (env / "registry.toml").read_text().replace(f"{server.base}missing/{list(files)[1]}",
+                                                       f"{server.base}{list(files)[1]}")
+    (env / "registry.toml").write_text(text)  # tiny-g: served
+    result = CliRunner().invoke(app, ["fetch", "tiny", "tiny-g", "--quiet"])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and lines[0].startswith("error: tiny: HTTP 404"), result.output
+    assert lines[-1] == "error: 1 of 2 models failed (above)"
+    assert cache_status(_entry("tiny-g")) == cache.CacheStatus(True, True)
+
+
+@pytest.mark.parametrize("mirror", ["http://[bad", "http://localhost:99999/"])
+def test_a_malformed_mirror_is_one_line(env, mirror):
+    result = CliRunner().invoke(app, ["fetch", "tiny", "--mirror", mirror])
+    assert result.exit_code == 2 and result.output.count("\n") == 1 and "is not a usable URL" in result.output

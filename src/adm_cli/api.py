@@ -24,7 +24,7 @@ import torch
 from . import fast
 from .config import ClassifierConfig, UNetConfig, guidance_mismatch
 from .denoiser import Denoiser
-from .errors import SamplingError, UsageError
+from .errors import RespacingError, SamplingError, UsageError
 from .fast import prepare  # noqa: F401 - part of the public API
 from .graphs import graphed_unet
 from .guidance import classifier_guidance
@@ -79,7 +79,15 @@ class SamplerSettings:
         else:
             steps = self.steps or DEFAULT_STEPS[self.sampler]
             spec = f"ddim{steps}" if self.sampler == "ddim" else str(steps)
-        space_timesteps(diffusion_steps, spec)  # validates (RespacingError names the problem)
+        try:
+            space_timesteps(diffusion_steps, spec)  # validates (RespacingError names the problem)
+        except RespacingError as exc:
+            if self.respacing is not None or "no integer stride" not in str(exc):
+                raise
+            # the user typed --steps N, not "ddimN": say what DDIM's spacing is and the way out
+            raise RespacingError(f"--steps {steps}: DDIM takes every k-th of the {diffusion_steps} steps and no "
+                                 f"integer k gives exactly {steps}; --respacing {steps} spreads {steps} steps "
+                                 "evenly instead") from None
         return spec
 
     def to_dict(self) -> dict:

@@ -88,7 +88,12 @@ def urls_for(entry: Entry, mirror: str | None = None) -> list[str]:
 
 def _mirror_base(mirror: str) -> str:
     """A mirror URL without its trailing slash; an existing local folder becomes a file:// URL."""
-    if urllib.parse.urlsplit(mirror).scheme.lower() in ("http", "https", "file"):
+    try:
+        parts = urllib.parse.urlsplit(mirror)
+        parts.port  # noqa: B018 - parsed on access: a port that is no number raises here
+    except ValueError as exc:  # "http://[bad", "http://host:x/"
+        raise UsageError(f"--mirror {mirror!r} is not a usable URL ({exc})") from None
+    if parts.scheme.lower() in ("http", "https", "file"):
         return mirror.rstrip("/")
     folder = Path(mirror).expanduser()  # also C:\mirror, whose "scheme" urllib reads as "c"
     if folder.is_dir():

@@ -43,7 +43,7 @@ def _print_plan(console: Console, plan: RunPlan) -> None:
 def sample(
     res: Optional[int] = typer.Option(None, "--res", help="Image resolution: picks the paper's default model stack (64, 128, 256, 512)."),
     model: Optional[str] = typer.Option(None, "--model", help="Registry model name (see `adm models`). Default: the --res default."),
-    classes: Optional[str] = typer.Option(None, "--class", help="Class index (0-999), ImageNet name or unambiguous part of one, or a comma list. Default: random classes (recorded)."),
+    classes: Optional[str] = typer.Option(None, "--class", help="Class index (0-999), ImageNet name or unambiguous part of one, or a comma list (sample k takes the k-th, cycling). Default: random classes (recorded)."),
     num_samples: int = typer.Option(8, "--num-samples", "-n", help="Number of images."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed S: image k uses generator seed S + k. Default: random, printed and recorded."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="ddpm, ddim or dpm++2m (DPM-Solver++(2M): a deterministic second-order solver, good in 15-25 steps). Default: the model's paper sampler (ddpm)."),
@@ -56,7 +56,7 @@ def sample(
     classifier_weights: Optional[Path] = typer.Option(None, "--classifier-weights", help="Classifier file to use with --weights."),
     config: Optional[Path] = typer.Option(None, "--config", help="JSON/TOML with OpenAI flag names, for a custom --weights checkpoint."),
     upsample: bool = typer.Option(False, "--upsample", help="Two stages: ADM-G at 64 (128) then the 64->256 (128->512) upsampler, same classes. Off by default."),
-    batch_size: str = typer.Option("auto", "--batch-size", help="Images per batch, or 'auto' (largest that fits free device memory)."),
+    batch_size: str = typer.Option("auto", "--batch-size", help="Images per batch, or 'auto' (CUDA: the largest that fits free device memory; CPU/MPS: 4, or ADM_CPU_BATCH)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (float16 on CUDA, float32 elsewhere), float32, float16, bfloat16."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the networks instead of running the fused GPU kernels. On an H200 it pays only for the 64x64 guided step at batch 64 (60.8 vs 136.4 ms eager, after a 90 s warm-up); at 256 and 512 eager is faster. Off by default."),

@@ -12,6 +12,7 @@ from rich.table import Table
 from .cache import cache_root, cache_status, check_fetched, convert_entry, converted_path, fetch_entry
 from .cli import app, fail, handle_errors
 from .convert import DTYPES, convert_checkpoint
+from .errors import AdmError
 from .registry import Entry, load_registry
 
 
@@ -89,22 +90,41 @@ def fetch(
     none is published, the one recorded at the first download).
     """
     console = Console(stderr=True, quiet=quiet, soft_wrap=True)
-    for entry in _selection(names or [], res, all_):
-        if entry.bundled:
-            console.print(f"{entry.name}: bundled with adm-cli, nothing to fetch")
-            continue
-        if not no_convert and cache_status(entry).converted:  # ready: adm sample reads only these
-            console.print(f"{entry.name}: converted already")
-            for role in entry.roles:
-                console.print(f"  {role}: {converted_path(entry, role)}")
-            continue
-        raw, digest = fetch_entry(entry, offline=offline, mirror=mirror, quiet=quiet)
-        if no_convert:
-            check_fetched(entry, raw, digest)  # still read once: an unusable download is removed
+    selection = _selection(names or [], res, all_)
+    failed: list[AdmError] = []
+    for entry in selection:
+        try:
+            _fetch_one(entry, console, offline=offline, mirror=mirror, no_convert=no_convert, quiet=quiet)
+        except AdmError as exc:
+            if len(selection) == 1:
+                raise
+            # One dead URL must not cost the others of the selection (--all is ~41 GB): go on,
+            # one line per failure, and a failing exit code at the end.
+            typer.echo(f"error: {entry.name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", err=True)
+            failed.append(exc)
+    if failed:
+        fail(f"{len(failed)} of {len(selection)} models failed (above)", max(e.exit_code for e in failed))
+
+
+def _fetch_one(entry: Entry, console: Console, *, offline: bool, mirror: str | None, no_convert: bool,
+               quiet: bool) -> None:
+    if entry.bundled:
+        console.print(f"{entry.name}: bundled with adm-cli, nothing to fetch")
+        return
+    if not no_convert and cache_status(entry).converted:  # ready: adm sample reads only these
+        console.print(f"{entry.name}: converted already")
+        for role in entry.roles:
+            console.print(f"  {role}: {converted_path(entry, role)}")
+        return
+    raw, digest = fetch_entry(entry, offline=offline, mirror=mirror, quiet=quiet)
+    if no_convert:
+        check_fetched(entry, raw, digest)  # still read once: an unusable download is removed
         console.print(f"{entry.name}: {raw} (sha256 {digest[:16]}...)")
-        if not no_convert:
-            for role, path in convert_entry(entry, raw, digest, quiet=True).items():
-                console.print(f"  {role}: {path}")
+        return
+    converted = convert_entry(entry, raw, digest, quiet=True)  # first: it may find the file unusable
+    console.print(f"{entry.name}: {raw} (sha256 {digest[:16]}...)")
+    for role, path in converted.items():
+        console.print(f"  {role}: {path}")
 
 
 _SRC_HELP = ("An OpenAI .pt or mmagic .pth checkpoint, a safetensors file with OpenAI names, or one adm "

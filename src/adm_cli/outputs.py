@@ -127,6 +127,8 @@ def check_out_dir(path: Path, *, resume: bool = False, held: bool = False) -> No
         if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
             raise OutputError(f"cannot create --out {path}: {parent} is not writable")
         return
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise OutputError(f"--out {path} is not writable")
     if not held:
         with hold_run_dir(path):  # a probe: taken and let go
             pass
@@ -350,6 +352,20 @@ def hold_run_dir(path: Path) -> Iterator[None]:
     finally:
         if fd is not None:
             os.close(fd)  # releases the lock
+
+
+def discard_unstarted_run(path: Path, *, created: bool) -> None:
+    """After a new run failed: if it wrote no sample, take back what it made (its recorded plan,
+    empty stage folders, the folder itself if the run created it). Call holding the folder."""
+    with contextlib.suppress(OSError):
+        if not path.is_dir() or _sample_file(path) is not None:
+            return
+        (path / PLAN_NAME).unlink(missing_ok=True)
+        for p in path.iterdir():
+            if p.is_dir() and not any(p.iterdir()):
+                p.rmdir()
+        if created and not any(path.iterdir()):
+            path.rmdir()
 
 
 def open_run_dir(path: Path, plan: Mapping[str, Any], *, resume: bool = False,

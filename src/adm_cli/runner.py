@@ -24,8 +24,8 @@ from . import __version__, api
 from .config import UNetConfig, guidance_mismatch
 from .convert import ARCH_HINT
 from .errors import ConversionError, DeviceMemoryError, OutputError, UsageError
-from .outputs import (SampleWriter, batch_record, check_out_dir, default_out_dir, open_run_dir, portable_stage,
-                      read_run_plan, record_batch)
+from .outputs import (SampleWriter, batch_record, check_out_dir, default_out_dir, discard_unstarted_run,
+                      open_run_dir, portable_stage, read_run_plan, record_batch)
 from .samplers import DEFAULT_STEPS
 from .schedule import space_timesteps
 from .weights import file_sha256
@@ -166,6 +166,13 @@ def _registry_stage(name: str, req: SampleRequest, *, stage: str, guidance: floa
     if (cfg := entry.config_for("unet")) is not None:
         settings.respacing_for(cfg.diffusion_steps)
     if stage == "base":
+        if entry.upsampler_base:
+            raise UsageError(f"{name} is an upsampler ({entry.upsampler_base}x{entry.upsampler_base} images to "
+                             f"{entry.resolution}x{entry.resolution}): `adm sample --res {entry.resolution} --upsample` "
+                             "samples a base model and upsamples its images")
+        if scale > 0 and not clf:
+            raise UsageError(f"--guidance {scale:g} needs a classifier and {name} has none in the registry: pass "
+                             "--classifier NAME (see `adm models`) or --guidance 0")
         _check_classes(req, entry, clf if scale > 0 else None)
     if clf and (scale > 0 or classifier is not None):  # one that cannot guide this model (or a name
         # typed but unused at guidance 0, which the plan shows): refused before a download
@@ -192,14 +199,18 @@ def _entry_config(entry, role: str):
 
 
 def _chosen_classes(spec: str | None, name: str, class_cond: bool, num_classes: int | None,
-                    guided: bool) -> list[int] | None:
+                    guided: bool, num_samples: int) -> list[int] | None:
     """--class resolved for one model (None: not given); refused for an unconditional model
-    that no classifier guides."""
+    that no classifier guides, and where -n is too few to use every class listed (sample k
+    takes the list's class k mod its length)."""
     from .imagenet import resolve_classes
 
     chosen = resolve_classes(spec, num_classes or 1000) if spec else None
     if chosen is not None and not class_cond and not guided:
         raise UsageError(f"{name} is unconditional: --class needs a classifier and --guidance > 0")
+    if chosen is not None and len(chosen) > num_samples:
+        raise UsageError(f"--class lists {len(chosen)} classes but -n is {num_samples}: sample k takes the k-th "
+                         f"class (cycling), so give -n {len(chosen)} or more")
     return chosen
 
 
@@ -210,7 +221,7 @@ def _check_classes(req: SampleRequest, entry, classifier: str | None) -> None:
 
     clf_classes = load_registry().get(classifier).num_classes if classifier is not None else None
     _chosen_classes(req.classes, entry.name, bool(entry.class_cond),
-                    entry.num_classes if entry.class_cond else clf_classes, classifier is not None)
+                    entry.num_classes if entry.class_cond else clf_classes, classifier is not None, req.num_samples)
 
 
 def _converted(path: Path, role: str, flag: str, config: str | None = None) -> Path:
@@ -237,6 +248,10 @@ def _file_stage(req: SampleRequest) -> Stage:
                          "with --weights pass the file with --classifier-weights")
     unet_path = _converted(req.weights, "unet", "--weights", config=str(req.config) if req.config else None)
     cfg = read_config(unet_path)
+    if isinstance(cfg, UNetConfig) and cfg.is_super_res:
+        raise UsageError(f"--weights {req.weights} is an upsampler: it needs low-resolution images to start from, "
+                         "which adm sample makes only with a registry model (--res 256 or 512 --upsample); "
+                         "from Python, api.generate(..., low_res=...)")
     if req.res is not None and cfg.image_size != req.res:
         raise UsageError(f"--weights {req.weights} makes {cfg.image_size}x{cfg.image_size} images, not --res {req.res}")
     clf_path = None
@@ -362,7 +377,7 @@ def _labels(req: SampleRequest, stage: Stage, seed: int) -> list[int] | None:
     clf_cfg = read_config(stage.classifier_path) if stage.classifier_path else None
     guided = stage.settings.guidance > 0 and clf_cfg is not None
     num_classes = cfg.num_classes if cfg.class_cond else (clf_cfg.num_classes if clf_cfg else 0)
-    chosen = _chosen_classes(req.classes, stage.unet, cfg.class_cond, num_classes, guided)
+    chosen = _chosen_classes(req.classes, stage.unet, cfg.class_cond, num_classes, guided, req.num_samples)
     if chosen is None:
         if not (cfg.class_cond or guided):
             return None
@@ -479,18 +494,29 @@ def execute(plan: RunPlan, *, indices: list[int] | None = None,
     from .distributed import Solo
 
     team = team or Solo()
+    opened: list[bool] = []  # [created the folder] once this run has recorded its plan there
     with contextlib.ExitStack() as held:  # rank 0 holds the output folder until the run ends
-        return _execute(plan, indices, progress, on_stage, team, held)
+        try:
+            return _execute(plan, indices, progress, on_stage, team, held, opened)
+        except BaseException:
+            if opened and team.is_root and not plan.resume:
+                # Failed before any sample (a NaN, out of memory, Ctrl-C early): the same
+                # command must be able to run again as it is, not be told the folder holds a run.
+                discard_unstarted_run(plan.out_dir, created=opened[0])
+            raise
 
 
-def _execute(plan: RunPlan, indices, progress, on_stage, team, held: contextlib.ExitStack) -> RunResult:
+def _execute(plan: RunPlan, indices, progress, on_stage, team, held: contextlib.ExitStack,
+             opened: list[bool]) -> RunResult:
     from . import fast
 
     start = time.perf_counter()
     out = plan.out_dir
     info = plan.describe()
+    existed = out.exists()
     recorded = team.from_root(lambda: open_run_dir(out, info, resume=plan.resume, held=held),
                               "preparing the output folder")
+    opened.append(not existed)
     known = _recorded_batches(recorded)
     # What every PNG records: the settings and the weights by name and content, not where this
     # machine keeps them (so a run resumed elsewhere, or with the same file by another path,
