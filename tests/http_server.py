@@ -132,13 +132,16 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _send(self, body: bytes, record: Request) -> None:
-        for i in range(0, len(body), 1 << 16):
-            chunk = body[i:i + (1 << 16)]
-            record.sent += len(chunk)  # counted before the write, for the same reason
-            self.wfile.write(chunk)
-            if self.state.chunk_delay:
-                time.sleep(self.state.chunk_delay)
-        self.wfile.flush()
+        try:
+            for i in range(0, len(body), 1 << 16):
+                chunk = body[i:i + (1 << 16)]
+                record.sent += len(chunk)  # counted before the write, for the same reason
+                self.wfile.write(chunk)
+                if self.state.chunk_delay:
+                    time.sleep(self.state.chunk_delay)
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):  # the client stopped reading (tests do):
+            self.close_connection = True                  # no traceback on the test's stderr
 
     def _status(self, name: str, rng: str | None, code: int, headers: dict | None = None) -> None:
         self.state._record(Request(name, rng, code, 0))

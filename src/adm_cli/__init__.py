@@ -5,14 +5,31 @@ The Python API lives in :mod:`adm_cli.api`; the building blocks are importable o
 (diffusion), ``weights`` (the canonical safetensors files).
 """
 
-from .api import SamplerSettings, Samples, generate, load_model, sample_batch, to_uint8
-from .config import PRESETS, ClassifierConfig, UNetConfig, get_preset
-from .errors import AdmError
-from .models import Classifier, UNet, build_model
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AdmError", "Classifier", "ClassifierConfig", "PRESETS", "SamplerSettings", "Samples", "UNet",
-    "UNetConfig", "build_model", "generate", "get_preset", "load_model", "sample_batch", "to_uint8",
-]
+# The names below are imported on first use (PEP 562): importing torch takes seconds, and the
+# command line sets up its Ctrl-C and SIGTERM handling before it does.
+_LAZY = {
+    "SamplerSettings": "api", "Samples": "api", "generate": "api", "load_model": "api", "sample_batch": "api",
+    "to_uint8": "api", "PRESETS": "config", "ClassifierConfig": "config", "UNetConfig": "config",
+    "get_preset": "config", "AdmError": "errors", "Classifier": "models", "UNet": "models", "build_model": "models",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

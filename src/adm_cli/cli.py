@@ -109,8 +109,13 @@ def _register() -> None:
 
 
 def main() -> None:
-    _register()
     _catch_stop_signals()
+    try:
+        _register()  # imports torch: seconds, where a Ctrl-C would otherwise print a traceback
+    except KeyboardInterrupt as exc:
+        stopped = isinstance(exc, Stopped)
+        typer.echo(f"error: {f'stopped by {signal.Signals(exc.signum).name}' if stopped else 'interrupted'}", err=True)
+        sys.exit(128 + exc.signum if stopped else 130)
     command = typer.main.get_command(app)
     try:
         # standalone_mode=False: click's own usage errors come here instead of printing a

@@ -55,7 +55,7 @@ def sample(
     weights: Optional[Path] = typer.Option(None, "--weights", help="A converted .safetensors (or raw .pt/.pth, converted into the cache) instead of a registry model."),
     classifier_weights: Optional[Path] = typer.Option(None, "--classifier-weights", help="Classifier file to use with --weights."),
     config: Optional[Path] = typer.Option(None, "--config", help="JSON/TOML with OpenAI flag names, for a custom --weights checkpoint."),
-    upsample: bool = typer.Option(False, "--upsample", help="Two stages: ADM-G at 64 (128) then the 64->256 (128->512) upsampler, same classes. Off by default."),
+    upsample: bool = typer.Option(False, "--upsample", help="Two stages: ADM-G at 64 (128) then the 64->256 (128->512) upsampler, same classes; --sampler, --steps and --eta apply to both. Off by default."),
     batch_size: str = typer.Option("auto", "--batch-size", help="Images per batch, or 'auto' (CUDA: the largest that fits free device memory; CPU/MPS: 4, or ADM_CPU_BATCH)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (float16 on CUDA, float32 elsewhere), float32, float16, bfloat16."),
@@ -92,8 +92,8 @@ def sample(
         with team:
             result = _run(team, request, console, quiet or not team.is_root)
     except (distributed.DistributedError, KeyboardInterrupt) as exc:
-        if distributed.silent_here(team, exc):
-            raise typer.Exit(130 if isinstance(exc, KeyboardInterrupt) else 1)
+        if distributed.silent_here(team, exc):  # rank 0 reports it; this rank wrote nothing
+            team.leave(130 if isinstance(exc, KeyboardInterrupt) else 1)
         raise
     if team.is_root:
         rate = result.new / result.seconds if result.seconds > 0 else float("inf")

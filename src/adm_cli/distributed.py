@@ -220,9 +220,11 @@ class Solo:
         if generate is not None:
             generate(lambda b: write(b.indices, b.images, b.labels), progress)
 
-    def leave(self) -> None:
-        """Called when the run has finished well: nothing to do in one process."""
-        return None
+    def leave(self, code: int = 0) -> None:
+        """Called when the run has finished (``code`` 0), or failed in another rank: nothing to
+        do in one process."""
+        if code:
+            raise SystemExit(code)
 
 
 class Group(Solo):
@@ -253,19 +255,21 @@ class Group(Solo):
         except Exception:  # noqa: BLE001 - the group may be broken by the failure being reported
             pass
 
-    def leave(self) -> None:
-        """End this finished rank's process now, without Python's and the C++ libraries' exit
-        teardown. Why: in CI a rank twice aborted during that teardown (SIGABRT, "terminate
-        called without an active exception" from a native thread) after the run had finished,
-        its group was destroyed and its last line printed, and torchrun then reported the whole
-        run as failed. By now every output file is closed and renamed into place, so skipping the
-        teardown loses nothing; only the standard streams need flushing."""
+    def leave(self, code: int = 0) -> None:
+        """End this rank's process now with ``code``, without Python's and the C++ libraries'
+        exit teardown: when the run has finished, or when another rank's failure ended it (rank
+        0 reports it; ``code`` != 0). Why: in CI a rank aborted during that teardown (SIGABRT,
+        "terminate called without an active exception" from a native thread) after the run had
+        finished, its group was destroyed and its last line printed, and torchrun then reported
+        the whole run as failed; session 17's CI saw the same on the failure path. By now every
+        output file is closed and renamed into place, so skipping the teardown loses nothing;
+        only the standard streams need flushing."""
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
             except Exception:  # noqa: BLE001 - a closed or broken pipe must not stop the exit
                 pass
-        os._exit(0)
+        os._exit(code)
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         raise Stopped(f"rank {self.rank} stopped by the launcher (another process of the run failed "
