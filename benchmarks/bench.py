@@ -326,7 +326,7 @@ SWITCHES = {"FUSED_SKIP": {"on": True, "off": False}, "PAD_IO": {"on": True, "of
             "UP_CONV": {"transposed": "transposed", "plain": "plain"}, "SHARED_STATS": {"on": True, "off": False},
             "SKIP_STATS": {"on": True, "off": False}, "IN_STATS": {"on": True, "off": False},
             "RESIDUAL_STATS": {"on": True, "off": False},
-            "DIRECT_IN": {"on": True, "off": False}}
+            "DIRECT_IN": {"on": True, "off": False}, "CENTRED_GN": {"on": True, "off": False}}
 
 
 def switch(item: str) -> tuple[str, object]:
