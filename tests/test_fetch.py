@@ -88,7 +88,8 @@ def test_fetch_through_mirror_and_convert(env, server, files):
     assert cache_status(_entry("tiny-g")) == cache.CacheStatus(True, True)
     assert ensure_weights("tiny-g", "unet", mirror=server.base) == unet and len(server.requests) == 1
     assert sorted(p.name for p in raw.parent.iterdir()) == sorted(
-        [".lock", raw.name, raw.name + ".json", "unet.safetensors", "classifier.safetensors"])
+        [".lock", raw.name, raw.name + ".json", "unet.safetensors", "classifier.safetensors",
+         "unet.safetensors.json", "classifier.safetensors.json"])
 
 
 def test_mirror_from_environment(env, server, monkeypatch):
@@ -532,7 +533,7 @@ def test_fetch_of_a_converted_entry_needs_neither_network_nor_the_raw_file(env, 
     raw = raw_path(_entry("tiny"))
     raw.unlink()  # kept only the conversion, to save the space
     result = runner.invoke(app, ["fetch", "tiny", "--offline"])
-    assert result.exit_code == 0 and "tiny: converted already" in result.output, result.output
+    assert result.exit_code == 0 and "tiny: converted already (checked)" in result.output, result.output
     result = runner.invoke(app, ["fetch", "tiny", "--offline", "--no-convert"])  # the raw file itself
     assert result.exit_code == 1 and "not in the cache" in result.output
     assert len(server.requests) == 1
@@ -554,3 +555,33 @@ def test_fetch_of_several_goes_on_past_a_failure(env, server, files):
 def test_a_malformed_mirror_is_one_line(env, mirror):
     result = CliRunner().invoke(app, ["fetch", "tiny", "--mirror", mirror])
     assert result.exit_code == 2 and result.output.count("\n") == 1 and "is not a usable URL" in result.output
+
+
+def test_a_damaged_conversion_is_found_and_made_again(env, server, files):
+    """Converted files carry the sha256 they were written with: adm sample (when the file's size
+    or mtime changed) and adm fetch (always) hash them again, and a damaged one is converted
+    again from the verified download instead of being sampled from."""
+    from safetensors.torch import load_file
+
+    unet = ensure_weights("tiny", mirror=server.base, quiet=True)
+    good, meta = unet.read_bytes(), read_metadata(unet)
+    tensors = {k: v.clone() for k, v in load_file(unet).items()}  # (not views of the mapped file)
+
+    def same(path):  # (safetensors writes the metadata in no fixed order: compare what it holds)
+        now = load_file(path)
+        return read_metadata(path) == meta and now.keys() == tensors.keys() and all(
+            now[k].equal(tensors[k]) for k in tensors)
+    st = unet.stat()
+    damaged = bytearray(good)
+    mid = len(good) // 2  # inside the tensors' data: still a readable safetensors file
+    damaged[mid:mid + 64] = bytes(b ^ 0xFF for b in damaged[mid:mid + 64])
+    unet.write_bytes(bytes(damaged))
+    os.utime(unet, ns=(st.st_atime_ns, st.st_mtime_ns))  # bit rot keeps the mtime: only fetch notices
+    assert unet.stat().st_size == st.st_size and ensure_weights("tiny", offline=True) == unet
+    assert unet.read_bytes() == bytes(damaged) and not same(unet)
+    result = CliRunner().invoke(app, ["fetch", "tiny", "--offline"])
+    assert result.exit_code == 0 and "does not match what was written" in result.output, result.output
+    assert same(unet)
+    unet.write_bytes(bytes(damaged))  # a change that moves the mtime: adm sample's check finds it
+    assert ensure_weights("tiny", offline=True) == unet and same(unet)
+    assert len(server.requests) == 1  # made again from the cached download each time

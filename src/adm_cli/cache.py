@@ -7,6 +7,7 @@ Layout under ``cache_root()`` (``ADM_HOME``, else the platform's user cache fold
                                      checksum is published, the first download's is the reference
                                      once that file has loaded as a checkpoint ("loaded")
     <name>/<role>.safetensors        the canonical conversion, one per network (convert.py)
+    <name>/<role>.safetensors.json   its sha256 and size when written (a damaged one is redone)
     <name>/.lock                     held while fetching or converting that entry
     converted/<key>/<role>.safetensors   conversions of files given by path (``--weights x.pt``),
     converted/<key>/roles.json           written once all of them are
@@ -114,9 +115,12 @@ def cache_status(entry: Entry) -> CacheStatus:
     return CacheStatus(raw_path(entry).is_file(), all(_is_current(entry, r) for r in entry.roles))
 
 
-def _is_current(entry: Entry, role: str) -> bool:
+def _is_current(entry: Entry, role: str, *, rehash: bool = False) -> bool:
     """A converted file that this registry entry would write again (a registry update that
-    changes an architecture makes older conversions stale)."""
+    changes an architecture makes older conversions stale) and that still has the bytes it was
+    written with: hashed again when its size or mtime changed since (or with ``rehash``), against
+    the sha256 recorded beside it. A damaged one is then not current, so it is converted again
+    from the verified download rather than sampled from."""
     path = converted_path(entry, role)
     if not path.is_file():
         return False
@@ -125,8 +129,16 @@ def _is_current(entry: Entry, role: str) -> bool:
     except WeightsError:
         return False
     cfg = entry.config_for(role)
-    return (meta.get("adm_registry_name") == entry.name
-            and meta.get("adm_config") == json.dumps(cfg.to_dict(), sort_keys=True))
+    if not (meta.get("adm_registry_name") == entry.name
+            and meta.get("adm_config") == json.dumps(cfg.to_dict(), sort_keys=True)):
+        return False
+    record = _read_record(path)
+    if not record.get("sha256"):  # written by an older release: nothing to check against
+        return True
+    st = path.stat()
+    if not rehash and record.get("verified_stat") == [st.st_size, st.st_mtime_ns]:
+        return True
+    return sha256_file(path) == record["sha256"]
 
 
 # -- the published file ------------------------------------------------------------------------
@@ -274,8 +286,27 @@ def convert_entry(entry: Entry, raw: Path, digest: str, *, quiet: bool = False) 
             if path.exists() and not _is_current(entry, role):
                 path.unlink()  # written from an older registry: redo
         with _first_use(entry, raw, digest):
-            return convert_checkpoint(raw, name=entry.name, source_sha256=digest, outputs=outputs,
-                                      log=None if quiet else (lambda m: _say(m, False)))
+            written = convert_checkpoint(raw, name=entry.name, source_sha256=digest, outputs=outputs,
+                                         log=None if quiet else (lambda m: _say(m, False)))
+        for path in written.values():  # what _is_current checks the file against later
+            _write_record(path, sha256_file(path), False, raw.name, loaded=True)
+        return written
+
+
+def verify_converted(entry: Entry, *, quiet: bool = False) -> bool:
+    """``adm fetch``'s check of an entry's converted files: each hashed again against the sha256
+    recorded when it was written. One that is damaged (or stale) is removed, for the caller to
+    convert again; returns whether all were intact."""
+    intact = True
+    with file_lock(entry_dir(entry) / ".lock"):
+        for role in entry.roles:
+            path = converted_path(entry, role)
+            if not _is_current(entry, role, rehash=True):
+                if path.is_file():
+                    _say(f"{path} does not match what was written: converting it again", quiet)
+                    path.unlink()
+                intact = False
+    return intact
 
 
 def ensure_weights(name: str, role: str = "unet", *, offline: bool = False, mirror: str | None = None,

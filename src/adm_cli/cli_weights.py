@@ -9,7 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .cache import cache_root, cache_status, check_fetched, convert_entry, converted_path, fetch_entry
+from .cache import (cache_root, cache_status, check_fetched, convert_entry, converted_path, fetch_entry,
+                    verify_converted)
 from .cli import app, fail, handle_errors
 from .convert import DTYPES, convert_checkpoint
 from .errors import AdmError
@@ -111,8 +112,8 @@ def _fetch_one(entry: Entry, console: Console, *, offline: bool, mirror: str | N
     if entry.bundled:
         console.print(f"{entry.name}: bundled with adm-cli, nothing to fetch")
         return
-    if not no_convert and cache_status(entry).converted:  # ready: adm sample reads only these
-        console.print(f"{entry.name}: converted already")
+    if not no_convert and cache_status(entry).converted and verify_converted(entry, quiet=quiet):
+        console.print(f"{entry.name}: converted already (checked)")  # adm sample reads only these
         for role in entry.roles:
             console.print(f"  {role}: {converted_path(entry, role)}")
         return
