@@ -160,11 +160,16 @@ def _write_record(raw: Path, digest: str, published: bool, source: str | None, l
     st = raw.stat()
     record = {"sha256": digest, "size": st.st_size, "published_checksum": published,
               "source": source, "verified_stat": [st.st_size, st.st_mtime_ns], "loaded": loaded}
-    # A name of its own per writer (threads of one process included): a shared one would let one
-    # writer's rename take the other's file away mid-write.
-    tmp = _record_path(raw).with_name(f".{raw.name}.json.{uuid.uuid4().hex[:12]}.tmp")
-    tmp.write_text(json.dumps(record, indent=1), encoding="utf-8")
-    os.replace(tmp, _record_path(raw))
+    _write_json(_record_path(raw), record)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """``data`` as JSON at ``path``, atomically. A temporary name of its own per writer (threads
+    of one process included): a shared one would let one writer's rename take the other's file
+    away mid-write."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _expected_sha(entry: Entry, raw: Path) -> tuple[str | None, bool]:
@@ -377,8 +382,6 @@ def ensure_converted_file(path: str | Path, *, arch: str | Sequence[str] | None 
             files = convert_checkpoint(path, arch=arch, config=config,
                                        outputs=lambda r: folder / f"{r}.safetensors",
                                        log=None if quiet else (lambda m: _say(m, False)))
-            tmp = done.with_name(f".roles.{uuid.uuid4().hex[:12]}.tmp")
-            tmp.write_text(json.dumps(sorted(files)), encoding="utf-8")
-            os.replace(tmp, done)
+            _write_json(done, sorted(files))
     return _pick_role(files, role, path)
 

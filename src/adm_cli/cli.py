@@ -65,6 +65,13 @@ def _stop(signum: int, frame) -> None:
     raise Stopped(signum)
 
 
+def _interruption(exc: KeyboardInterrupt) -> tuple[str, int]:
+    """The error line and exit code of Ctrl-C (130) or a stop signal (128 + its number)."""
+    if isinstance(exc, Stopped):
+        return f"stopped by {signal.Signals(exc.signum).name}", 128 + exc.signum
+    return "interrupted", 130
+
+
 def _catch_stop_signals() -> None:
     for name in ("SIGTERM", "SIGHUP"):
         signum = getattr(signal, name, None)
@@ -91,10 +98,8 @@ def handle_errors(fn: Callable) -> Callable:
             if debug():
                 raise
             fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, exc.exit_code)
-        except Stopped as exc:
-            fail(f"stopped by {signal.Signals(exc.signum).name}", 128 + exc.signum)
-        except KeyboardInterrupt:
-            fail("interrupted", 130)
+        except KeyboardInterrupt as exc:
+            fail(*_interruption(exc))
         except OSError as exc:
             if debug():
                 raise
@@ -113,9 +118,9 @@ def main() -> None:
     try:
         _register()  # imports torch: seconds, where a Ctrl-C would otherwise print a traceback
     except KeyboardInterrupt as exc:
-        stopped = isinstance(exc, Stopped)
-        typer.echo(f"error: {f'stopped by {signal.Signals(exc.signum).name}' if stopped else 'interrupted'}", err=True)
-        sys.exit(128 + exc.signum if stopped else 130)
+        message, code = _interruption(exc)
+        typer.echo(f"error: {message}", err=True)
+        sys.exit(code)
     command = typer.main.get_command(app)
     try:
         # standalone_mode=False: click's own usage errors come here instead of printing a

@@ -67,7 +67,7 @@ def _group_norm_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
 # Switch for benchmarks/bench.py (``--gn-upcast``): False restores the reference's explicit upcast.
 NATIVE_HALF_GROUPNORM = True
 # Switch for benchmarks/bench.py (``--set CENTRED_GN=off``): False gives channels_last CPU
-# activations torch's one-pass GroupNorm (faster by ~2% of a forward, far less accurate: see
+# activations torch's one-pass GroupNorm (faster by ~2.5% of a forward, far less accurate: see
 # _group_norm_nhwc).
 CENTRED_GN = True
 # Switch for benchmarks/bench.py (``--concat``): False makes the fused decoder blocks concatenate
