@@ -452,7 +452,7 @@ def test_a_file_adm_converted_converts_again_from_its_metadata(tmp_path, family)
     (role, path), = first.items()
     result = CliRunner().invoke(app, ["convert-weights", str(path), "--dtype", "float16", "-q"])
     assert result.exit_code == 0, result.output
-    again = tmp_path / "m.adm.safetensors"
+    again = tmp_path / "m.float16.safetensors"  # its name says the new dtype (not m.adm.safetensors)
     meta = read_metadata(again)
     assert json.loads(meta["adm_config"]) == cfg.to_dict() and meta["adm_role"] == role
     assert meta["adm_dtype"] == "float16" and meta["adm_source_file"] == "m.safetensors"
@@ -461,6 +461,13 @@ def test_a_file_adm_converted_converts_again_from_its_metadata(tmp_path, family)
     assert all(got[k].dtype == torch.float16 and torch.equal(got[k], want[k].half()) for k in want)
     assert convert_checkpoint(path, dtype="float16") == {role: again}  # up to date: a no-op
     assert load_model(again).config == cfg
+    # and back: the dtype in the name is replaced, not stacked (m.float16.bfloat16...)
+    assert convert_checkpoint(again, dtype="bfloat16") == {role: tmp_path / "m.bfloat16.safetensors"}
+    assert read_metadata(tmp_path / "m.bfloat16.safetensors")["adm_dtype"] == "bfloat16"
+    result = CliRunner().invoke(app, ["convert-weights", str(again), "--dtype", "float16"])
+    assert result.exit_code == 1 and result.output == ("error: m.float16.safetensors is adm's layout in float16 "
+                                                       "already: nothing to convert (give another --dtype, or an "
+                                                       "output)\n")
 
 
 def test_metadata_of_another_network_is_refused(tmp_path):

@@ -131,7 +131,7 @@ def _fetch_one(entry: Entry, console: Console, *, offline: bool, mirror: str | N
 _SRC_HELP = ("An OpenAI .pt or mmagic .pth checkpoint, a safetensors file with OpenAI names, or one adm "
              "converted (its recorded architecture is used: convert again to another --dtype).")
 _DST_DEFAULT = ("SRC with .safetensors (.unet/.classifier.safetensors for two networks); "
-                "a .safetensors SRC gets .adm before them")
+                "a .safetensors SRC gets .adm before them, or the new dtype if adm wrote it")
 _DST_HELP = ("Output file, or a folder to write into: an existing one, or any path ending in / "
              "(created if missing). Never SRC itself.")
 _ARCH_HELP = "Architecture preset or registry name; repeat for a U-Net and a classifier."

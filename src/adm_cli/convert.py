@@ -383,14 +383,27 @@ def _name_in_file(net: Network, key: str) -> str:
     return prefix + rename(key)
 
 
-def output_paths(src: Path, dst: str | Path | None, roles: Sequence[str]) -> dict[str, Path]:
+def _default_stem(src: Path, dtype: str) -> str:
+    """SRC's stem, told apart from SRC where SRC is a safetensors file too: another converter's
+    file gets ``.adm``; a file adm wrote (converted again only to change its dtype) gets the new
+    dtype in place of the one its name carries, so X.adm.safetensors in bfloat16 is
+    X.adm.bfloat16.safetensors, not X.adm.adm.safetensors."""
+    if src.suffix != ".safetensors":
+        return src.stem
+    if "adm_config" not in read_metadata(src):
+        return f"{src.stem}.adm"
+    base, _, last = src.stem.rpartition(".")
+    return f"{base if base and last in DTYPES else src.stem}.{dtype}"
+
+
+def output_paths(src: Path, dst: str | Path | None, roles: Sequence[str], dtype: str = "float32") -> dict[str, Path]:
     """``<stem>.safetensors`` (one network) or ``<stem>.<role>.safetensors`` (several), beside
     SRC, in DST when it is a folder (existing, or any path ending in a slash), or as DST itself.
-    A .safetensors SRC's stem gets ``.adm``: its own name would be SRC itself."""
+    A .safetensors SRC's stem is changed so as not to name SRC itself (``_default_stem``)."""
     multi = len(roles) > 1
     if dst is None or Path(dst).is_dir() or str(dst).endswith(("/", "\\")):
         folder = src.parent if dst is None else Path(dst)
-        stem = f"{src.stem}.adm" if src.suffix == ".safetensors" else src.stem
+        stem = _default_stem(src, dtype)
         return {r: folder / (f"{stem}.{r}.safetensors" if multi else f"{stem}.safetensors") for r in roles}
     dst = Path(dst)
     if dst.suffix != ".safetensors" and not (dst.exists() and os.path.samefile(dst, src)):
@@ -465,7 +478,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path | None = None, *, arch: 
         raise ConversionError(f"{src.name} holds a {lacking[0]} that --arch/--config do not describe" if lacking
                               else f"{src.name} has no {extra[0]}, but --arch/--config describe one")
     if outputs is None:
-        paths = output_paths(src, dst, roles)
+        paths = output_paths(src, dst, roles, dtype)
     else:
         paths = {r: Path(outputs(r) if callable(outputs) else outputs[r]) for r in roles}
     return _write_all(src, networks, chosen, paths, digest, dtype, force, entry, log)
@@ -477,6 +490,9 @@ def _write_all(src: Path, networks: Mapping[str, Network], chosen: Mapping, path
     for role, (cfg, preset) in chosen.items():
         path = Path(paths[role])
         if path.exists() and os.path.samefile(path, src):  # --force would destroy the input
+            if src.suffix == ".safetensors" and read_metadata(src).get("adm_dtype") == dtype:
+                raise ConversionError(f"{src.name} is adm's layout in {dtype} already: nothing to convert "
+                                      "(give another --dtype, or an output)")
             raise ConversionError(f"the output {path} is the source file itself: choose another output")
         if path.exists() and not force:
             if _up_to_date(path, digest, dtype, cfg):
