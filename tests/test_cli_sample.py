@@ -586,6 +586,29 @@ def test_upsample_refuses_a_base_model_the_upsampler_cannot_take_before_a_downlo
             run_api._check_upsampler_base(other, up)
 
 
+def test_offline_names_every_missing_file_of_the_run_at_once(tmp_path, monkeypatch):
+    """--upsample with guidance uses three registry files: offline, one line names all that are
+    missing (in the order the run uses them) and the one fetch command for them; one already in
+    the cache is left out. Nothing is written to the cache."""
+    from adm_cli.cache import raw_path
+    from adm_cli.registry import load_registry
+
+    monkeypatch.setenv("ADM_HOME", str(tmp_path / "cache"))
+    args = ["sample", "--res", "256", "--upsample", "--offline", "-n", "1", "--out", str(tmp_path / "run")]
+    line = _one_error_line(res := runner.invoke(app, args))
+    assert res.exit_code == 1
+    assert line.startswith("error: 64x64_diffusion, 64x64_classifier, 64_256_upsampler are not in the cache")
+    assert line.endswith("run `adm fetch 64x64_diffusion 64x64_classifier 64_256_upsampler` with network access")
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+    cached = raw_path(load_registry().get("64x64_classifier"))
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"not checked until it is used")
+    line = _one_error_line(runner.invoke(app, args))
+    assert "error: 64x64_diffusion, 64_256_upsampler are not" in line and "classifier" not in line
+    line = _one_error_line(runner.invoke(app, [*args, "--guidance", "0"]))  # no classifier used: two names
+    assert "error: 64x64_diffusion, 64_256_upsampler are not" in line
+
+
 def test_weights_res_and_classifier_options_are_checked_not_ignored(tmp_path, files, monkeypatch):
     """With --weights, --res must be the file's size (any size: a custom model need not be one of
     the registry's) and --classifier (a registry name) is refused; with a registry --model, a

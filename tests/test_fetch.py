@@ -441,6 +441,7 @@ def test_a_full_disk_fails_at_once_and_leaves_a_partial_that_resumes_correctly(e
     assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
     raw = raw_path(_entry("tiny"))
     assert f"cannot write to {raw.parent}: No space left on device" in result.output
+    assert result.output.rstrip().endswith("(the weights cache: set ADM_HOME to put it elsewhere)")
     assert len(server.requests) == 1  # no retry
     (partial,) = raw.parent.glob("*.incomplete")
     assert partial.read_bytes() == files["tiny_64.pt"][:1 << 20]  # cut back to the last whole block
@@ -448,6 +449,19 @@ def test_a_full_disk_fails_at_once_and_leaves_a_partial_that_resumes_correctly(e
     raw, digest = fetch_entry(_entry("tiny"), quiet=True)
     assert server.requests[-1].range == f"bytes={1 << 20}-"
     assert raw.read_bytes() == files["tiny_64.pt"] and digest == hashlib.sha256(files["tiny_64.pt"]).hexdigest()
+
+
+def test_a_cache_folder_that_cannot_be_made_says_where_it_comes_from(env, monkeypatch):
+    """ADM_HOME under a file (or a home with no room): one line naming the folder and the
+    variable that moves it; an error outside the cache gets no such hint."""
+    (env / "a-file").write_text("")
+    monkeypatch.setenv("ADM_HOME", str(env / "a-file" / "cache"))
+    result = CliRunner().invoke(app, ["fetch", "tiny", "--quiet"])
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert result.output == (f"error: Not a directory: {env / 'a-file' / 'cache' / 'tiny'} (the weights cache: set ADM_HOME to "
+                             "put it elsewhere)\n")
+    result = CliRunner().invoke(app, ["convert-weights", str(env / "a-file"), str(env / "a-file" / "x.safetensors")])
+    assert result.exit_code == 1 and "ADM_HOME" not in result.output
 
 
 def test_a_planted_symlink_is_never_written_through(env, server, files, tmp_path):

@@ -24,7 +24,7 @@ import urllib.parse
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from .convert import convert_checkpoint, read_networks
 from .download import NullProgress, RichProgress, download, file_lock, sha256_file, sha256_matches
@@ -208,6 +208,23 @@ def _say(message: str, quiet: bool) -> None:
 def _offline_error(entry: Entry) -> OfflineError:
     return OfflineError(f"{entry.name} is not in the cache ({entry_dir(entry)}) and downloads are off "
                         f"(--offline / ADM_OFFLINE): run `adm fetch {entry.name}` with network access")
+
+
+def missing_offline(names: Iterable[str], *, offline: bool = False) -> None:
+    """With downloads off, refuse at once, naming every entry of ``names`` that neither its
+    converted files nor its published file stand for in the cache (rather than the first only)."""
+    if not offline_requested(offline):
+        return
+    registry = load_registry()
+    entries = [registry.get(name) for name in names]
+    missing = [e for e in entries if not e.bundled and not raw_path(e).is_file()
+               and not all(_is_current(e, role) for role in e.roles)]
+    if len(missing) == 1:
+        raise _offline_error(missing[0])
+    if missing:
+        raise OfflineError(f"{', '.join(e.name for e in missing)} are not in the cache ({cache_root()}) and downloads "
+                           f"are off (--offline / ADM_OFFLINE): run `adm fetch {' '.join(e.name for e in missing)}` "
+                           "with network access")
 
 
 def fetch_entry(entry: Entry, *, offline: bool = False, mirror: str | None = None,

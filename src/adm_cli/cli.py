@@ -9,13 +9,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import signal
 import sys
 from typing import Callable
 
 import typer
 
-from .errors import AdmError
+from .errors import AdmError, OutputError
 
 try:  # recent typer ships its own copy of click
     from typer._click import exceptions as click_errors
@@ -97,15 +98,29 @@ def handle_errors(fn: Callable) -> Callable:
         except AdmError as exc:
             if debug():
                 raise
-            fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, exc.exit_code)
+            line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            fail(_cache_hint(line) if isinstance(exc, OutputError) else line, exc.exit_code)
         except KeyboardInterrupt as exc:
             fail(*_interruption(exc))
         except OSError as exc:
             if debug():
                 raise
-            fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
+            fail(_cache_hint(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc)))
 
     return wrapper
+
+
+def _cache_hint(line: str) -> str:
+    """A file that cannot be written in the weights cache: say where that folder comes from, for
+    a user who never chose it (a full home disk, a read-only home)."""
+    try:
+        from .cache import cache_root
+    except ImportError:  # (a broken install: the line as it is)
+        return line
+    root = str(cache_root())
+    if "ADM_HOME" in line or not re.search(re.escape(root) + r"(?=[/\\\s:),]|$)", line):
+        return line
+    return f"{line} (the weights cache: set ADM_HOME to put it elsewhere)"
 
 
 def _register() -> None:

@@ -72,7 +72,7 @@ class Stage:
 
     name: str
     unet: str  # registry name, or the weights path
-    unet_path: Path
+    unet_path: Path  # (None only while a registry stage's weights are still to be fetched)
     settings: api.SamplerSettings
     classifier: str | None = None
     classifier_path: Path | None = None
@@ -148,7 +148,6 @@ def pick_device(name: str) -> str:
 
 def _registry_stage(name: str, req: SampleRequest, *, stage: str, guidance: float | None,
                     classifier: str | None) -> Stage:
-    from .cache import ensure_weights
     from .registry import load_registry
 
     entry = load_registry().get(name)
@@ -182,10 +181,22 @@ def _registry_stage(name: str, req: SampleRequest, *, stage: str, guidance: floa
         unet_cfg, clf_cfg = _entry_config(entry, "unet"), _entry_config(clf_entry, "classifier")
         if unet_cfg is not None and clf_cfg is not None:
             _check_pair(unet_cfg, clf_cfg, name, clf)
+    return Stage(stage, name, None, settings, clf if (clf and scale > 0) else None)
+
+
+def _fetch_weights(stages: list[Stage], req: SampleRequest) -> list[Stage]:
+    """Every registry stage's files, fetched once all stages are known to be valid (a bad
+    upsampler stage then costs no base download). Offline, every missing file is named at once."""
+    from .cache import ensure_weights, missing_offline
+
+    missing_offline(dict.fromkeys(name for s in stages for name in (s.unet, s.classifier) if name),
+                    offline=req.offline)
     fetch = dict(offline=req.offline, mirror=req.mirror, quiet=False)
-    unet_path = ensure_weights(name, "unet", **fetch)
-    clf_path = ensure_weights(clf, "classifier", **fetch) if (clf and scale > 0) else None
-    return Stage(stage, name, unet_path, settings, clf if clf_path else None, clf_path)
+    for s in stages:
+        s.unet_path = ensure_weights(s.unet, "unet", **fetch)
+        if s.classifier:
+            s.classifier_path = ensure_weights(s.classifier, "classifier", **fetch)
+    return stages
 
 
 def _entry_config(entry, role: str):
@@ -289,16 +300,17 @@ def _stages(req: SampleRequest) -> list[Stage]:
             raise UsageError(f"no upsampler to {req.res} in the registry")
         if req.model is not None:
             _check_upsampler_base(registry.get(req.model), up)
-        return [_registry_stage(req.model or base.name, req, stage="base", guidance=req.guidance,
-                                classifier=req.classifier),
-                _registry_stage(up.name, req, stage="upsampler", guidance=0.0, classifier=None)]
+        return _fetch_weights([_registry_stage(req.model or base.name, req, stage="base", guidance=req.guidance,
+                                               classifier=req.classifier),
+                               _registry_stage(up.name, req, stage="upsampler", guidance=0.0, classifier=None)], req)
     if req.model is None and req.res is None:
         raise UsageError("adm sample needs --res N (64, 128, 256, 512) or --model NAME (see `adm models`)")
     name = req.model or registry.default_for(req.res).name
     entry = registry.get(name)
     if req.res is not None and entry.resolution != req.res:
         raise UsageError(f"--model {name} makes {entry.resolution}x{entry.resolution} images, not --res {req.res}")
-    return [_registry_stage(name, req, stage="base", guidance=req.guidance, classifier=req.classifier)]
+    return _fetch_weights([_registry_stage(name, req, stage="base", guidance=req.guidance,
+                                           classifier=req.classifier)], req)
 
 
 def _check_upsampler_base(base, up) -> None:
