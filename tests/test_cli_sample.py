@@ -331,6 +331,8 @@ def test_resume_reports_what_it_computed_and_records_the_batch(tmp_path, files):
     res, auto = _loud(tmp_path, files, "--steps", "2", "-n", "3", "--class", "4", name="auto",
                       env={"ADM_CPU_BATCH": "2"})
     assert res.exit_code == 0 and "done: 3 images in" in res.output and "already there" not in res.output
+    # the plan names the noise schedule and the steps it skips ('2' of the file's 1000, linear)
+    assert "  sampler ddpm, respacing '2' (2 of 1000 steps, linear schedule)\n" in res.output
     run = json.loads((auto / "run.json").read_text())
     assert run["batch_size"] == "auto" and run["resolved_batch_size"] == {"base": 2}
 

@@ -29,7 +29,8 @@ def _print_plan(console: Console, plan: RunPlan) -> None:
         clf = f" + classifier {s.classifier} (guidance {s.settings.guidance:g})" if s.classifier else " (no guidance)"
         console.print(f"[bold]{s.name}[/]: {s.unet}{clf}")
         console.print(f"  weights {s.unet_path}" + (f"\n  classifier {s.classifier_path}" if s.classifier_path else ""))
-        console.print(f"  sampler {s.settings.sampler}, respacing {s.respacing!r} ({s.num_steps} steps)"
+        console.print(f"  sampler {s.settings.sampler}, respacing {s.respacing!r} ({s.num_steps} of "
+                      f"{s.diffusion_steps} steps, {s.noise_schedule} schedule)"
                       + (f", eta {s.settings.eta:g}" if s.settings.sampler == "ddim" else ""))
     classes = "random" if not (plan.class_spec or "").strip() and plan.labels else (plan.class_spec or "none (unconditional)")
     console.print(f"  {plan.num_samples} samples, seed {plan.seed}, classes {classes}, device {plan.device}, "

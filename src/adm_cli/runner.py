@@ -9,6 +9,7 @@ options into a ``SampleRequest`` and prints.
 from __future__ import annotations
 
 import contextlib
+import functools
 import platform
 import re
 import secrets
@@ -83,9 +84,17 @@ class Stage:
 
     @property
     def diffusion_steps(self) -> int:
+        return self._config.diffusion_steps
+
+    @property
+    def noise_schedule(self) -> str:
+        return self._config.noise_schedule
+
+    @functools.cached_property
+    def _config(self):
         from .weights import read_config
 
-        return read_config(self.unet_path).diffusion_steps
+        return read_config(self.unet_path)
 
     @property
     def num_steps(self) -> int:
