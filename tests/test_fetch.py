@@ -5,6 +5,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import threading
 import time
 
@@ -285,6 +286,22 @@ def test_server_errors_are_retried(env, server, files):
     raw, _ = fetch_entry(_entry("tiny"), quiet=True)
     assert [r.status for r in server.requests] == [500, 500, 200]
     assert raw.read_bytes() == files["tiny_64.pt"]
+
+
+def test_each_retry_is_said_unless_quiet(env, server, files):
+    """The pauses add up to ~31 s before a run gives up: each retry is a line on stderr, with
+    the reason and the pause (a dead mirror is not silence)."""
+    _registry(env / "registry.toml", server.base, files)
+    server.modes["tiny_64.pt"] = "flaky"
+    result = CliRunner().invoke(app, ["fetch", "tiny", "--no-convert"])
+    assert result.exit_code == 0, result.output
+    said = [ln for ln in result.output.splitlines() if "; retry " in ln]
+    assert len(said) == 2 and said[0].endswith("; retry 1 of 5 in 0.01 s") and "500" in said[0], result.output
+    assert said[1].endswith("; retry 2 of 5 in 0.02 s")
+    shutil.rmtree(env / "home")
+    server.requests.clear()
+    result = CliRunner().invoke(app, ["fetch", "tiny", "--no-convert", "--quiet"])
+    assert result.exit_code == 0 and result.output == "" and len(server.requests) == 3
 
 
 def _twice_at_once(fn, timeout=30):

@@ -358,7 +358,10 @@ def _with_retries(transfer: _Transfer, url: str) -> None:
             if failures > RETRIES:
                 raise DownloadError(f"giving up after {RETRIES} retries: {exc}") from None
             if failures:
-                time.sleep(BACKOFF * 2 ** (failures - 1))
+                delay = BACKOFF * 2 ** (failures - 1)
+                # said, not silent: the pauses add up to half a minute before the run gives up
+                transfer.progress.note(f"{exc}; retry {failures} of {RETRIES} in {delay:g} s")
+                time.sleep(delay)
 
 
 def _verify(transfer: _Transfer, part: Path, name: str, sha256: str | None, size: int | None) -> str:
@@ -386,6 +389,9 @@ class NullProgress:
     def stop(self) -> None:
         pass
 
+    def note(self, message: str) -> None:
+        pass
+
 
 class RichProgress(NullProgress):
     """A rich progress bar for one file: bytes, rate, ETA (on stderr)."""
@@ -409,6 +415,9 @@ class RichProgress(NullProgress):
 
     def advance(self, n: int) -> None:
         self._bar.advance(self._task, n)
+
+    def note(self, message: str) -> None:
+        self._bar.console.print(message, markup=False, highlight=False, soft_wrap=True)
 
     def stop(self) -> None:
         if self._running:
