@@ -481,6 +481,26 @@ def test_a_cache_folder_that_cannot_be_made_says_where_it_comes_from(env, monkey
     assert result.exit_code == 1 and "ADM_HOME" not in result.output
 
 
+def test_fetch_upsample_selects_what_sample_upsample_uses(tmp_path, monkeypatch):
+    """`adm fetch --res 256 --upsample` is the three files `adm sample --res 256 --upsample`
+    needs, in the order it uses them (seen offline, where each is one line); --upsample without
+    --res, or at a size no upsampler makes, is wrong input (exit 2)."""
+    monkeypatch.delenv("ADM_REGISTRY", raising=False)
+    monkeypatch.setenv("ADM_HOME", str(tmp_path / "home"))
+    for res, want in (("256", ["64x64_diffusion", "64x64_classifier", "64_256_upsampler"]),
+                      ("512", ["128x128_diffusion", "128x128_classifier", "128_512_upsampler"])):
+        result = CliRunner().invoke(app, ["fetch", "--res", res, "--upsample", "--offline"])
+        lines = result.output.splitlines()
+        assert result.exit_code == 1 and [ln.split(":")[1].strip() for ln in lines[:-1]] == want, result.output
+        assert lines[-1] == "error: 3 of 3 models failed (above)"
+    for args, message in ((["--upsample", "64x64_diffusion"], "--upsample goes with --res 256 or 512"),
+                          (["--res", "64", "--upsample"], "--upsample needs --res 256 (64 -> 256) or --res 512")):
+        result = CliRunner().invoke(app, ["fetch", *args, "--offline"])
+        assert result.exit_code == 2 and result.output.startswith(f"error: {message}"), result.output
+        assert result.output.count("\n") == 1
+    assert not (tmp_path / "home").exists()
+
+
 def test_a_planted_symlink_is_never_written_through(env, server, files, tmp_path):
     _registry(env / "registry.toml", server.base, files)
     server.modes["tiny_64.pt"] = "norange"

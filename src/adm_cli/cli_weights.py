@@ -51,21 +51,26 @@ def models() -> None:
     console.print("* the default of `adm sample --res N`.  Fetch with `adm fetch NAME`.")
 
 
-def _selection(names: List[str], res: Optional[int], all_: bool) -> list[Entry]:
+def _selection(names: List[str], res: Optional[int], all_: bool, upsample: bool = False) -> list[Entry]:
     registry = load_registry()
     if sum(map(bool, (names, res is not None, all_))) != 1:
         fail("give model NAMEs, --res N or --all (one of them); `adm models` lists the names", 2)
+    if upsample and res is None:
+        fail("--upsample goes with --res 256 or 512: it fetches what `adm sample --res N --upsample` uses", 2)
     if all_:
         return [e for e in registry.entries if not e.bundled]
     if res is not None:
-        base = registry.default_for(res)
-        return [base] + ([registry.get(base.classifier)] if base.classifier and base.classifier != base.name else [])
+        base, up = registry.upsample_pair(res) if upsample else (registry.default_for(res), None)
+        clf = [registry.get(base.classifier)] if base.classifier and base.classifier != base.name else []
+        return [base, *clf, *([up] if up else [])]
     return [registry.get(n) for n in dict.fromkeys(names)]
 
 
 _MIRROR_HELP = "Download BASE + file name instead of each file's URL (http(s)://, file:// or a local folder)."
 _OFFLINE_HELP = "Never download: only verify and convert what the cache holds; fail on what is missing."
 _RES_HELP = "Fetch what `adm sample --res N` uses: the default model of that resolution and its classifier."
+_UPSAMPLE_HELP = ("With --res 256 or 512: fetch what `adm sample --res N --upsample` uses (the 64 or 128 model, its "
+                  "classifier and the upsampler).")
 
 
 @app.command("fetch")
@@ -73,6 +78,7 @@ _RES_HELP = "Fetch what `adm sample --res N` uses: the default model of that res
 def fetch(
     names: List[str] = typer.Argument(None, help="Registry names (see `adm models`).", show_default="none"),
     res: Optional[int] = typer.Option(None, "--res", help=_RES_HELP, show_default="none"),
+    upsample: bool = typer.Option(False, "--upsample", help=_UPSAMPLE_HELP, show_default="off"),
     all_: bool = typer.Option(False, "--all", show_default="off",
                               help="Fetch every published file in the registry: about 41 GB of downloads, and "
                                    "as much again for their conversions (--no-convert skips those)."),
@@ -91,7 +97,7 @@ def fetch(
     none is published, the one recorded at the first download).
     """
     console = Console(stderr=True, quiet=quiet, soft_wrap=True)
-    selection = _selection(names or [], res, all_)
+    selection = _selection(names or [], res, all_, upsample)
     failed: list[AdmError] = []
     for entry in selection:
         try:

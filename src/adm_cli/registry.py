@@ -20,7 +20,7 @@ from types import MappingProxyType
 from typing import Any, Mapping
 
 from .config import AnyConfig, ClassifierConfig, UNetConfig, config_from_dict, get_preset
-from .errors import ConfigError, RegistryError, UnknownModelError
+from .errors import ConfigError, RegistryError, UnknownModelError, UsageError
 
 PACKAGE_DIR = Path(__file__).resolve().parent  # bundled entries' `path` is relative to it
 DEFAULT_REGISTRY = PACKAGE_DIR / "weights.toml"
@@ -114,6 +114,17 @@ class Registry:
         valid = sorted({e.resolution for e in self.entries if e.default})
         raise UnknownModelError(
             f"no default model for resolution {resolution}; choose one of {', '.join(map(str, valid))}")
+
+    def upsample_pair(self, resolution: int | None) -> tuple[Entry, Entry]:
+        """(base model, upsampler) of the paper's two-stage pipeline to ``resolution`` (ADM-G at
+        the upsampler's input size, then ADM-U): what ``--res N --upsample`` uses."""
+        ups = sorted((e for e in self.entries if e.upsampler_base), key=lambda e: e.resolution)
+        up = next((e for e in ups if e.resolution == resolution), None)
+        if up is None:
+            sizes = " or ".join(dict.fromkeys(f"--res {e.resolution} ({e.upsampler_base} -> {e.resolution})"
+                                              for e in ups))
+            raise UsageError(f"--upsample needs {sizes}" if ups else "no upsampler in the registry")
+        return self.default_for(up.upsampler_base), up
 
     def by_filename(self, filename: str) -> Entry | None:
         return next((e for e in self.entries if e.filename == filename), None)

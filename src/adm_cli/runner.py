@@ -31,7 +31,6 @@ from .samplers import DEFAULT_STEPS
 from .schedule import space_timesteps
 from .weights import file_sha256
 
-UPSAMPLE_BASE = {256: 64, 512: 128}  # the paper's ADM-G + ADM-U pipelines
 MAX_SAMPLES = 10_000_000  # --num-samples: the labels of every sample are planned (and recorded) up front
 SEED_LIMIT = 2 ** 63  # sample k's generator seed S + k must fit torch's and numpy's seeds (signed 64-bit)
 
@@ -300,13 +299,7 @@ def _stages(req: SampleRequest) -> list[Stage]:
                          "(use --classifier NAME to pick another registry classifier)")
     registry = load_registry()
     if req.upsample:
-        if req.res not in UPSAMPLE_BASE:
-            raise UsageError("--upsample needs --res 256 (64 -> 256) or --res 512 (128 -> 512)")
-        base = registry.default_for(UPSAMPLE_BASE[req.res])
-        up = next((e for e in registry.entries if e.upsampler_base == UPSAMPLE_BASE[req.res]
-                   and e.resolution == req.res), None)
-        if up is None:
-            raise UsageError(f"no upsampler to {req.res} in the registry")
+        base, up = registry.upsample_pair(req.res)
         if req.model is not None:
             _check_upsampler_base(registry.get(req.model), up)
         return _fetch_weights([_registry_stage(req.model or base.name, req, stage="base", guidance=req.guidance,
