@@ -625,6 +625,28 @@ def test_ensure_converted_file(tmp_path, monkeypatch):
         ensure_converted_file(src, config=str(tmp_path / "c.json"), role="classifier")
 
 
+def test_a_damaged_conversion_of_a_file_given_by_path_is_made_again(tmp_path, monkeypatch, capsys):
+    """`adm sample --weights x.pt` converts x.pt once into the cache. Bytes changed there since
+    (same size, new mtime) are noticed by the sha256 recorded at writing, and the file is
+    converted again instead of being sampled from (it was used as it was, silently)."""
+    monkeypatch.setenv("ADM_HOME", str(tmp_path / "home"))
+    cfg = small("64x64")
+    ref = reference_model(cfg)
+    src = write_openai(tmp_path / "custom.pt", ref.state_dict())
+    (tmp_path / "c.json").write_text(json.dumps(cfg.to_dict()))
+    out = ensure_converted_file(src, config=str(tmp_path / "c.json"), quiet=True)
+    good = out.read_bytes()
+    with open(out, "r+b") as f:  # a flip inside the tensor data
+        f.seek(len(good) - 1000)
+        f.write(bytes(b ^ 0xFF for b in good[-1000:-900]))
+    damaged = out.read_bytes()
+    assert damaged != good
+    assert ensure_converted_file(src, config=str(tmp_path / "c.json")) == out
+    assert out.read_bytes() != damaged  # (not byte-equal to the first: safetensors orders metadata freely)
+    assert f"{out} does not match what was written: converting custom.pt again" in capsys.readouterr().err
+    _assert_same_outputs(out, ref, cfg)
+
+
 def test_a_conversion_cut_between_two_networks_is_redone(tmp_path, monkeypatch):
     """A run killed after writing the U-Net of a two-network file, before its classifier, left a
     folder that was then taken as complete ("holds unet, not a classifier", forever)."""
@@ -641,8 +663,8 @@ def test_a_conversion_cut_between_two_networks_is_redone(tmp_path, monkeypatch):
                                 if k != "kind") for role, p in conf.items()))
     unet = ensure_converted_file(src, config=str(tmp_path / "both.toml"), quiet=True)
     folder = unet.parent
-    assert sorted(p.name for p in folder.iterdir()) == [".lock", "classifier.safetensors", "roles.json",
-                                                        "unet.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == [".lock", "classifier.safetensors", "classifier.safetensors.json",
+                                                        "roles.json", "unet.safetensors", "unet.safetensors.json"]
     (folder / "classifier.safetensors").unlink()
     (folder / "roles.json").unlink()  # as the kill left it
     clf = ensure_converted_file(src, config=str(tmp_path / "both.toml"), role="classifier", quiet=True)

@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from adm_cli import cache, cli_weights, download  # noqa: F401 - cli_weights registers the commands
-from adm_cli.cache import cache_status, ensure_weights, fetch_entry, raw_path
+from adm_cli.cache import cache_status, converted_path, ensure_weights, fetch_entry, raw_path
 from adm_cli.cli import app
 from adm_cli.errors import ChecksumError, ConversionError, DownloadError, OfflineError, UsageError
 from adm_cli.registry import load_registry
@@ -384,6 +384,27 @@ def test_offline_is_one_clear_line(env, server, monkeypatch):
     monkeypatch.setenv("ADM_OFFLINE", "off")
     assert not cache.offline_requested()
     assert server.requests == []
+
+
+def test_quiet_sample_prints_only_the_grid_path_even_when_it_fetches_and_converts(env, server, files, tmp_path):
+    """`adm sample -q`: "nothing but errors and, on stdout, the grid's path", also on the run
+    that downloads and converts its weights (their progress bars and "wrote ..." lines were
+    printed), and for a --weights file converted on first use."""
+    from adm_cli.cli import _register
+
+    _register()
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["sample", "--model", "tiny", "--guidance", "0", "-n", "1", "--steps", "2",
+                                      "--device", "cpu", "--mirror", server.base, "--out", str(out), "-q"])
+    assert result.exit_code == 0 and result.output == f"{out / 'grid.png'}\n", result.output
+    assert len(server.requests) == 1 and converted_path(_entry("tiny"), "unet").is_file()  # fetched, converted
+    raw = raw_path(_entry("tiny"))
+    (tmp_path / "flags.json").write_text(json.dumps(small("64x64").to_dict()))
+    out = tmp_path / "by-path"
+    result = CliRunner().invoke(app, ["sample", "--weights", str(raw), "--config", str(tmp_path / "flags.json"),
+                                      "-n", "1", "--steps", "2", "--device", "cpu", "--out", str(out), "-q"])
+    assert result.exit_code == 0 and result.output == f"{out / 'grid.png'}\n", result.output
+    assert list((env / "home" / "converted").glob("*/unet.safetensors"))  # it was converted, silently
 
 
 def test_cli_fetch_res_then_models(env, server, files):

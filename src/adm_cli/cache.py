@@ -132,13 +132,26 @@ def _is_current(entry: Entry, role: str, *, rehash: bool = False) -> bool:
     if not (meta.get("adm_registry_name") == entry.name
             and meta.get("adm_config") == json.dumps(cfg.to_dict(), sort_keys=True)):
         return False
+    return _as_written(path, rehash=rehash)
+
+
+def _as_written(path: Path, *, rehash: bool = False) -> bool:
+    """A converted file still holds the bytes it was written with: hashed again against the
+    sha256 recorded beside it when its size or mtime changed (or with ``rehash``). One written by
+    an older release has no record: nothing to check it against."""
     record = _read_record(path)
-    if not record.get("sha256"):  # written by an older release: nothing to check against
+    if not record.get("sha256"):
         return True
     st = path.stat()
     if not rehash and record.get("verified_stat") == [st.st_size, st.st_mtime_ns]:
         return True
     return sha256_file(path) == record["sha256"]
+
+
+def _record_written(paths: Iterable[Path], source: str) -> None:
+    """Record each converted file's sha256, for ``_as_written`` to check it against later."""
+    for path in paths:
+        _write_record(path, sha256_file(path), False, source, loaded=True)
 
 
 # -- the published file ------------------------------------------------------------------------
@@ -310,8 +323,7 @@ def convert_entry(entry: Entry, raw: Path, digest: str, *, quiet: bool = False) 
         with _first_use(entry, raw, digest):
             written = convert_checkpoint(raw, name=entry.name, source_sha256=digest, outputs=outputs,
                                          log=None if quiet else (lambda m: _say(m, False)))
-        for path in written.values():  # what _is_current checks the file against later
-            _write_record(path, sha256_file(path), False, raw.name, loaded=True)
+        _record_written(written.values(), raw.name)
         return written
 
 
@@ -393,12 +405,17 @@ def ensure_converted_file(path: str | Path, *, arch: str | Sequence[str] | None 
             complete = sorted(json.loads(done.read_text(encoding="utf-8"))) == sorted(files)
         except (OSError, ValueError, TypeError):
             complete = False
-        if not complete:
+        damaged = [p for p in files.values() if not _as_written(p)] if complete else []  # made again, not used
+        if damaged:
+            _say(f"{damaged[0]} does not match what was written: converting {path.name} again", quiet)
+        if not complete or damaged:
+            done.unlink(missing_ok=True)
             for p in files.values():
                 p.unlink()
             files = convert_checkpoint(path, arch=arch, config=config,
                                        outputs=lambda r: folder / f"{r}.safetensors",
                                        log=None if quiet else (lambda m: _say(m, False)))
+            _record_written(files.values(), path.name)
             _write_json(done, sorted(files))
     return _pick_role(files, role, path)
 

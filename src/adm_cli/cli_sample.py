@@ -87,7 +87,7 @@ def sample(
         classifier_weights=classifier_weights, config=config, classes=classes, sampler=sampler, steps=steps,
         respacing=respacing, eta=eta, num_samples=num_samples, batch_size=batch_size, seed=seed, device=device,
         dtype=dtype, upsample=upsample, out=None if out is None else Path(out), nrow=nrow, offline=offline, mirror=mirror, compile=compile,
-        cuda_graph=cuda_graph, resume=resume,
+        cuda_graph=cuda_graph, resume=resume, quiet=quiet or not team.is_root,
     )
     try:
         with team:

@@ -14,7 +14,7 @@ import platform
 import re
 import secrets
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -64,6 +64,7 @@ class SampleRequest:
     compile: bool = False
     cuda_graph: bool | None = None  # None: on for CUDA unless compile (a replay issues a step's launches at once)
     resume: bool = False
+    quiet: bool = False  # no download bars or conversion messages (errors still raise)
 
 
 @dataclass
@@ -199,7 +200,7 @@ def _fetch_weights(stages: list[Stage], req: SampleRequest) -> list[Stage]:
 
     missing_offline(dict.fromkeys(name for s in stages for name in (s.unet, s.classifier) if name),
                     offline=req.offline)
-    fetch = dict(offline=req.offline, mirror=req.mirror, quiet=False)
+    fetch = dict(offline=req.offline, mirror=req.mirror, quiet=req.quiet)
     for s in stages:
         s.unet_path = ensure_weights(s.unet, "unet", **fetch)
         if s.classifier:
@@ -243,13 +244,13 @@ def _check_classes(req: SampleRequest, entry, classifier: str | None) -> None:
                     entry.num_classes if entry.class_cond else clf_classes, classifier is not None, req.num_samples)
 
 
-def _converted(path: Path, role: str, flag: str, config: str | None = None) -> Path:
+def _converted(path: Path, role: str, flag: str, config: str | None = None, quiet: bool = False) -> Path:
     """``ensure_converted_file``, with convert's advice reworded for adm sample: it has no --arch,
     and its --config describes the U-Net only."""
     from .cache import ensure_converted_file
 
     try:
-        return ensure_converted_file(path, config=config, role=role)
+        return ensure_converted_file(path, config=config, role=role, quiet=quiet)
     except ConversionError as exc:
         if ARCH_HINT not in str(exc):
             raise
@@ -265,7 +266,8 @@ def _file_stage(req: SampleRequest) -> Stage:
     if req.classifier is not None:
         raise UsageError("--classifier picks a registry classifier for a registry --model; "
                          "with --weights pass the file with --classifier-weights")
-    unet_path = _converted(req.weights, "unet", "--weights", config=str(req.config) if req.config else None)
+    unet_path = _converted(req.weights, "unet", "--weights", config=str(req.config) if req.config else None,
+                           quiet=req.quiet)
     cfg = read_config(unet_path)
     if isinstance(cfg, UNetConfig) and cfg.is_super_res:
         raise UsageError(f"--weights {req.weights} is an upsampler: it needs low-resolution images to start from, "
@@ -275,7 +277,7 @@ def _file_stage(req: SampleRequest) -> Stage:
         raise UsageError(f"--weights {req.weights} makes {cfg.image_size}x{cfg.image_size} images, not --res {req.res}")
     clf_path = None
     if req.classifier_weights is not None:
-        clf_path = _converted(req.classifier_weights, "classifier", "--classifier-weights")
+        clf_path = _converted(req.classifier_weights, "classifier", "--classifier-weights", quiet=req.quiet)
     scale = req.guidance if req.guidance is not None else (1.0 if clf_path else 0.0)
     sampler = req.sampler or "ddpm"
     settings = api.SamplerSettings(sampler, steps=None if req.respacing is not None else req.steps or DEFAULT_STEPS.get(sampler),
@@ -651,6 +653,3 @@ def _run_stage(plan: RunPlan, stage: Stage, wanted: list[int], todo: list[int], 
     team.sample(generate if mine else None, write, progress, stage.num_steps)
     return sum(map(len, blocks)), batch
 
-
-def request_dict(req: SampleRequest) -> dict[str, Any]:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(req).items()}
