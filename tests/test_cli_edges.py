@@ -171,6 +171,12 @@ def test_prepare_for_a_missing_cuda_device_is_one_line(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UsageError, match="device cuda was asked for but no CUDA device is available"):
         api.prepare(exact(TINY["new-order"]), device="cuda")
+    with pytest.raises(UsageError, match="^device cuda:1 was asked for but no CUDA device is available$"):
+        api.prepare(exact(TINY["new-order"]), device="cuda:1")  # named as given
+    from adm_cli.runner import pick_device
+
+    with pytest.raises(UsageError, match="^--device cuda:1 was asked for but no CUDA device is available$"):
+        pick_device("cuda:1")
 
 
 def test_plans_on_other_kinds_of_device_differ():

@@ -174,6 +174,9 @@ def test_unconditional_model_needs_a_classifier_for_class(tmp_path, files):
     (["--device", "cuda:x"], "unknown --device 'cuda:x'"),
     (["--device", "cuda:-1"], "unknown --device 'cuda:-1'"),
     (["--steps", "2000"], "bad respacing '2000'"),
+    # DDIM's every-k-th spacing: the way out it suggests must work (--respacing 2000 would not)
+    (["--sampler", "ddim", "--steps", "999"], "--respacing 999 spreads 999 steps evenly instead"),
+    (["--sampler", "ddim", "--steps", "2000"], "the model has 1000 diffusion steps; give at most --steps 1000"),
     (["--sampler", "ddpm", "--eta", "0.5"], "ddpm ignores it"),
     (["--steps", "3", "--respacing", "2"], "--steps and --respacing"),
     (["--class", " , "], "names no class"),

@@ -204,11 +204,31 @@ def test_a_config_that_is_not_text_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("ADM_HOME", str(tmp_path / "home"))
     src = write_openai(tmp_path / "m.pt", reference_model(small("64x64")).state_dict())
     result = CliRunner().invoke(app, ["convert-weights", str(src), "--config", str(src)])
-    assert result.exit_code == 1 and result.output == "error: m.pt is not a JSON or TOML config (not UTF-8 text)\n"
+    assert result.exit_code == 2 and result.output == "error: m.pt is not a JSON or TOML config (not UTF-8 text)\n"
     assert _only(tmp_path) == ["m.pt"]
     (tmp_path / "latin1.toml").write_bytes("image_size = 32 # caf\xe9\n".encode("latin-1"))
     with pytest.raises(ConfigError, match=r"^latin1.toml is not a JSON or TOML config \(not UTF-8 text\)$"):
         ensure_converted_file(src, config=str(tmp_path / "latin1.toml"), quiet=True)
+
+
+def test_wrong_input_exits_2_and_a_failed_job_1(tmp_path):
+    """The README's rule, for convert-weights: a flag's value that is wrong (an --arch name, a
+    --dtype, an output name, a --config that is no flag table) exits 2; a file that cannot be
+    converted exits 1. Each is one line; nothing is written."""
+    src = write_openai(tmp_path / "m.pt", reference_model(small("64x64")).state_dict())
+    (tmp_path / "list.json").write_text("[1]")
+    for args, code, message in (
+            (["--arch", "64x64_difusion"], 2, "--arch '64x64_difusion' is neither a preset nor a registry name; "
+                                              "did you mean 64x64_diffusion"),
+            (["--arch", "64x64_diffusion", "--dtype", "fp8"], 2, "--dtype must be one of"),
+            (["--arch", "64x64_diffusion", str(tmp_path / "out.bin")], 2, "must end in .safetensors"),
+            (["--config", str(tmp_path / "none.json")], 2, "cannot read config"),
+            (["--config", str(tmp_path / "list.json")], 2, "list.json: expected a table of flags"),
+            (["--arch", "256x256_diffusion"], 1, "m.pt: ")):  # the file does not fit: the job fails
+        result = CliRunner().invoke(app, ["convert-weights", str(src), *args])
+        assert result.exit_code == code and result.output.count("\n") == 1, (args, result.output)
+        assert result.output.startswith("error: ") and message in result.output, (args, result.output)
+    assert _only(tmp_path) == ["list.json", "m.pt"]
 
 
 @pytest.mark.parametrize("table,key,value,meant", [
@@ -228,7 +248,7 @@ def test_a_misspelt_flag_is_refused_not_dropped(tmp_path, table, key, value, mea
     (tmp_path / "typo.json").write_text(json.dumps(flags))
     result = CliRunner().invoke(app, ["convert-weights", str(src), "--config", str(tmp_path / "typo.json")])
     where = f"typo.json [{table}]" if table else "typo.json"
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 2, result.output  # wrong input
     assert result.output == f"error: unknown flag {key!r} in {where} (did you mean {meant!r}?)\n"
     assert _only(tmp_path) == ["m.pt", "typo.json"]
     with pytest.raises(ConfigError, match=rf"^unknown flag '{key}' in the given config \(did you mean '{meant}'\?\)$"):
@@ -585,6 +605,18 @@ def test_cli_refuses_malicious_file_in_one_line(tmp_path):
     assert result.exit_code == 1
     assert result.output.count("\n") == 1 and "refused" in result.output and "system" in result.output
     assert not marker.exists()
+
+
+def test_a_plain_pickle_loads_without_torchs_protocol_warning(tmp_path):
+    """A non-zip pickle of protocol 4 made torch warn, in two lines above our own, of
+    instructions its restricted reader might not support."""
+    state = {"w": torch.arange(3.0)}
+    with open(tmp_path / "plain.pt", "wb") as f:
+        torch.save(state, f, _use_new_zipfile_serialization=False, pickle_protocol=4)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        got = load_checkpoint(tmp_path / "plain.pt")
+    assert torch.equal(got["w"], state["w"]) and not [w for w in seen if "pickle protocol" in str(w.message)]
 
 
 # -- CLI and files given by path -------------------------------------------------------------------

@@ -84,6 +84,9 @@ class SamplerSettings:
         except RespacingError as exc:
             if self.respacing is not None or "no integer stride" not in str(exc):
                 raise
+            if steps > diffusion_steps:  # no spacing takes more steps than the model was trained with
+                raise RespacingError(f"--steps {steps}: the model has {diffusion_steps} diffusion steps; "
+                                     f"give at most --steps {diffusion_steps}") from None
             # the user typed --steps N, not "ddimN": say what DDIM's spacing is and the way out
             raise RespacingError(f"--steps {steps}: DDIM takes every k-th of the {diffusion_steps} steps and no "
                                  f"integer k gives exactly {steps}; --respacing {steps} spreads {steps} steps "

@@ -32,7 +32,7 @@ import torch
 
 from .config import PRESETS, AnyConfig, ClassifierConfig, UNetConfig, config_from_dict
 from .download import sha256_file
-from .errors import ConfigError, ConversionError, RegistryError, WeightsError
+from .errors import ConfigError, ConfigInputError, ConversionError, RegistryError, UsageError, WeightsError
 from .models import build_model
 from .registry import Entry, Registry, load_registry
 from .safe_load import load_checkpoint
@@ -179,7 +179,7 @@ def check_flag_names(data: Mapping[str, Any], where: str) -> None:
         # lowercased: config.py matches names exactly, so "Image_Size" is as lost as a typo
         close = difflib.get_close_matches(name.lower(), sorted(MODEL_FLAGS), n=1, cutoff=TYPO_CUTOFF)
         if close:
-            raise ConfigError(f"unknown flag {str(key)!r} in {where} (did you mean {close[0]!r}?)")
+            raise ConfigInputError(f"unknown flag {str(key)!r} in {where} (did you mean {close[0]!r}?)")
     for role in ("unet", "classifier"):
         if isinstance(data.get(role), Mapping):
             check_flag_names(data[role], f"{where} [{role}]")
@@ -191,16 +191,16 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:  # a checkpoint (or another binary file) given as --config
-        raise ConfigError(f"{path.name} is not a JSON or TOML config (not UTF-8 text)") from None
+        raise ConfigInputError(f"{path.name} is not a JSON or TOML config (not UTF-8 text)") from None
     except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
+        raise ConfigInputError(f"cannot read config {path}: {exc.strerror or exc}") from None
     is_toml = path.suffix.lower() == ".toml"
     try:
         data = tomllib.loads(text) if is_toml else json.loads(text)
     except (ValueError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{path.name} is not valid {'TOML' if is_toml else 'JSON'}: {exc}") from None
+        raise ConfigInputError(f"{path.name} is not valid {'TOML' if is_toml else 'JSON'}: {exc}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path.name}: expected a table of flags")
+        raise ConfigInputError(f"{path.name}: expected a table of flags")
     check_flag_names(data, path.name)
     return data
 
@@ -275,7 +275,7 @@ def _arch_entry(name: str, registry: Registry) -> Entry:
     except RegistryError:
         close = difflib.get_close_matches(name, list(dict.fromkeys([*PRESETS, *registry.names()])), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; presets: {', '.join(PRESETS)}"
-        raise ConfigError(f"--arch {name!r} is neither a preset nor a registry name{hint}") from None
+        raise ConfigInputError(f"--arch {name!r} is neither a preset nor a registry name{hint}") from None
     if any(cfg is None for cfg in entry.configs.values()):
         raise ConversionError(f"{name} is a bundled file: its architecture is in the file, not the registry")
     return entry
@@ -409,7 +409,7 @@ def output_paths(src: Path, dst: str | Path | None, roles: Sequence[str], dtype:
     if dst.suffix != ".safetensors" and not (dst.exists() and os.path.samefile(dst, src)):
         # adm sample --weights (and other tools) pick the reader by the name: a .pt name on a
         # safetensors file would be unpickled and refused (SRC itself: _write_all says so)
-        raise ConversionError(f"output file {dst} must end in .safetensors (or give a folder, ending in /)")
+        raise UsageError(f"output file {dst} must end in .safetensors (or give a folder, ending in /)")
     if not multi:
         return {roles[0]: dst}
     stem = dst.name.removesuffix(".safetensors")
@@ -447,7 +447,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path | None = None, *, arch: 
     Nothing is written on failure."""
     src = Path(src)
     if dtype not in DTYPES:
-        raise ConversionError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if not src.is_file():
         raise ConversionError(f"checkpoint not found: {src}")
     registry = registry or load_registry()

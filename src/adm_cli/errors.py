@@ -16,6 +16,13 @@ class ConfigError(AdmError, ValueError):
     """An architecture or diffusion config that cannot describe a valid model."""
 
 
+class ConfigInputError(ConfigError):
+    """A config the user gave that is wrong as given: a misspelt flag, an unknown ``--arch`` name,
+    a ``--config`` file that is not a readable table of flags."""
+
+    exit_code = 2
+
+
 class RespacingError(ConfigError):
     """A timestep-respacing string the reference would reject."""
 

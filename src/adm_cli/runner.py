@@ -148,7 +148,7 @@ def pick_device(name: str) -> str:
     if name == "mps" and not (mps is not None and mps.is_available()):
         raise UsageError("--device mps was asked for but this machine (or this torch build) has no MPS device")
     if cuda and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA device is available")
+        raise UsageError(f"--device {name} was asked for but no CUDA device is available")
     if cuda and cuda.group(1) is not None and int(cuda.group(1)) >= torch.cuda.device_count():
         raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
                          f"numbered from 0")

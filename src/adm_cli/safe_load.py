@@ -25,6 +25,7 @@ import collections
 import pickle
 import re
 import types
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +150,14 @@ restricted_pickle.loads = _restricted_loads
 def load_checkpoint(path: str | Path) -> Any:
     """The object a torch checkpoint holds, loaded on the CPU without running pickled code."""
     path = Path(path)
+    with warnings.catch_warnings():
+        # a plain (non-zip) pickle of another protocol: torch warns of instructions its restricted
+        # reader might lack, in two lines above our own one (it reads them, or we refuse the file)
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        return _load(path)
+
+
+def _load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
