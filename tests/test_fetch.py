@@ -657,3 +657,20 @@ def test_a_damaged_conversion_is_found_and_made_again(env, server, files):
     unet.write_bytes(bytes(damaged))  # a change that moves the mtime: adm sample's check finds it
     assert ensure_weights("tiny", offline=True) == unet and same(unet)
     assert len(server.requests) == 1  # made again from the cached download each time
+
+
+def test_an_intact_conversion_whose_mtime_moved_is_hashed_once(env, server, monkeypatch):
+    """A copied cache keeps the bytes but not the mtimes: the first use hashes each converted file
+    again and records the new mtime, so later uses do not hash it (gigabytes) every time."""
+    unet = ensure_weights("tiny", mirror=server.base, quiet=True)
+    os.utime(unet, ns=(unet.stat().st_atime_ns, unet.stat().st_mtime_ns + 10 ** 9))
+    hashed = []
+    real = cache.sha256_file
+    monkeypatch.setattr(cache, "sha256_file", lambda p, *a: hashed.append(os.path.basename(p)) or real(p, *a))
+    assert ensure_weights("tiny", offline=True) == unet and hashed == ["unet.safetensors"]
+    assert ensure_weights("tiny", offline=True) == unet and hashed == ["unet.safetensors"]  # not again
+    mid = unet.stat().st_size // 2
+    with open(unet, "r+b") as f:  # a change after that is still found, and made good again
+        f.seek(mid)
+        f.write(b"\0" * 64)
+    assert ensure_weights("tiny", offline=True) == unet and unet.read_bytes()[mid:mid + 64] != b"\0" * 64

@@ -145,7 +145,11 @@ def _as_written(path: Path, *, rehash: bool = False) -> bool:
     st = path.stat()
     if not rehash and record.get("verified_stat") == [st.st_size, st.st_mtime_ns]:
         return True
-    return sha256_file(path) == record["sha256"]
+    if sha256_file(path) != record["sha256"]:
+        return False
+    with contextlib.suppress(OSError):  # intact (say, copied): not hashed again on every later use
+        _write_record(path, record["sha256"], False, record.get("source"), loaded=True)
+    return True
 
 
 def _record_written(paths: Iterable[Path], source: str) -> None:
@@ -218,26 +222,25 @@ def _say(message: str, quiet: bool) -> None:
         print(message, file=sys.stderr)
 
 
-def _offline_error(entry: Entry) -> OfflineError:
-    return OfflineError(f"{entry.name} is not in the cache ({entry_dir(entry)}) and downloads are off "
-                        f"(--offline / ADM_OFFLINE): run `adm fetch {entry.name}` with network access")
+def _offline_error(*entries: Entry) -> OfflineError:
+    names = [e.name for e in entries]
+    where = entry_dir(entries[0]) if len(entries) == 1 else cache_root()
+    return OfflineError(f"{', '.join(names)} {'is' if len(names) == 1 else 'are'} not in the cache ({where}) and "
+                        f"downloads are off (--offline / ADM_OFFLINE): run `adm fetch {' '.join(names)}` with "
+                        "network access")
 
 
 def missing_offline(names: Iterable[str], *, offline: bool = False) -> None:
-    """With downloads off, refuse at once, naming every entry of ``names`` that neither its
-    converted files nor its published file stand for in the cache (rather than the first only)."""
+    """With downloads off, refuse at once, naming every entry of ``names`` that has neither its
+    published file nor its converted files in the cache (rather than the first only). Only their
+    presence is looked at: ``ensure_weights`` checks what is there when it is used."""
     if not offline_requested(offline):
         return
     registry = load_registry()
-    entries = [registry.get(name) for name in names]
-    missing = [e for e in entries if not e.bundled and not raw_path(e).is_file()
-               and not all(_is_current(e, role) for role in e.roles)]
-    if len(missing) == 1:
-        raise _offline_error(missing[0])
+    missing = [e for e in map(registry.get, names) if not e.bundled and not raw_path(e).is_file()
+               and not all(converted_path(e, role).is_file() for role in e.roles)]
     if missing:
-        raise OfflineError(f"{', '.join(e.name for e in missing)} are not in the cache ({cache_root()}) and downloads "
-                           f"are off (--offline / ADM_OFFLINE): run `adm fetch {' '.join(e.name for e in missing)}` "
-                           "with network access")
+        raise _offline_error(*missing)
 
 
 def fetch_entry(entry: Entry, *, offline: bool = False, mirror: str | None = None,
