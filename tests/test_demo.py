@@ -52,6 +52,34 @@ def test_loading_needs_no_network(monkeypatch):
         assert cfg.in_channels == 1  # grey digits: grey networks (see scripts/train_demo.py)
 
 
+def test_loading_a_model_costs_no_compiler_imports():
+    """load_model builds the network on "meta" and assigns the file's tensors. Random init there
+    (nn.Embedding's normal_, the classifier's positional embedding divided by sqrt(C)) runs
+    torch's Python decompositions, which import torch._dynamo, torch._inductor and sympy: ~3 s
+    of every class-conditional or guided `adm sample` on this CPU (demo command 11.4-12.5 s
+    against 15.3-18.5 s). Those inits are skipped on meta only: every preset builds there
+    without the imports, and built on a real device the weights are still drawn at random."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from adm_cli.evaluation import demo_path; from adm_cli.weights import load_model\n"
+            "from adm_cli.config import PRESETS; from adm_cli.models import build_model\n"
+            "m = load_model(demo_path('demo-digits')); c = load_model(demo_path('demo-digits-classifier'))\n"
+            "assert m.config.class_cond and m.label_emb.weight.abs().sum() > 0\n"
+            "assert c.out[2].positional_embedding.abs().sum() > 0\n"
+            "with torch.device('meta'):\n"
+            "    nets = [build_model(cfg) for cfg in PRESETS.values()]\n"
+            "print(sorted(k for k in ('torch._dynamo', 'torch._inductor', 'sympy') if k in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]", proc.stdout
+    torch.manual_seed(0)
+    built = UNet(read_config(demo_path("demo-digits")))
+    assert built.label_emb.weight.std().item() > 0.5  # N(0, 1), as nn.Embedding draws it
+    pool = Classifier(read_config(demo_path("demo-digits-classifier"))).out[2].positional_embedding
+    assert abs(pool.std().item() * pool.shape[0] ** 0.5 - 1) < 0.2  # N(0, 1 / C)
+
+
 def test_grey_images_are_written_as_rgb():
     x = torch.linspace(-1, 1, 2 * 1 * 4 * 5).view(2, 1, 4, 5)
     out = api.to_uint8(x)

@@ -432,7 +432,10 @@ class AttentionPool2d(nn.Module):
 
     def __init__(self, spatial: int, channels: int, head_channels: int, out_channels: int):
         super().__init__()
-        self.positional_embedding = nn.Parameter(torch.randn(channels, spatial ** 2 + 1) / channels ** 0.5)
+        pos = torch.empty(channels, spatial ** 2 + 1)
+        if not pos.is_meta:  # (on "meta", where load_model builds, the division would import torch._dynamo: ~2 s)
+            pos = torch.randn(channels, spatial ** 2 + 1) / channels ** 0.5
+        self.positional_embedding = nn.Parameter(pos)
         self.qkv_proj = nn.Conv1d(channels, 3 * channels, 1)
         self.c_proj = nn.Conv1d(channels, out_channels, 1)
         self.heads = channels // head_channels

@@ -19,6 +19,19 @@ from .layers import (AttentionBlock, AttentionPool2d, EmbedSequential, GroupNorm
                      block_embeddings, build_encoder, derived, middle_block, time_embed, timestep_embedding)
 
 
+class LabelEmbedding(nn.Embedding):
+    """nn.Embedding for the class label y, whose random init is skipped on the meta device.
+
+    ``weights.load_model`` builds the network on "meta" and assigns the file's tensors. There,
+    nn.Embedding's normal_ init runs torch's Python decomposition, which imports torch._dynamo,
+    torch._inductor and sympy: ~3 s of every class-conditional ``adm sample`` on a CPU, for
+    values that are then thrown away."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
 class UNet(nn.Module):
     """The ADM U-Net (class-conditional, unconditional or super-resolution)."""
 
@@ -30,7 +43,7 @@ class UNet(nn.Module):
         common = dict(scale_shift=cfg.use_scale_shift_norm, dropout=cfg.dropout)
         self.time_embed = time_embed(mc)
         if cfg.class_cond:
-            self.label_emb = nn.Embedding(cfg.num_classes, emb_ch)
+            self.label_emb = LabelEmbedding(cfg.num_classes, emb_ch)
         in_ch = cfg.in_channels * (2 if cfg.is_super_res else 1)
         self.input_blocks, skips, ds = build_encoder(
             in_channels=in_ch, model_channels=mc, mults=mults, num_res_blocks=cfg.num_res_blocks,
