@@ -26,12 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from .convert import convert_checkpoint, read_networks
 from .download import NullProgress, RichProgress, download, file_lock, sha256_file, sha256_matches
 from .errors import ChecksumError, ConversionError, OfflineError, UsageError, WeightsError
+from .metadata import read_metadata
 from .registry import Entry, load_registry
-from .safe_load import load_checkpoint
-from .weights import read_metadata
+
+# convert and safe_load (torch) are imported where a file is converted or read: `adm models`, `adm
+# fetch` of a converted model and the cache's checks run without torch.
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
@@ -310,6 +311,9 @@ def check_fetched(entry: Entry, raw: Path, digest: str) -> None:
     for ``adm fetch --no-convert``, which otherwise would never read it."""
     with file_lock(entry_dir(entry) / ".lock"), _first_use(entry, raw, digest) as probation:
         if probation:
+            from .convert import read_networks
+            from .safe_load import load_checkpoint
+
             read_networks(load_checkpoint(raw), raw.name)
 
 
@@ -323,6 +327,8 @@ def convert_entry(entry: Entry, raw: Path, digest: str, *, quiet: bool = False) 
         for role, path in outputs.items():
             if path.exists() and not _is_current(entry, role):
                 path.unlink()  # written from an older registry: redo
+        from .convert import convert_checkpoint
+
         with _first_use(entry, raw, digest):
             written = convert_checkpoint(raw, name=entry.name, source_sha256=digest, outputs=outputs,
                                          log=None if quiet else (lambda m: _say(m, False)))
@@ -415,6 +421,8 @@ def ensure_converted_file(path: str | Path, *, arch: str | Sequence[str] | None 
             done.unlink(missing_ok=True)
             for p in files.values():
                 p.unlink()
+            from .convert import convert_checkpoint
+
             files = convert_checkpoint(path, arch=arch, config=config,
                                        outputs=lambda r: folder / f"{r}.safetensors",
                                        log=None if quiet else (lambda m: _say(m, False)))

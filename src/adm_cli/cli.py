@@ -131,7 +131,7 @@ def _register() -> None:
 def main() -> None:
     _catch_stop_signals()
     try:
-        _register()  # imports torch: seconds, where a Ctrl-C would otherwise print a traceback
+        _register()  # typer and rich (torch waits for a command that needs it); a Ctrl-C here is one line too
     except KeyboardInterrupt as exc:
         message, code = _interruption(exc)
         typer.echo(f"error: {message}", err=True)

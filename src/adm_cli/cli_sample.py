@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
 from rich.text import Text
 from rich.progress import ProgressColumn, BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from . import distributed
 from .errors import AdmError, UsageError
 from .cli import app, handle_errors
-from .outputs import read_run_plan
-from .runner import RunPlan, SampleRequest, check_output, execute
+
+if TYPE_CHECKING:
+    from .runner import RunPlan, SampleRequest
+
+# The runner, torch.distributed and torch itself are imported when a sample runs, not here:
+# `adm --help`, `adm sample --help` and a misspelt flag answer at once.
 
 
 class _RateColumn(ProgressColumn):
@@ -75,6 +78,9 @@ def sample(
     """
     if out is not None and not out.strip():  # an unset shell variable: not "the current folder"
         raise UsageError("--out is empty; give a folder (or leave --out out for a new one under ./samples/)")
+    from . import distributed
+    from .runner import SampleRequest
+
     try:
         team = distributed.join(device)  # a single process outside torchrun
     except AdmError as exc:
@@ -107,6 +113,9 @@ def sample(
 
 
 def _run(team, request: SampleRequest, console: Console, quiet: bool):
+    from .outputs import read_run_plan
+    from .runner import check_output, execute
+
     # --out first: a folder that cannot be used fails before weights are fetched or the plan printed
     team.from_root(lambda: check_output(request), "checking the output folder")
     fresh = request.resume and team.is_root and read_run_plan(request.out) is None

@@ -12,8 +12,8 @@ from rich.table import Table
 from .cache import (cache_root, cache_status, check_fetched, convert_entry, converted_path, fetch_entry,
                     verify_converted)
 from .cli import app, fail, handle_errors
-from .convert import DTYPES, convert_checkpoint
 from .errors import AdmError
+from .metadata import STORED_DTYPES
 from .registry import Entry, load_registry
 
 
@@ -154,7 +154,7 @@ def convert_weights(
     dst: Optional[str] = typer.Argument(None, help=_DST_HELP, show_default=_DST_DEFAULT),
     arch: Optional[List[str]] = typer.Option(None, "--arch", help=_ARCH_HELP, show_default="from the registry"),
     config: Optional[Path] = typer.Option(None, "--config", help=_CONFIG_HELP, show_default="none"),
-    dtype: str = typer.Option("float32", "--dtype", help=f"Stored dtype: {', '.join(DTYPES)}."),
+    dtype: str = typer.Option("float32", "--dtype", help=f"Stored dtype: {', '.join(STORED_DTYPES)}."),
     force: bool = typer.Option(False, "--force", show_default="off: refuse", help="Overwrite existing outputs."),
     quiet: bool = typer.Option(False, "--quiet", "-q", show_default="off", help="Print nothing but errors."),
 ) -> None:
@@ -164,6 +164,8 @@ def convert_weights(
     or --config, from the metadata of a file adm converted before, or from the registry (matched
     by sha256 or file name); shapes alone never decide.
     """
+    from .convert import convert_checkpoint
+
     console = Console(stderr=True, quiet=quiet, soft_wrap=True)
     paths = convert_checkpoint(src, dst, arch=arch or None, config=config, dtype=dtype, force=force,
                                log=console.print)

@@ -33,12 +33,13 @@ import torch
 from .config import PRESETS, AnyConfig, ClassifierConfig, UNetConfig, config_from_dict
 from .download import sha256_file
 from .errors import ConfigError, ConfigInputError, ConversionError, RegistryError, UsageError, WeightsError
+from .metadata import STORED_DTYPES
 from .models import build_model
 from .registry import Entry, Registry, load_registry
 from .safe_load import load_checkpoint
 from .weights import read_config, read_metadata, save_weights
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in STORED_DTYPES}
 
 # mmagic's U-Net module names -> OpenAI's (open-mmlab/mmagic DenoisingUnet vs guided-diffusion
 # UNetModel). Prefix rules apply at the start of a key, infix rules anywhere inside it.

@@ -19,6 +19,7 @@ import torch
 from .config import AnyConfig, config_from_dict
 from .download import sha256_file
 from .errors import ConfigError, OutputError, WeightsError
+from .metadata import read_metadata  # (torch-free; also weights.read_metadata)
 from .models import build_model
 
 FORMAT_VERSION = "1"
@@ -77,18 +78,6 @@ def save_weights(path: str | Path, state_dict: Mapping[str, torch.Tensor], confi
     finally:
         tmp.unlink(missing_ok=True)
     return path
-
-
-def read_metadata(path: str | Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except FileNotFoundError:
-        raise WeightsError(f"weights file not found: {path}") from None
-    except Exception as exc:  # safetensors raises its own error types for a bad header
-        raise WeightsError(f"{path} is not a readable safetensors file ({exc})") from None
 
 
 def read_config(path: str | Path) -> AnyConfig:
