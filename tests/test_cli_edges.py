@@ -416,3 +416,87 @@ def test_help_version_and_models_answer_without_importing_torch(tmp_path, monkey
     assert entry.name in listing and "ADM models" in listing
     last, proc = adm("sample", "--model", "demo-digits", "-n", "1", "--steps", "2", "--out", str(tmp_path / "o"), "-q")
     assert last == "TORCH 0", proc.stderr[-500:]
+
+
+def test_bad_requests_are_refused_before_torch_is_imported(tmp_path, monkeypatch):
+    """A slip in `adm sample`'s or `adm convert-weights`' arguments cost the 3-5 s of importing
+    torch before its one line (3.4-4.8 s measured here); request.check_request and
+    flags.conversion_args read only the flags, the registry (with the bundled demo models'
+    metadata), --config and whether the files are there: 0.6-1.1 s. Each case exits with its code and
+    line, imports no torch and creates nothing; the library's entry (runner.plan_run,
+    convert.convert_checkpoint) refuses the same arguments with the same words."""
+    import os
+    import re
+    import subprocess
+
+    from adm_cli.convert import convert_checkpoint
+    from adm_cli.runner import SampleRequest, plan_run
+
+    monkeypatch.setenv("ADM_HOME", str(tmp_path / "home"))
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "grid.png").write_bytes(b"")
+    flags = tmp_path / "flags.json"
+    flags.write_text('{"image_size": 64,')  # broken JSON
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(b"not read")
+
+    def plan(**request):
+        return lambda: plan_run(SampleRequest(**{"device": "cpu", "offline": True, **request}))
+
+    def convert(**kwargs):
+        return lambda: convert_checkpoint(**kwargs)
+
+    demo = ["sample", "--model", "demo-digits"]
+    cases = [  # (arguments, the same call to the library or None, exit code, words of the line)
+        (["sample", "--model", "nosuch"], plan(model="nosuch"), 2, "unknown model 'nosuch'"),
+        (["sample", "--res", "100"], plan(res=100), 2, "--res 100 is not available"),
+        ([*demo, "--class", "10"], plan(model="demo-digits", classes="10"), 2, "out of range 0-9"),
+        ([*demo, "-n", "2", "--class", "1,2,3"], plan(model="demo-digits", num_samples=2, classes="1,2,3"), 2,
+         "--class lists 3 classes but -n is 2"),
+        ([*demo, "--sampler", "ddim", "--eta", "2"], plan(model="demo-digits", sampler="ddim", eta=2.0), 2,
+         "--eta must be in [0, 1]"),
+        ([*demo, "--respacing", "ddimx"], plan(model="demo-digits", respacing="ddimx"), 2, "bad respacing 'ddimx'"),
+        ([*demo, "--seed", "-1"], plan(model="demo-digits", seed=-1), 2, "--seed must be in"),
+        ([*demo, "--device", "gpu"], plan(model="demo-digits", device="gpu"), 2, "unknown --device 'gpu'"),
+        (["sample", "--model", "demo-digits-uncond", "--class", "3", "--guidance", "0"],
+         plan(model="demo-digits-uncond", classes="3", guidance=0.0), 2, "is unconditional"),
+        ([*demo, "--classifier", "demo-digits"], plan(model="demo-digits", classifier="demo-digits"), 2,
+         "holds a diffusion model, not a classifier"),
+        (["sample", "--weights", "x.pt", "--model", "demo-digits"], plan(weights="x.pt", model="demo-digits"), 2,
+         "cannot be combined"),
+        (["sample", "--weights", "x.pt", "--guidance", "1"], plan(weights="x.pt", guidance=1.0), 2,
+         "needs --classifier-weights"),
+        (["sample", "--weights", "x.pt"], plan(weights="x.pt"), 1, "weights file not found: x.pt"),
+        (["sample", "--weights", str(ckpt), "--config", str(flags)], plan(weights=ckpt, config=flags), 2,
+         "flags.json is not valid JSON"),
+        ([*demo, "--out", str(taken)], None, 1, "already holds a run"),
+        (["convert-weights", "x.pt"], convert(src="x.pt"), 1, "checkpoint not found: x.pt"),
+        (["convert-weights", str(ckpt), "--arch", "64x64_diffuson"], convert(src=ckpt, arch="64x64_diffuson"), 2,
+         "did you mean 64x64_diffusion"),
+        (["convert-weights", str(ckpt), "--config", str(flags)], convert(src=ckpt, config=flags), 2,
+         "flags.json is not valid JSON"),
+        (["convert-weights", str(ckpt), "--dtype", "f8"], convert(src=ckpt, dtype="f8"), 2, "--dtype must be one of"),
+    ]
+    script = tmp_path / "run.py"
+    script.write_text("import json, sys; from adm_cli.cli import main\n"
+                      "for args in json.loads(sys.argv[1]):\n"
+                      "    sys.argv = ['adm', *args]\n"
+                      "    print('CASE', file=sys.stderr, flush=True)\n"
+                      "    try:\n        main()\n    except SystemExit as e:\n        print('EXIT', e.code, flush=True)\n"
+                      "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
+    argv = [args if args[0] != "sample" or "--out" in args else [*args, "--out", str(tmp_path / f"out{i}")]
+            for i, (args, *_) in enumerate(cases)]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    proc = subprocess.run([sys.executable, str(script), json.dumps(argv)], capture_output=True, text=True,
+                          env=dict(os.environ), cwd=tmp_path, timeout=120)
+    codes = [int(line.split()[1]) for line in proc.stdout.splitlines() if line.startswith("EXIT")]
+    lines = [chunk.strip().splitlines() for chunk in proc.stderr.split("CASE\n")[1:]]
+    assert proc.stdout.strip().splitlines()[-1] == "NO-TORCH", proc.stderr[-1000:]
+    assert len(codes) == len(lines) == len(cases), proc.stderr[-1000:]
+    for (args, library, code, words), got, said in zip(cases, codes, lines):
+        assert got == code and len(said) == 1 and said[0].startswith("error: ") and words in said[0], (args, said)
+        if library is not None:
+            with pytest.raises(Exception, match="^" + re.escape(said[0][len("error: "):]) + "$"):
+                library()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output folder, no ADM_HOME, no file

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from adm_cli import runner as run_api
+from adm_cli import request as request_api, runner as run_api
 from adm_cli.cli import _register, app
-from adm_cli.errors import OutputError, SamplingError
+from adm_cli.errors import OutputError, SamplingError, UsageError
 from adm_cli.outputs import hold_run_dir, open_run_dir
 from adm_cli.config import ClassifierConfig, UNetConfig
 from adm_cli.models import build_model
@@ -584,11 +584,11 @@ def test_upsample_refuses_a_base_model_the_upsampler_cannot_take_before_a_downlo
     registry = load_registry()
     up = registry.get("64_256_upsampler")
     base = registry.get("64x64_diffusion")
-    run_api._check_upsampler_base(base, up)
+    request_api._check_upsampler_base(base, up)
     for other, message in ((dataclasses.replace(base, class_cond=False), "is unconditional"),
                            (dataclasses.replace(base, num_classes=10), "is conditioned on 10 classes")):
-        with pytest.raises(run_api.UsageError, match=message):
-            run_api._check_upsampler_base(other, up)
+        with pytest.raises(UsageError, match=message):
+            request_api._check_upsampler_base(other, up)
 
 
 def test_offline_names_every_missing_file_of_the_run_at_once(tmp_path, monkeypatch):

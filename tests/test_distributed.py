@@ -278,3 +278,19 @@ def test_ranks_given_other_seeds_or_weights_are_refused(setup):
         lines = _errors(text0)
         assert len(lines) == 1 and "rank 1 was started with" in lines[0] and word in lines[0], text0
         assert not out.exists() or not list(out.glob("*.png"))  # refused before any sample
+
+
+def test_a_bad_flag_or_one_rank_bad_flag_is_said_once(setup):
+    """Outside torchrun `adm sample` refuses a bad flag before it imports torch; under a launcher
+    the team checks it, so that the line is printed once, by rank 0, whether every rank was
+    given the bad value or one rank alone (a rank that quit on its own before joining would
+    leave the others waiting for it, and its line would be the only word of why)."""
+    weights = ["--weights", str(setup["weights"]), "--seed", "5", "--sampler", "ddim"]
+    for name, first, second in (("both", ["--eta", "2"], ["--eta", "2"]), ("rank1", [], ["--eta", "2"])):
+        out = setup["root"] / f"bad-flag-{name}"
+        (rc0, text0), (rc1, text1) = _by_hand(setup, out, [*weights, *first], [*weights, *second])
+        assert rc0 != 0 and rc1 != 0, (text0, text1)
+        lines = _errors(text0)
+        assert len(lines) == 1 and "--eta must be in [0, 1]" in lines[0], text0
+        assert not _errors(text1), text1
+        assert not out.exists()

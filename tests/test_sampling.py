@@ -324,3 +324,12 @@ def test_every_step_matches_reference(case, monkeypatch):
     worst = max(((a - b).abs().max() / a.abs().max()).item() for a, b in zip(expected, got))
     assert worst <= 3e-5, worst  # float32 rounding: the audit saw up to 1.2e-5 over such runs
     assert expected[-1].abs().max() > 0.1
+
+
+def test_the_torch_free_sampler_names_are_the_samplers():
+    """settings.SAMPLER_NAMES (checked before torch is imported) and samplers.SAMPLERS (what
+    runs) name the same samplers, and every one has a default step count."""
+    from adm_cli.samplers import SAMPLERS
+    from adm_cli.settings import DEFAULT_STEPS, SAMPLER_NAMES
+
+    assert tuple(SAMPLERS) == SAMPLER_NAMES == tuple(DEFAULT_STEPS)

@@ -28,6 +28,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from .download import NullProgress, RichProgress, download, file_lock, sha256_file, sha256_matches
 from .errors import ChecksumError, ConversionError, OfflineError, UsageError, WeightsError
+from .flags import conversion_args
 from .metadata import read_metadata
 from .registry import Entry, load_registry
 
@@ -406,6 +407,7 @@ def ensure_converted_file(path: str | Path, *, arch: str | Sequence[str] | None 
         raise WeightsError(f"weights file not found: {path}")
     if path.suffix == ".safetensors" and "adm_config" in read_metadata(path) and not (arch or config):
         return path
+    conversion_args(path, arch, config, "float32")  # a bad --arch or --config: refused before the cache is touched
     folder = cache_root() / "converted" / _conversion_key(path, arch, config)
     done = folder / "roles.json"  # written last: a run killed between two networks' files redoes both
     with file_lock(folder / ".lock"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -14,10 +16,12 @@ from .errors import AdmError, UsageError
 from .cli import app, handle_errors
 
 if TYPE_CHECKING:
-    from .runner import RunPlan, SampleRequest
+    from .request import SampleRequest
+    from .runner import RunPlan
 
-# The runner, torch.distributed and torch itself are imported when a sample runs, not here:
-# `adm --help`, `adm sample --help` and a misspelt flag answer at once.
+# The runner, torch.distributed and torch itself are imported when a sample runs, and after the
+# request is checked: `adm --help`, `adm sample --help`, a misspelt flag and a bad value answer
+# at once.
 
 
 class _RateColumn(ProgressColumn):
@@ -78,8 +82,23 @@ def sample(
     """
     if out is not None and not out.strip():  # an unset shell variable: not "the current folder"
         raise UsageError("--out is empty; give a folder (or leave --out out for a new one under ./samples/)")
+    from .request import SampleRequest, check_output, check_request
+
+    request = SampleRequest(
+        res=res, model=model, classifier=classifier, guidance=guidance, weights=weights,
+        classifier_weights=classifier_weights, config=config, classes=classes, sampler=sampler, steps=steps,
+        respacing=respacing, eta=eta, num_samples=num_samples, batch_size=batch_size, seed=seed, device=device,
+        dtype=dtype, upsample=upsample, out=None if out is None else Path(out), nrow=nrow, offline=offline, mirror=mirror, compile=compile,
+        cuda_graph=cuda_graph, resume=resume, quiet=quiet,
+    )
+    # Outside torchrun, what the flags, the registry and --out show to be wrong is refused before
+    # torch is imported (3-5 s on a CPU). Under torchrun the team checks them (runner.plan_run, and
+    # --out on rank 0), so that one rank's error is said once, by rank 0, whichever rank met it.
+    solo = "WORLD_SIZE" not in os.environ
+    if solo:
+        check_request(request)
+        check_output(request)
     from . import distributed
-    from .runner import SampleRequest
 
     try:
         team = distributed.join(device)  # a single process outside torchrun
@@ -88,16 +107,10 @@ def sample(
             raise typer.Exit(exc.exit_code) from None
         raise
     console = Console(stderr=True, quiet=quiet or not team.is_root)  # only rank 0 prints
-    request = SampleRequest(
-        res=res, model=model, classifier=classifier, guidance=guidance, weights=weights,
-        classifier_weights=classifier_weights, config=config, classes=classes, sampler=sampler, steps=steps,
-        respacing=respacing, eta=eta, num_samples=num_samples, batch_size=batch_size, seed=seed, device=device,
-        dtype=dtype, upsample=upsample, out=None if out is None else Path(out), nrow=nrow, offline=offline, mirror=mirror, compile=compile,
-        cuda_graph=cuda_graph, resume=resume, quiet=quiet or not team.is_root,
-    )
+    request = replace(request, quiet=quiet or not team.is_root)
     try:
         with team:
-            result = _run(team, request, console, quiet or not team.is_root)
+            result = _run(team, request, console, quiet or not team.is_root, out_checked=solo)
     except (distributed.DistributedError, KeyboardInterrupt) as exc:
         if distributed.silent_here(team, exc):  # rank 0 reports it; this rank wrote nothing
             team.leave(130 if isinstance(exc, KeyboardInterrupt) else 1)
@@ -112,12 +125,14 @@ def sample(
     team.leave()  # under torchrun: exits here (see distributed.Group.leave)
 
 
-def _run(team, request: SampleRequest, console: Console, quiet: bool):
+def _run(team, request: SampleRequest, console: Console, quiet: bool, out_checked: bool):
     from .outputs import read_run_plan
-    from .runner import check_output, execute
+    from .request import check_output
+    from .runner import execute
 
     # --out first: a folder that cannot be used fails before weights are fetched or the plan printed
-    team.from_root(lambda: check_output(request), "checking the output folder")
+    if not out_checked:
+        team.from_root(lambda: check_output(request), "checking the output folder")
     fresh = request.resume and team.is_root and read_run_plan(request.out) is None
     plan = team.plan(request)
     if fresh:  # a mistyped --out would otherwise go unnoticed until the run ends

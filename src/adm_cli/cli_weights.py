@@ -164,6 +164,9 @@ def convert_weights(
     or --config, from the metadata of a file adm converted before, or from the registry (matched
     by sha256 or file name); shapes alone never decide.
     """
+    from .flags import conversion_args
+
+    conversion_args(src, arch or None, config, dtype)  # a slip answers before torch is imported (3-5 s)
     from .convert import convert_checkpoint
 
     console = Console(stderr=True, quiet=quiet, soft_wrap=True)

@@ -9,7 +9,7 @@ The steps, each strict:
    a file adm converted before, or the registry (by name, by sha256, by file name). Tensor shapes
    cannot tell the attention order or head size, so a file nobody describes is refused with the
    presets its shapes fit, never guessed; a flag in ``--config`` that is a near miss of a model
-   flag (``noise_scheduel``) is refused, as it would be ignored;
+   flag (``noise_scheduel``) is refused, as it would be ignored (flags.py reads them);
 4. check every tensor against the model that config builds (on the meta device): each consumed,
    each shape right, no NaN/Inf, ``strict=True`` load; the first offending key is named;
 5. only then write (atomically) one safetensors file per network with the config and the
@@ -18,21 +18,19 @@ The steps, each strict:
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import functools
 import json
 import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .config import PRESETS, AnyConfig, ClassifierConfig, UNetConfig, config_from_dict
+from .config import PRESETS, AnyConfig, ClassifierConfig, UNetConfig
 from .download import sha256_file
-from .errors import ConfigError, ConfigInputError, ConversionError, RegistryError, UsageError, WeightsError
+from .errors import ConversionError, UsageError, WeightsError
+from .flags import config_configs, conversion_args
 from .metadata import STORED_DTYPES
 from .models import build_model
 from .registry import Entry, Registry, load_registry
@@ -148,110 +146,6 @@ def read_networks(obj: Any, filename: str) -> dict[str, Network]:
 # -- architecture ----------------------------------------------------------------------------------
 
 
-# The flag names a flags table may use for the architecture: both configs' fields, OpenAI's
-# super-resolution name for image_size (config.py reads it as one), the table keys of a config
-# with two networks, and the two diffusion flags config.py refuses when they are set.
-MODEL_FLAGS = frozenset({f.name for c in (UNetConfig, ClassifierConfig) for f in dataclasses.fields(c)}
-                        | {"large_size", "kind", "unet", "classifier", "predict_xstart", "rescale_timesteps"})
-# Flags of guided-diffusion's scripts that are not architecture (sampling and training arguments,
-# fp16 and checkpointing switches): a flag file saved from those scripts holds them, and they are
-# ignored. Named here because some are near a model flag ('classifier_path' is 0.9 alike to
-# 'classifier_depth') and must not be taken for its misspelling.
-SCRIPT_FLAGS = frozenset({
-    "anneal_lr", "base_samples", "batch_size", "classifier_path", "classifier_scale", "classifier_use_fp16",
-    "clip_denoised", "data_dir", "ema_rate", "eval_interval", "fp16_scale_growth", "iterations", "log_interval",
-    "lr", "lr_anneal_steps", "microbatch", "model_path", "noised", "num_samples", "rescale_learned_sigmas",
-    "resume_checkpoint", "save_interval", "schedule_sampler", "timestep_respacing", "use_checkpoint", "use_ddim",
-    "use_fp16", "use_kl", "val_data_dir", "weight_decay",
-})
-# How alike (difflib's ratio) an unknown key must be to a model flag to be refused as its misspelling:
-# one or two letters off in a name of ten or more ('noise_scheduel', 'use_new_attention_orders').
-TYPO_CUTOFF = 0.85
-
-
-def check_flag_names(data: Mapping[str, Any], where: str) -> None:
-    """Refuse a key that is no known flag but nearly one: config.py ignores unknown keys (flag
-    files hold other arguments too), so a misspelt model flag would silently keep its default
-    and the file would be converted as another architecture. Looks into [unet] / [classifier]."""
-    for key in data:
-        name = str(key).replace("-", "_")  # config.py reads "noise-schedule" as noise_schedule
-        if name in MODEL_FLAGS or name in SCRIPT_FLAGS:
-            continue
-        # lowercased: config.py matches names exactly, so "Image_Size" is as lost as a typo
-        close = difflib.get_close_matches(name.lower(), sorted(MODEL_FLAGS), n=1, cutoff=TYPO_CUTOFF)
-        if close:
-            raise ConfigInputError(f"unknown flag {str(key)!r} in {where} (did you mean {close[0]!r}?)")
-    for role in ("unet", "classifier"):
-        if isinstance(data.get(role), Mapping):
-            check_flag_names(data[role], f"{where} [{role}]")
-
-
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """JSON or TOML with guided-diffusion flag names (flat, or with [unet] / [classifier] tables)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:  # a checkpoint (or another binary file) given as --config
-        raise ConfigInputError(f"{path.name} is not a JSON or TOML config (not UTF-8 text)") from None
-    except OSError as exc:
-        raise ConfigInputError(f"cannot read config {path}: {exc.strerror or exc}") from None
-    is_toml = path.suffix.lower() == ".toml"
-    try:
-        data = tomllib.loads(text) if is_toml else json.loads(text)
-    except (ValueError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigInputError(f"{path.name} is not valid {'TOML' if is_toml else 'JSON'}: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigInputError(f"{path.name}: expected a table of flags")
-    check_flag_names(data, path.name)
-    return data
-
-
-def _configs_from_flags(data: Mapping[str, Any], roles: Sequence[str]) -> dict[str, AnyConfig]:
-    """Per-role configs from a flags table. A flat table serves every network in the file (as
-    OpenAI's scripts take one flag set for the U-Net and its classifier)."""
-    if any(isinstance(data.get(r), Mapping) for r in ("unet", "classifier")):
-        return {r: config_from_dict({**data[r], "kind": r}) for r in ("unet", "classifier") if r in data}
-    if "kind" in data:
-        cfg = config_from_dict(data)
-        return {"classifier" if isinstance(cfg, ClassifierConfig) else "unet": cfg}
-    out: dict[str, AnyConfig] = {}
-    for role in roles:
-        if role == "classifier":
-            if not any(str(k).startswith("classifier_") for k in data):
-                raise ConfigError("the config has no classifier_* flags but the file holds a classifier")
-            out[role] = ClassifierConfig.from_flags(data)
-        else:
-            out[role] = UNetConfig.from_flags(data)
-    return out
-
-
-def arch_configs(arch: str | Sequence[str] | None, registry: Registry) -> dict[str, tuple[AnyConfig, str | None]]:
-    """{role: (config, preset)} for ``--arch`` names: presets, or registry names (all their roles)."""
-    out: dict[str, tuple[AnyConfig, str | None]] = {}
-    for name in [arch] if isinstance(arch, str) else list(arch or ()):
-        if name in PRESETS:
-            cfg = PRESETS[name]
-            found = {"classifier" if isinstance(cfg, ClassifierConfig) else "unet": (cfg, name)}
-        else:
-            entry = _arch_entry(name, registry)
-            found = {r: (entry.config_for(r), entry.roles[r]) for r in entry.roles}
-        for role, pair in found.items():
-            if role in out:
-                raise ConversionError(f"--arch names two {role} architectures")
-            out[role] = pair
-    return out
-
-
-def config_configs(config: Any, roles: Sequence[str]) -> dict[str, AnyConfig]:
-    """{role: config} from ``--config``: a config object, a flags mapping, or a JSON/TOML file."""
-    if config is None:
-        return {}
-    if isinstance(config, (UNetConfig, ClassifierConfig)):
-        return {"classifier" if isinstance(config, ClassifierConfig) else "unet": config}
-    data = config if isinstance(config, Mapping) else load_config_file(config)
-    return _configs_from_flags(data, roles)
-
-
 def metadata_configs(src: Path, roles: Sequence[str]) -> dict[str, tuple[AnyConfig, str | None]]:
     """{role: (config, preset)} a safetensors file adm wrote records in its metadata (so that
     converting it again, say to another --dtype, needs no --arch or --config); {} for any other
@@ -268,18 +162,6 @@ def metadata_configs(src: Path, roles: Sequence[str]) -> dict[str, tuple[AnyConf
                               f"a {'classifier' if role == 'classifier' else 'U-Net'}")
     preset = meta.get("adm_preset")
     return {role: (cfg, preset if PRESETS.get(preset) == cfg else None)}
-
-
-def _arch_entry(name: str, registry: Registry) -> Entry:
-    try:
-        entry = registry.get(name)
-    except RegistryError:
-        close = difflib.get_close_matches(name, list(dict.fromkeys([*PRESETS, *registry.names()])), n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else f"; presets: {', '.join(PRESETS)}"
-        raise ConfigInputError(f"--arch {name!r} is neither a preset nor a registry name{hint}") from None
-    if any(cfg is None for cfg in entry.configs.values()):
-        raise ConversionError(f"{name} is a bundled file: its architecture is in the file, not the registry")
-    return entry
 
 
 def fitting_presets(net: Network) -> list[str]:
@@ -447,16 +329,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path | None = None, *, arch: 
     ``outputs`` ({role: path} or role -> path) overrides the file names (the cache uses it).
     Nothing is written on failure."""
     src = Path(src)
-    if dtype not in DTYPES:
-        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if not src.is_file():
-        raise ConversionError(f"checkpoint not found: {src}")
     registry = registry or load_registry()
-    chosen = arch_configs(arch, registry)  # bad names fail before reading gigabytes
-    if isinstance(config, Mapping):
-        check_flag_names(config, "the given config")
-    elif config is not None and not isinstance(config, (UNetConfig, ClassifierConfig)):
-        config = load_config_file(config)
+    chosen, config = conversion_args(src, arch, config, dtype, registry)  # bad names fail before reading gigabytes
     digest = source_sha256 or sha256_file(src)
     networks = read_networks(_load_source(src), src.name)
     roles = list(networks)

@@ -21,12 +21,12 @@ from typing import Any, Mapping
 
 from .config import AnyConfig, ClassifierConfig, UNetConfig, config_from_dict, get_preset
 from .errors import ConfigError, RegistryError, UnknownModelError, UsageError
+from .settings import SAMPLER_NAMES
 
 PACKAGE_DIR = Path(__file__).resolve().parent  # bundled entries' `path` is relative to it
 DEFAULT_REGISTRY = PACKAGE_DIR / "weights.toml"
 PUBLISHERS = ("openai", "mmagic", "bundled")
 ROLES = ("unet", "classifier")
-SAMPLER_NAMES = ("ddpm", "ddim", "dpm++2m")  # samplers.SAMPLERS (not imported: no torch here)
 _HEX = re.compile(r"^[0-9a-f]{8,64}$")
 _KEYS = {
     "publisher", "urls", "path", "sha256", "size", "params", "roles", "resolution", "class_cond",

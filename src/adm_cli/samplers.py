@@ -129,6 +129,4 @@ def sample_dpmpp_2m(model_fn: ModelFn, x: torch.Tensor, schedule: Schedule, *, n
 
 
 SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpm++2m": sample_dpmpp_2m}
-DEFAULT_STEPS = {"ddpm": 250, "ddim": 25, "dpm++2m": 20}
-"""Steps when none are given: the paper's 250 for DDPM, its 25 for DDIM, and 20 for
-DPM-Solver++(2M) (Lu et al.: high-quality guided samples in 15 to 20 steps)."""
+

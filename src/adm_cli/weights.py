@@ -16,10 +16,10 @@ from typing import Mapping
 
 import torch
 
-from .config import AnyConfig, config_from_dict
+from .config import AnyConfig
 from .download import sha256_file
-from .errors import ConfigError, OutputError, WeightsError
-from .metadata import read_metadata  # (torch-free; also weights.read_metadata)
+from .errors import OutputError, WeightsError
+from .metadata import read_config, read_metadata  # noqa: F401 - torch-free; also weights.read_config, .read_metadata
 from .models import build_model
 
 FORMAT_VERSION = "1"
@@ -78,19 +78,6 @@ def save_weights(path: str | Path, state_dict: Mapping[str, torch.Tensor], confi
     finally:
         tmp.unlink(missing_ok=True)
     return path
-
-
-def read_config(path: str | Path) -> AnyConfig:
-    meta = read_metadata(path)
-    if "adm_config" not in meta:
-        raise WeightsError(f"{path} has no adm_config metadata: convert it with `adm convert-weights`")
-    try:
-        data = json.loads(meta["adm_config"])
-        if not isinstance(data, dict):
-            raise ValueError(f"a JSON {type(data).__name__}, not an object")
-        return config_from_dict(data)
-    except (ValueError, ConfigError) as exc:
-        raise WeightsError(f"{path}: bad adm_config metadata ({exc})") from None
 
 
 def load_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[AnyConfig, dict[str, torch.Tensor]]:
