@@ -407,7 +407,8 @@ def ensure_converted_file(path: str | Path, *, arch: str | Sequence[str] | None 
         raise WeightsError(f"weights file not found: {path}")
     if path.suffix == ".safetensors" and "adm_config" in read_metadata(path) and not (arch or config):
         return path
-    conversion_args(path, arch, config, "float32")  # a bad --arch or --config: refused before the cache is touched
+    if arch or config is not None:  # a bad --arch or --config: refused before the cache is touched
+        conversion_args(path, arch, config, "float32")
     folder = cache_root() / "converted" / _conversion_key(path, arch, config)
     done = folder / "roles.json"  # written last: a run killed between two networks' files redoes both
     with file_lock(folder / ".lock"):

@@ -123,7 +123,7 @@ def _registry_stage(name: str, req: SampleRequest, *, stage: str, guidance: floa
             raise UsageError(f"{clf} holds a diffusion model, not a classifier")
         unet_cfg, clf_cfg = _entry_config(entry, "unet"), _entry_config(clf_entry, "classifier")
         if unet_cfg is not None and clf_cfg is not None:
-            _check_pair(unet_cfg, clf_cfg, name, clf)
+            check_pair(unet_cfg, clf_cfg, name, clf)
     return Stage(stage, name, None, settings, clf if (clf and scale > 0) else None)
 
 
@@ -135,7 +135,7 @@ def _entry_config(entry, role: str):
     return read_config(entry.bundled_path())
 
 
-def _chosen_classes(spec: str | None, name: str, class_cond: bool, num_classes: int | None,
+def chosen_classes(spec: str | None, name: str, class_cond: bool, num_classes: int | None,
                     guided: bool, num_samples: int) -> list[int] | None:
     """--class resolved for one model (None: not given); refused for an unconditional model
     that no classifier guides, and where -n is too few to use every class listed (sample k
@@ -157,7 +157,7 @@ def _check_classes(req: SampleRequest, entry, classifier: str | None) -> None:
     from .registry import load_registry
 
     clf_classes = load_registry().get(classifier).num_classes if classifier is not None else None
-    _chosen_classes(req.classes, entry.name, bool(entry.class_cond),
+    chosen_classes(req.classes, entry.name, bool(entry.class_cond),
                     entry.num_classes if entry.class_cond else clf_classes, classifier is not None, req.num_samples)
 
 
@@ -176,7 +176,7 @@ def _check_upsampler_base(base, up) -> None:
                              f"conditioned on {base.num_classes} classes" if base.class_cond else "unconditional"))
 
 
-def _check_pair(cfg, clf, unet: str, classifier: str | None) -> None:
+def check_pair(cfg, clf, unet: str, classifier: str | None) -> None:
     if not isinstance(cfg, UNetConfig):
         raise UsageError(f"{unet} holds a classifier, not a diffusion model")
     if clf is None:
@@ -188,7 +188,7 @@ def _check_pair(cfg, clf, unet: str, classifier: str | None) -> None:
         raise UsageError(f"classifier {classifier} does not fit {unet}: its {what} is {theirs}, the model's {ours}")
 
 
-def _validate_numbers(req: SampleRequest) -> None:
+def check_numbers(req: SampleRequest) -> None:
     if req.num_samples < 1:
         raise UsageError(f"--num-samples must be at least 1, got {req.num_samples}")
     if req.num_samples > MAX_SAMPLES:
@@ -291,7 +291,7 @@ def check_request(req: SampleRequest) -> None:
     before it imports torch, so a slip costs about a second, not the 3-5 s torch takes
     to import; ``runner.plan_run`` makes every one of these checks again (it is the library's
     entry) and those that need torch, the devices or the weights files."""
-    _validate_numbers(req)
+    check_numbers(req)
     if registry_stages(req):
         return
     file_settings(req)

@@ -26,7 +26,7 @@ from .errors import ConversionError, DeviceMemoryError, UsageError
 from .metadata import read_config
 from .outputs import (SampleWriter, batch_record, default_out_dir, discard_unstarted_run, open_run_dir,
                       portable_stage, read_run_plan, record_batch)
-from .request import (SampleRequest, Stage, _check_pair, _chosen_classes, _validate_numbers, device_name, file_settings,
+from .request import (SampleRequest, Stage, check_numbers, check_pair, chosen_classes, device_name, file_settings,
                       registry_stages)
 from .weights import file_sha256
 
@@ -136,7 +136,7 @@ def _check_stage(stage: Stage) -> None:
     count would fail mid-run (or guide with nonsense); refused before the plan is printed."""
     cfg = read_config(stage.unet_path)
     clf = read_config(stage.classifier_path) if stage.classifier_path is not None else None
-    _check_pair(cfg, clf, stage.unet, stage.classifier)
+    check_pair(cfg, clf, stage.unet, stage.classifier)
 
 
 def _labels(req: SampleRequest, stage: Stage, seed: int) -> list[int] | None:
@@ -144,7 +144,7 @@ def _labels(req: SampleRequest, stage: Stage, seed: int) -> list[int] | None:
     clf_cfg = read_config(stage.classifier_path) if stage.classifier_path else None
     guided = stage.settings.guidance > 0 and clf_cfg is not None
     num_classes = cfg.num_classes if cfg.class_cond else (clf_cfg.num_classes if clf_cfg else 0)
-    chosen = _chosen_classes(req.classes, stage.unet, cfg.class_cond, num_classes, guided, req.num_samples)
+    chosen = chosen_classes(req.classes, stage.unet, cfg.class_cond, num_classes, guided, req.num_samples)
     if chosen is None:
         if not (cfg.class_cond or guided):
             return None
@@ -177,7 +177,7 @@ def plan_run(req: SampleRequest) -> RunPlan:
     """Resolve a request into a fully specified, recordable plan (fetching weights if needed)."""
     from . import fast
 
-    _validate_numbers(req)
+    check_numbers(req)
     device = pick_device(req.device)
     if req.batch_size == "auto" and torch.device(device).type != "cuda":
         fast.cpu_batch_size()  # a bad ADM_CPU_BATCH fails now, not after run-plan.json is written

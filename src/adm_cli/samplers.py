@@ -129,4 +129,3 @@ def sample_dpmpp_2m(model_fn: ModelFn, x: torch.Tensor, schedule: Schedule, *, n
 
 
 SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpm++2m": sample_dpmpp_2m}
-
