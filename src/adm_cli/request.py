@@ -103,10 +103,11 @@ def _registry_stage(name: str, req: SampleRequest, *, stage: str, guidance: floa
     sampler = req.sampler or entry.sampler or "ddpm"
     steps = req.steps or (entry.steps if sampler == (entry.sampler or "ddpm") else None)
     settings = SamplerSettings(sampler, steps=None if req.respacing is not None else steps or DEFAULT_STEPS.get(sampler),
-                                   respacing=req.respacing, eta=req.eta, guidance=scale)
-    # Bad steps and classes fail here, from the registry, before a download of up to 2 GB.
-    if (cfg := _entry_config(entry, "unet")) is not None:
-        settings.respacing_for(cfg.diffusion_steps)
+                               respacing=req.respacing, eta=req.eta, guidance=scale)
+    # Bad steps and classes fail here, from the registry (or a bundled file's metadata), before a
+    # download of up to 2 GB.
+    if (unet_cfg := _entry_config(entry, "unet")) is not None:
+        settings.respacing_for(unet_cfg.diffusion_steps)
     if stage == "base":
         if entry.upsampler_base:
             raise UsageError(f"{name} is an upsampler ({entry.upsampler_base}x{entry.upsampler_base} images to "
@@ -121,7 +122,7 @@ def _registry_stage(name: str, req: SampleRequest, *, stage: str, guidance: floa
         clf_entry = load_registry().get(clf)
         if "classifier" not in clf_entry.roles:
             raise UsageError(f"{clf} holds a diffusion model, not a classifier")
-        unet_cfg, clf_cfg = _entry_config(entry, "unet"), _entry_config(clf_entry, "classifier")
+        clf_cfg = _entry_config(clf_entry, "classifier")
         if unet_cfg is not None and clf_cfg is not None:
             check_pair(unet_cfg, clf_cfg, name, clf)
     return Stage(stage, name, None, settings, clf if (clf and scale > 0) else None)
@@ -136,7 +137,7 @@ def _entry_config(entry, role: str):
 
 
 def chosen_classes(spec: str | None, name: str, class_cond: bool, num_classes: int | None,
-                    guided: bool, num_samples: int) -> list[int] | None:
+                   guided: bool, num_samples: int) -> list[int] | None:
     """--class resolved for one model (None: not given); refused for an unconditional model
     that no classifier guides, and where -n is too few to use every class listed (sample k
     takes the list's class k mod its length)."""
@@ -152,13 +153,13 @@ def chosen_classes(spec: str | None, name: str, class_cond: bool, num_classes: i
 
 
 def _check_classes(req: SampleRequest, entry, classifier: str | None) -> None:
-    """--class against the registry's class counts, before any download (``_labels`` resolves
-    it again against the weights' own configs)."""
+    """--class against the registry's class counts, before any download (``runner._labels``
+    resolves it again against the weights' own configs)."""
     from .registry import load_registry
 
     clf_classes = load_registry().get(classifier).num_classes if classifier is not None else None
     chosen_classes(req.classes, entry.name, bool(entry.class_cond),
-                    entry.num_classes if entry.class_cond else clf_classes, classifier is not None, req.num_samples)
+                   entry.num_classes if entry.class_cond else clf_classes, classifier is not None, req.num_samples)
 
 
 def _check_upsampler_base(base, up) -> None:
