@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -428,7 +429,10 @@ def test_bad_requests_are_refused_before_torch_is_imported(tmp_path, monkeypatch
     import os
     import re
     import subprocess
+    import zipfile
+    from unittest import mock
 
+    import adm_cli
     from adm_cli.convert import convert_checkpoint
     from adm_cli.runner import SampleRequest, plan_run
 
@@ -440,6 +444,14 @@ def test_bad_requests_are_refused_before_torch_is_imported(tmp_path, monkeypatch
     flags.write_text('{"image_size": 64,')  # broken JSON
     ckpt = tmp_path / "model.pt"
     ckpt.write_bytes(b"not read")
+    page = tmp_path / "page.pt"  # what a proxy's login page saved under a checkpoint's name looks like
+    page.write_bytes(b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head></html>\n")
+    pointer = tmp_path / "clf.safetensors"  # a clone made without `git lfs pull`
+    pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 527\n")
+    bundled = Path(adm_cli.__file__).parent / "demo" / "demo-digits.safetensors"
+    renamed = tmp_path / "torch.safetensors"  # torch's zip archive under a safetensors name
+    with zipfile.ZipFile(renamed, "w") as archive:
+        archive.writestr("archive/data.pkl", b"\x80\x02}q\x00.")
 
     def plan(**request):
         return lambda: plan_run(SampleRequest(**{"device": "cpu", "offline": True, **request}))
@@ -477,13 +489,30 @@ def test_bad_requests_are_refused_before_torch_is_imported(tmp_path, monkeypatch
         (["convert-weights", str(ckpt), "--config", str(flags)], convert(src=ckpt, config=flags), 2,
          "flags.json is not valid JSON"),
         (["convert-weights", str(ckpt), "--dtype", "f8"], convert(src=ckpt, dtype="f8"), 2, "--dtype must be one of"),
+        (["sample", "--weights", str(page)], plan(weights=page), 1,
+         "page.pt is not a checkpoint: it is an HTML page"),
+        (["sample", "--weights", str(renamed)], plan(weights=renamed), 1,
+         "torch.safetensors is a torch checkpoint (a zip archive), not a safetensors file: name it torch.pt"),
+        (["sample", "--weights", str(bundled), "--classifier-weights", str(pointer)],
+         plan(weights=bundled, classifier_weights=pointer), 1, "clf.safetensors is not a checkpoint: it is a Git LFS pointer"),
+        (["convert-weights", str(page)], convert(src=page), 1, "page.pt is not a checkpoint: it is an HTML page"),
+        (["convert-weights", str(ckpt), "--arch", "64x64_diffusion"], convert(src=ckpt, arch="64x64_diffusion"), 1,
+         "model.pt is not a checkpoint: it is a text file (it begins 'not read')"),
     ]
+    # the environment variables a run reads, each refused in the same way
+    for name, value, words in [("ADM_CPU_BATCH", "0", "ADM_CPU_BATCH must be a positive integer, got '0'"),
+                               ("ADM_WINOGRAD", "maybe", "ADM_WINOGRAD must be 1 or 0"),
+                               ("ADM_FUSED", "2", "ADM_FUSED must be 1 or 0"),
+                               ("ADM_OFFLINE", "y", "ADM_OFFLINE must be 1 or 0")]:
+        cases.append(([*demo, f"env:{name}={value}"], plan(model="demo-digits"), 2, words))
     script = tmp_path / "run.py"
-    script.write_text("import json, sys; from adm_cli.cli import main\n"
+    script.write_text("import json, os, sys; from unittest import mock; from adm_cli.cli import main\n"
                       "for args in json.loads(sys.argv[1]):\n"
-                      "    sys.argv = ['adm', *args]\n"
+                      "    env = dict(a[4:].split('=') for a in args if a.startswith('env:'))\n"
+                      "    sys.argv = ['adm', *[a for a in args if not a.startswith('env:')]]\n"
                       "    print('CASE', file=sys.stderr, flush=True)\n"
-                      "    try:\n        main()\n    except SystemExit as e:\n        print('EXIT', e.code, flush=True)\n"
+                      "    try:\n        with mock.patch.dict(os.environ, env):\n            main()\n"
+                      "    except SystemExit as e:\n        print('EXIT', e.code, flush=True)\n"
                       "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
     argv = [args if args[0] != "sample" or "--out" in args else [*args, "--out", str(tmp_path / f"out{i}")]
             for i, (args, *_) in enumerate(cases)]
@@ -497,6 +526,8 @@ def test_bad_requests_are_refused_before_torch_is_imported(tmp_path, monkeypatch
     for (args, library, code, words), got, said in zip(cases, codes, lines):
         assert got == code and len(said) == 1 and said[0].startswith("error: ") and words in said[0], (args, said)
         if library is not None:
-            with pytest.raises(Exception, match="^" + re.escape(said[0][len("error: "):]) + "$"):
+            env = dict(a[4:].split("=") for a in args if a.startswith("env:"))
+            with mock.patch.dict(os.environ, env), pytest.raises(
+                    Exception, match="^" + re.escape(said[0][len("error: "):]) + "$"):
                 library()
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output folder, no ADM_HOME, no file

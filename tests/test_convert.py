@@ -1,5 +1,7 @@
 """`adm convert-weights`: every publisher layout, every architecture family, strict checks, safety."""
 
+import gzip
+import io
 import json
 import pickle
 import re
@@ -7,6 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -17,7 +20,8 @@ from adm_cli.cli import app
 from adm_cli.config import ClassifierConfig, UNetConfig
 from adm_cli.convert import Network, convert_checkpoint, fitting_presets, mmagic_to_openai, openai_to_mmagic
 from adm_cli.download import sha256_file
-from adm_cli.errors import ConfigError, ConversionError, UnsafePickleError, WeightsError
+from adm_cli.errors import ConfigError, ConversionError, FileFormatError, UnsafePickleError, WeightsError
+from adm_cli.formats import check_format, describe
 from adm_cli.models import set_exact_attention
 from adm_cli.safe_load import load_checkpoint
 from adm_cli.weights import load_model, read_metadata
@@ -617,6 +621,88 @@ def test_a_plain_pickle_loads_without_torchs_protocol_warning(tmp_path):
         warnings.simplefilter("always")
         got = load_checkpoint(tmp_path / "plain.pt")
     assert torch.equal(got["w"], state["w"]) and not [w for w in seen if "pickle protocol" in str(w.message)]
+
+
+# -- files that are no checkpoint ----------------------------------------------------------------
+
+
+def _zip_checkpoint() -> bytes:
+    buf = io.BytesIO()
+    torch.save({"w": torch.arange(4.0)}, buf)
+    return buf.getvalue()
+
+
+def _safetensors() -> bytes:
+    from safetensors.torch import save
+
+    return save({"w": torch.arange(4.0)})
+
+
+def _npz() -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, samples=np.zeros((2, 8, 8, 3), np.uint8))
+    return buf.getvalue()
+
+
+NOT_CHECKPOINTS = {  # name: (file name, its bytes, what adm must say it is)
+    "empty": ("m.pt", lambda: b"", "is not a checkpoint: the file is empty"),
+    "html": ("m.pt", lambda: b"\n  <!DOCTYPE html><html><body>Access denied</body></html>",
+             "is not a checkpoint: it is an HTML page (an error or login page saved in place of the download?)"),
+    "lfs": ("m.pt", lambda: b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 9\n",
+            "is not a checkpoint: it is a Git LFS pointer"),
+    "json": ("m.pt", lambda: b'{"image_size": 64, "num_channels": 192, "num_res_blocks": 3}',
+             """is not a checkpoint: it is a text file (it begins '{"image_size": 64, "num_channels": 192, '...)"""),
+    "gzip": ("m.pt", lambda: gzip.compress(_zip_checkpoint()), "is not a checkpoint: it is a gzip file"),
+    "npz": ("m.pt", _npz, "is not a checkpoint: it is a NumPy archive (.npz)"),
+    "zip-cut": ("m.pt", lambda: _zip_checkpoint()[:300], "is not a checkpoint: it is a zip archive that is cut short"),
+    "binary": ("m.pt", lambda: bytes(range(7, 200)), "is not a checkpoint: its first bytes (07 08 09 0a 0b 0c 0d 0e) "
+               "are neither torch's formats nor safetensors"),
+    "safetensors-cut": ("m.safetensors", lambda: _safetensors()[:-3], "is not a checkpoint: it is cut short ("),
+    "header-cut": ("m.safetensors", lambda: _safetensors()[:20],
+                   "is not a checkpoint: it is cut short (a safetensors header of"),
+    "safetensors-as-pt": ("m.pt", _safetensors, "is a safetensors file: name it m.safetensors"),
+    "torch-as-safetensors": ("m.safetensors", _zip_checkpoint,
+                             "is a torch checkpoint (a zip archive), not a safetensors file: name it m.pt"),
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_CHECKPOINTS))
+def test_a_file_that_is_no_checkpoint_is_named_for_what_it_is(tmp_path, case):
+    """torch's and safetensors' own words for these ("invalid load key, '<'", "header too
+    small", "failed finding central directory") do not say what went wrong: the converter (before
+    torch reads the file), torch's loader (the cache's downloads go through it) and the metadata
+    reader say what the file is instead, and nothing is written."""
+    name, content, words = NOT_CHECKPOINTS[case]
+    src = tmp_path / name
+    src.write_bytes(content())
+    expected = "^" + re.escape(f"{name} {words}")
+    assert describe(src) is not None and re.match(expected, describe(src))
+    with pytest.raises(FileFormatError, match=expected):
+        convert_checkpoint(src, arch="64x64_diffusion")
+    if src.suffix == ".safetensors":
+        with pytest.raises(WeightsError, match=expected):
+            read_metadata(src)
+    else:
+        with pytest.raises(FileFormatError, match=expected):
+            load_checkpoint(src)
+    assert _only(tmp_path) == [name]
+
+
+@pytest.mark.parametrize("fmt", ["zip", "legacy", "safetensors"])
+def test_what_torch_and_safetensors_write_passes_the_format_check(tmp_path, fmt):
+    """The other side: the formats adm reads pass, and a file whose first bytes look right but
+    which is damaged further in keeps its parser's own message."""
+    src = tmp_path / ("m.safetensors" if fmt == "safetensors" else "m.pt")
+    if fmt == "safetensors":
+        src.write_bytes(_safetensors())
+    else:
+        torch.save({"w": torch.arange(4.0)}, src, _use_new_zipfile_serialization=fmt == "zip")
+    assert check_format(src) == ("safetensors" if fmt == "safetensors" else "torch") and describe(src) is None
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"\x80\x02" + bytes(range(40)))  # a pickle's first bytes, then no pickle
+    assert describe(broken) is None
+    with pytest.raises(ConversionError, match=r"^broken.pt is not a readable torch checkpoint \("):
+        load_checkpoint(broken)
 
 
 # -- CLI and files given by path -------------------------------------------------------------------

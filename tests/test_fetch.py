@@ -197,7 +197,8 @@ def test_fetch_no_convert_still_checks_a_first_download(env, server, files):
     runner = CliRunner()
     result = runner.invoke(app, ["fetch", "tiny", "--no-convert", "-q"])
     assert result.exit_code == 1 and result.output.count("\n") == 1
-    assert result.output.startswith("error: tiny: the download was not a valid checkpoint and was removed")
+    assert result.output.startswith("error: tiny: the download was not a valid checkpoint and was removed "
+                                    "(tiny_64.pt is not a checkpoint: it is an HTML page")
     raw = raw_path(_entry("tiny"))
     assert _names(raw.parent) == [".lock"]
     server.files["tiny_64.pt"] = files["tiny_64.pt"]

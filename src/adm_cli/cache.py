@@ -27,17 +27,15 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from .download import NullProgress, RichProgress, download, file_lock, sha256_file, sha256_matches
+from .environment import env_switch
 from .errors import ChecksumError, ConversionError, OfflineError, UsageError, WeightsError
 from .flags import conversion_args
+from .formats import check_format
 from .metadata import read_metadata
 from .registry import Entry, load_registry
 
 # convert and safe_load (torch) are imported where a file is converted or read: `adm models`, `adm
 # fetch` of a converted model and the cache's checks run without torch.
-
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("", "0", "false", "no", "off")
-
 
 def cache_root() -> Path:
     """``ADM_HOME``, else ~/.cache/adm-cli (XDG_CACHE_HOME honoured), ~/Library/Caches/adm-cli
@@ -62,18 +60,6 @@ def raw_path(entry: Entry) -> Path:
 
 def converted_path(entry: Entry, role: str) -> Path:
     return entry_dir(entry) / f"{entry.role(role)}.safetensors"
-
-
-def env_switch(name: str, default: bool = True) -> bool:
-    """An on/off environment variable (ADM_OFFLINE, ADM_WINOGRAD, ADM_FUSED): 1/0, true/false,
-    yes/no, on/off; unset or empty: ``default``. Another value is refused in one line rather
-    than taken as either (ADM_WINOGRAD=false once left Winograd on without a word)."""
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    if raw.lower() not in _TRUE + _FALSE:
-        raise UsageError(f"{name} must be 1 or 0 (or true/false, yes/no, on/off), got {raw!r}")
-    return raw.lower() in _TRUE
 
 
 def offline_requested(offline: bool = False) -> bool:
@@ -409,6 +395,7 @@ def ensure_converted_file(path: str | Path, *, arch: str | Sequence[str] | None 
         return path
     if arch or config is not None:  # a bad --arch or --config: refused before the cache is touched
         conversion_args(path, arch, config, "float32")
+    check_format(path)  # as is a file that is no checkpoint (an HTML page, a Git LFS pointer)
     folder = cache_root() / "converted" / _conversion_key(path, arch, config)
     done = folder / "roles.json"  # written last: a run killed between two networks' files redoes both
     with file_lock(folder / ".lock"):

@@ -82,10 +82,10 @@ def _catch_stop_signals() -> None:
 
 
 def debug() -> bool:
-    """ADM_DEBUG, read as ADM_OFFLINE is (cache._TRUE): ADM_DEBUG=0 means off."""
-    from .cache import _TRUE
+    """ADM_DEBUG, read as ADM_OFFLINE is (environment.TRUE): ADM_DEBUG=0 means off."""
+    from .environment import TRUE
 
-    return os.environ.get("ADM_DEBUG", "").strip().lower() in _TRUE
+    return os.environ.get("ADM_DEBUG", "").strip().lower() in TRUE
 
 
 def handle_errors(fn: Callable) -> Callable:

@@ -31,6 +31,7 @@ from .config import PRESETS, AnyConfig, ClassifierConfig, UNetConfig
 from .download import sha256_file
 from .errors import ConversionError, UsageError, WeightsError
 from .flags import config_configs, conversion_args
+from .formats import describe
 from .metadata import STORED_DTYPES
 from .models import build_model
 from .registry import Entry, Registry, load_registry
@@ -317,7 +318,7 @@ def _load_source(src: Path) -> Any:
     try:
         return load_file(str(src))
     except Exception as exc:  # safetensors raises its own error types for a bad header
-        raise ConversionError(f"{src.name} is not a readable safetensors file ({exc})") from None
+        raise ConversionError(describe(src) or f"{src.name} is not a readable safetensors file ({exc})") from None
 
 
 def convert_checkpoint(src: str | Path, dst: str | Path | None = None, *, arch: str | Sequence[str] | None = None,

@@ -65,6 +65,11 @@ class UnsafePickleError(ConversionError):
     """A pickle that asks for a global outside the allow-list (never executed)."""
 
 
+class FileFormatError(ConversionError):
+    """A weights file in none of the formats adm reads (an HTML page, a Git LFS pointer, an
+    empty or cut-short file, ...), or in another than its name says (formats.py)."""
+
+
 class WeightsError(AdmError):
     """Missing, unreadable or mismatched weights for a model."""
 

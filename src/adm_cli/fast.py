@@ -64,6 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .environment import CPU_BATCH, check_env, cpu_batch_size, env_switch  # (CPU_BATCH, check_env: old names here)
 from .errors import UsageError
 from . import fused, layers, winograd
 from .layers import GroupNorm32, version_key
@@ -139,20 +140,6 @@ def use_fused_kernels(device: torch.device | str, *, compile: bool | str = False
     if device.type != "cuda" or compile or exact or not fused.available():
         return False
     return not torch.cuda.is_available() or torch.cuda.get_device_capability(device) >= (8, 0)
-
-
-def env_switch(name: str, default: bool = True) -> bool:
-    """``cache.env_switch`` (imported here late: ``fast`` does not pull in the download code)."""
-    from .cache import env_switch as read
-
-    return read(name, default)
-
-
-def check_env() -> None:
-    """Read the switches ``prepare`` reads (ADM_FUSED, ADM_WINOGRAD): a caller can have a bad
-    value refused before it writes anything, as ``cpu_batch_size`` does for ADM_CPU_BATCH."""
-    env_switch("ADM_FUSED")
-    env_switch("ADM_WINOGRAD")
 
 
 def prepare(model: nn.Module, *, device: torch.device | str | None = None, dtype: Any = "auto",
@@ -429,9 +416,6 @@ def is_compiled(model: nn.Module) -> bool:
 
 # -- batch size --------------------------------------------------------------------------------
 
-CPU_BATCH = 4  # CPU throughput is flat beyond a few images; small batches finish images sooner.
-
-
 def _probe_inputs(model: nn.Module, n: int, device: torch.device) -> tuple:
     cfg = model.config
     size = cfg.image_size
@@ -470,16 +454,6 @@ def _peak_bytes(unet: nn.Module, classifier: nn.Module | None, n: int, device: t
         torch.cuda.synchronize(device)
         peaks.append(torch.cuda.max_memory_allocated(device) - base)
     return sum(peaks) if held_together else max(peaks)
-
-
-def cpu_batch_size() -> int:
-    """``ADM_CPU_BATCH`` (a positive integer), else ``CPU_BATCH``."""
-    value = os.environ.get("ADM_CPU_BATCH", "").strip()
-    if not value:
-        return CPU_BATCH
-    if not (value.isascii() and value.isdigit()) or int(value) < 1:  # isdigit alone takes "²"
-        raise UsageError(f"ADM_CPU_BATCH must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def auto_batch_size(unet: nn.Module, classifier: nn.Module | None, settings: Any, device: torch.device | str,

@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 
 from .config import PRESETS, AnyConfig, ClassifierConfig, UNetConfig, config_from_dict
 from .errors import ConfigError, ConfigInputError, ConversionError, RegistryError, UsageError
+from .formats import check_format
 from .metadata import STORED_DTYPES
 from .registry import Entry, Registry, load_registry
 
@@ -150,4 +151,5 @@ def conversion_args(src: Path, arch: str | Sequence[str] | None, config: Any, dt
         check_flag_names(config, "the given config")
     elif config is not None and not isinstance(config, (UNetConfig, ClassifierConfig)):
         config = load_config_file(config)
+    check_format(src)  # an HTML page or a Git LFS pointer is told apart before torch reads it
     return chosen, config

@@ -25,7 +25,9 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     except FileNotFoundError:
         raise WeightsError(f"weights file not found: {path}") from None
     except Exception as exc:  # safetensors raises its own error types for a bad header
-        raise WeightsError(f"{path} is not a readable safetensors file ({exc})") from None
+        from .formats import describe
+
+        raise WeightsError(describe(path) or f"{path} is not a readable safetensors file ({exc})") from None
 
 
 def read_config(path: str | Path) -> AnyConfig:

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ClassifierConfig, UNetConfig, guidance_mismatch
+from .environment import check_env
 from .errors import OutputError, UsageError, WeightsError
 from .flags import load_config_file
+from .formats import check_format
 from .metadata import read_config
 from .outputs import check_out_dir, default_out_dir
 from .respacing import space_timesteps
@@ -293,11 +295,15 @@ def check_request(req: SampleRequest) -> None:
     to import; ``runner.plan_run`` makes every one of these checks again (it is the library's
     entry) and those that need torch, the devices or the weights files."""
     check_numbers(req)
+    check_env()
     if registry_stages(req):
         return
     file_settings(req)
-    for path in (req.weights, req.classifier_weights):
-        if path is not None and not Path(path).is_file():
+    given = [Path(p) for p in (req.weights, req.classifier_weights) if p is not None]
+    for path in given:
+        if not path.is_file():
             raise WeightsError(f"weights file not found: {path}")
     if req.config is not None:
         load_config_file(req.config)
+    for path in given:  # last, as the converter reads it: the flags' faults are said first
+        check_format(path)

@@ -22,6 +22,7 @@ import torch
 from . import __version__, api
 from .config import UNetConfig
 from .convert import ARCH_HINT
+from .environment import check_env
 from .errors import ConversionError, DeviceMemoryError, UsageError
 from .metadata import read_config
 from .outputs import (SampleWriter, batch_record, default_out_dir, discard_unstarted_run, open_run_dir,
@@ -175,13 +176,9 @@ def resolve_request(req: SampleRequest) -> SampleRequest:
 
 def plan_run(req: SampleRequest) -> RunPlan:
     """Resolve a request into a fully specified, recordable plan (fetching weights if needed)."""
-    from . import fast
-
     check_numbers(req)
     device = pick_device(req.device)
-    if req.batch_size == "auto" and torch.device(device).type != "cuda":
-        fast.cpu_batch_size()  # a bad ADM_CPU_BATCH fails now, not after run-plan.json is written
-    fast.check_env()  # and a bad ADM_WINOGRAD or ADM_FUSED
+    check_env()  # a bad ADM_CPU_BATCH, ADM_FUSED, ... fails now, not after run-plan.json is written
     req = resolve_request(req)
     seed = req.seed
     stages = registry_stages(req)

@@ -31,7 +31,8 @@ from typing import Any
 
 import torch
 
-from .errors import ConversionError, UnsafePickleError
+from .errors import ConversionError, FileFormatError, UnsafePickleError
+from .formats import describe
 
 # Real objects a tensor state dict needs: rebuild functions that only construct tensors.
 # (Not torch._tensor._rebuild_from_type_v2: it calls a function named by the pickle, and plain
@@ -165,13 +166,21 @@ def _load(path: Path) -> Any:
     except FileNotFoundError:
         raise ConversionError(f"checkpoint not found: {path}") from None
     except Exception as exc:  # torch raises RuntimeError & co. for truncated or foreign files
-        raise ConversionError(f"{path.name} is not a readable torch checkpoint ({_first_line(exc)})") from None
+        raise _unreadable(path, exc) from None
     try:
         return torch.load(path, map_location="cpu", weights_only=False, pickle_module=restricted_pickle)
     except UnsafePickleError as exc:
         raise UnsafePickleError(f"{path.name}: {exc}") from None
     except Exception as exc:
-        raise ConversionError(f"{path.name} is not a readable torch checkpoint ({_first_line(exc)})") from None
+        raise _unreadable(path, exc) from None
+
+
+def _unreadable(path: Path, exc: BaseException) -> ConversionError:
+    """What the file is, where its first bytes say it (an HTML page, a cut-short archive), else
+    torch's own words."""
+    if (what := describe(path)) is not None:
+        return FileFormatError(what)
+    return ConversionError(f"{path.name} is not a readable torch checkpoint ({_first_line(exc)})")
 
 
 def _first_line(exc: BaseException) -> str:
