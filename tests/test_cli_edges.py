@@ -422,8 +422,9 @@ def test_help_version_and_models_answer_without_importing_torch(tmp_path, monkey
 def test_bad_requests_are_refused_before_torch_is_imported(tmp_path, monkeypatch):
     """A slip in `adm sample`'s or `adm convert-weights`' arguments cost the 3-5 s of importing
     torch before its one line (3.4-4.8 s measured here); request.check_request and
-    flags.conversion_args read only the flags, the registry (with the bundled demo models'
-    metadata), --config and whether the files are there: 0.6-1.1 s. Each case exits with its code and
+    flags.conversion_args read only the flags, the ADM_* variables, the registry (with the bundled
+    demo models' metadata), --config, --out's recorded plan, and whether the files are there and
+    what their first bytes say they are (formats.py): 0.6-1.1 s. Each case exits with its code and
     line, imports no torch and creates nothing; the library's entry (runner.plan_run,
     convert.convert_checkpoint) refuses the same arguments with the same words."""
     import os
@@ -440,6 +441,9 @@ def test_bad_requests_are_refused_before_torch_is_imported(tmp_path, monkeypatch
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "grid.png").write_bytes(b"")
+    unseeded = tmp_path / "unseeded"  # a run whose plan lost its seed (edited by hand)
+    unseeded.mkdir()
+    (unseeded / "run-plan.json").write_text(json.dumps({"num_samples": 2, "classes": None}))
     flags = tmp_path / "flags.json"
     flags.write_text('{"image_size": 64,')  # broken JSON
     ckpt = tmp_path / "model.pt"
@@ -483,6 +487,9 @@ def test_bad_requests_are_refused_before_torch_is_imported(tmp_path, monkeypatch
         (["sample", "--weights", str(ckpt), "--config", str(flags)], plan(weights=ckpt, config=flags), 2,
          "flags.json is not valid JSON"),
         ([*demo, "--out", str(taken)], None, 1, "already holds a run"),
+        ([*demo, "-n", "2", "--out", str(unseeded), "--resume"],
+         plan(model="demo-digits", num_samples=2, out=unseeded, resume=True), 2,
+         f"--resume: the plan in {unseeded} records no seed; pass --seed or choose a new --out"),
         (["convert-weights", "x.pt"], convert(src="x.pt"), 1, "checkpoint not found: x.pt"),
         (["convert-weights", str(ckpt), "--arch", "64x64_diffuson"], convert(src=ckpt, arch="64x64_diffuson"), 2,
          "did you mean 64x64_diffusion"),

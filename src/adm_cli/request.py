@@ -18,7 +18,7 @@ from .errors import OutputError, UsageError, WeightsError
 from .flags import load_config_file
 from .formats import check_format
 from .metadata import read_config
-from .outputs import check_out_dir, default_out_dir
+from .outputs import check_out_dir, default_out_dir, read_run_plan
 from .respacing import space_timesteps
 from .settings import DEFAULT_STEPS, SamplerSettings
 
@@ -227,11 +227,21 @@ def check_output(req: SampleRequest) -> None:
     and need not see the folder."""
     if req.out is not None:
         check_out_dir(Path(req.out), resume=req.resume)
+        if req.resume and req.seed is None and (recorded := read_run_plan(req.out)):
+            seed_on_record(recorded, req.out)
         return
     try:  # the default, a new folder under ./samples
         check_out_dir(default_out_dir())
     except OutputError as exc:
         raise OutputError(f"{exc} (the default output folder: pass --out DIR)") from None
+
+
+def seed_on_record(recorded: dict, out: Path | None) -> int:
+    """The seed a run's recorded plan holds, which --resume without --seed goes on with."""
+    seed = recorded.get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise UsageError(f"--resume: the plan in {out} records no seed; pass --seed or choose a new --out")
+    return seed
 
 
 def device_name(name: str) -> re.Match | None:

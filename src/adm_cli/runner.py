@@ -28,7 +28,7 @@ from .metadata import read_config
 from .outputs import (SampleWriter, batch_record, default_out_dir, discard_unstarted_run, open_run_dir,
                       portable_stage, read_run_plan, record_batch)
 from .request import (SampleRequest, Stage, check_numbers, check_pair, chosen_classes, device_name, file_settings,
-                      registry_stages)
+                      registry_stages, seed_on_record)
 from .weights import file_sha256
 
 @dataclass
@@ -162,9 +162,7 @@ def resolve_request(req: SampleRequest) -> SampleRequest:
     recorded = (read_run_plan(req.out) if req.resume and wants_record else None) or {}
     seed = req.seed
     if seed is None and recorded:
-        seed = recorded.get("seed")
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise UsageError(f"--resume: the plan in {req.out} records no seed; pass --seed or choose a new --out")
+        seed = seed_on_record(recorded, req.out)
     if seed is None:
         seed = secrets.randbelow(2 ** 31)
     classes = req.classes if req.classes is not None else recorded.get("classes")
