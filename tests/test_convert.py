@@ -688,6 +688,24 @@ def test_a_file_that_is_no_checkpoint_is_named_for_what_it_is(tmp_path, case):
     assert _only(tmp_path) == [name]
 
 
+def test_a_file_that_cannot_be_read_is_said_in_one_line(tmp_path, monkeypatch):
+    """An unreadable file (no permission; root reads through those, so open is made to fail as
+    it fails for other users) is a ConversionError, which the CLI turns into one line, not an
+    OSError's traceback; the loaders' own messages are kept for it."""
+    from adm_cli import formats
+
+    src = tmp_path / "m.pt"
+    torch.save({"w": torch.zeros(2)}, src)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(src))
+
+    monkeypatch.setattr(formats, "open", refuse, raising=False)
+    with pytest.raises(ConversionError, match=f"^cannot read {re.escape(str(src))}: Permission denied$"):
+        convert_checkpoint(src, arch="64x64_diffusion")
+    assert describe(src) is None
+
+
 @pytest.mark.parametrize("fmt", ["zip", "legacy", "safetensors"])
 def test_what_torch_and_safetensors_write_passes_the_format_check(tmp_path, fmt):
     """The other side: the formats adm reads pass, and a file whose first bytes look right but

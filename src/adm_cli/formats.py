@@ -16,7 +16,7 @@ import struct
 import zipfile
 from pathlib import Path
 
-from .errors import FileFormatError
+from .errors import ConversionError, FileFormatError
 
 SAFETENSORS = "safetensors"
 TORCH = "torch"
@@ -29,7 +29,10 @@ def check_format(path: str | Path) -> str:
     """SAFETENSORS or TORCH for a file whose bytes are that format and whose name agrees;
     otherwise a ``FileFormatError`` that says what the file is."""
     path = Path(path)
-    found, why = _identify(path)
+    try:
+        found, why = _identify(path)
+    except OSError as exc:  # no read permission, an I/O error (/proc/self/mem reads as one)
+        raise ConversionError(f"cannot read {path}: {exc.strerror or exc}") from None
     if found is None:
         raise FileFormatError(f"{path.name} is not a checkpoint: {why}")
     named = SAFETENSORS if path.suffix == ".safetensors" else TORCH
@@ -48,7 +51,7 @@ def describe(path: str | Path) -> str | None:
         check_format(path)
     except FileFormatError as exc:
         return str(exc)
-    except OSError:
+    except ConversionError:  # unreadable now: the loader's own error says why
         return None
     return None
 
