@@ -309,6 +309,19 @@ def test_shapes_cannot_decide_between_presets():
         convert_checkpoint(__file__, arch="256x256_difusion")
 
 
+def test_arch_and_config_for_one_network_is_a_usage_error(tmp_path):
+    """--arch and --config both describing the U-Net: a flag that must go (exit 2, as for
+    --arch naming two U-Nets), not a conversion that failed on the way (exit 1)."""
+    cfg = small("64x64")
+    src = write_openai(tmp_path / "small.pt", reference_model(cfg).state_dict())
+    (tmp_path / "flags.json").write_text(json.dumps(_flags("64x64")))
+    result = CliRunner().invoke(app, ["convert-weights", str(src), "--arch", "64x64_diffusion",
+                                      "--config", str(tmp_path / "flags.json")])
+    assert result.exit_code == 2 and result.output == (
+        "error: both --arch and --config describe the unet: give one of them\n"), result.output
+    assert _only(tmp_path) == ["flags.json", "small.pt"]
+
+
 def test_arch_preset_for_published_shapes(tmp_path):
     """--arch with a real preset: a mismatching file names the first wrong tensor, writes nothing."""
     cfg = small("64x64")

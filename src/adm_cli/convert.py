@@ -29,7 +29,7 @@ import torch
 
 from .config import PRESETS, AnyConfig, ClassifierConfig, UNetConfig
 from .download import sha256_file
-from .errors import ConversionError, UsageError, WeightsError
+from .errors import ConfigInputError, ConversionError, UsageError, WeightsError
 from .flags import config_configs, conversion_args
 from .formats import describe
 from .metadata import STORED_DTYPES
@@ -337,7 +337,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path | None = None, *, arch: 
     roles = list(networks)
     for role, cfg in config_configs(config, roles).items():
         if role in chosen:
-            raise ConversionError(f"both --arch and --config describe the {role}")
+            raise ConfigInputError(f"both --arch and --config describe the {role}: give one of them")
         chosen[role] = (cfg, None)
     if not chosen and not name:  # what the file itself records beats a registry guess by name
         chosen = metadata_configs(src, roles)

@@ -110,7 +110,7 @@ def arch_configs(arch: str | Sequence[str] | None, registry: Registry) -> dict[s
             found = {r: (entry.config_for(r), entry.roles[r]) for r in entry.roles}
         for role, pair in found.items():
             if role in out:
-                raise ConversionError(f"--arch names two {role} architectures")
+                raise ConfigInputError(f"--arch names two {role} architectures")
             out[role] = pair
     return out
 
@@ -133,7 +133,7 @@ def _arch_entry(name: str, registry: Registry) -> Entry:
         hint = f"; did you mean {', '.join(close)}?" if close else f"; presets: {', '.join(PRESETS)}"
         raise ConfigInputError(f"--arch {name!r} is neither a preset nor a registry name{hint}") from None
     if any(cfg is None for cfg in entry.configs.values()):
-        raise ConversionError(f"{name} is a bundled file: its architecture is in the file, not the registry")
+        raise ConfigInputError(f"--arch {name}: a bundled file, whose architecture is in the file, not the registry")
     return entry
 
 
