@@ -423,8 +423,8 @@ def test_bad_requests_are_refused_before_torch_is_imported(tmp_path, monkeypatch
     """A slip in `adm sample`'s or `adm convert-weights`' arguments cost the 3-5 s of importing
     torch before its one line (3.4-4.8 s measured here); request.check_request and
     flags.conversion_args read only the flags, the ADM_* variables, the registry (with the bundled
-    demo models' metadata), --config, --out's recorded plan, and whether the files are there and
-    what their first bytes say they are (formats.py): 0.6-1.1 s. Each case exits with its code and
+    demo models' metadata), --config, --mirror, --out's recorded plan, whether the files are there
+    (in the cache too) and what their first bytes say they are (formats.py): 0.6-1.1 s. Each case exits with its code and
     line, imports no torch and creates nothing; the library's entry (runner.plan_run,
     convert.convert_checkpoint) refuses the same arguments with the same words."""
     import os
@@ -487,6 +487,10 @@ def test_bad_requests_are_refused_before_torch_is_imported(tmp_path, monkeypatch
         (["sample", "--weights", str(ckpt), "--config", str(flags)], plan(weights=ckpt, config=flags), 2,
          "flags.json is not valid JSON"),
         ([*demo, "--out", str(taken)], None, 1, "already holds a run"),
+        (["sample", "--res", "64", "--mirror", "mirror-typo"], plan(res=64, mirror="mirror-typo", offline=False), 2,
+         "--mirror 'mirror-typo' is neither an http(s):// or file:// URL nor an existing folder"),
+        (["sample", "--res", "256", "--upsample", "--offline"], plan(res=256, upsample=True), 1,
+         "64x64_diffusion, 64x64_classifier, 64_256_upsampler are not in the cache"),
         ([*demo, "-n", "2", "--out", str(unseeded), "--resume"],
          plan(model="demo-digits", num_samples=2, out=unseeded, resume=True), 2,
          f"--resume: the plan in {unseeded} records no seed; pass --seed or choose a new --out"),

@@ -628,6 +628,7 @@ def test_fetch_of_several_goes_on_past_a_failure(env, server, files):
 def test_a_malformed_mirror_is_one_line(env, mirror):
     result = CliRunner().invoke(app, ["fetch", "tiny", "--mirror", mirror])
     assert result.exit_code == 2 and result.output.count("\n") == 1 and "is not a usable URL" in result.output
+    assert not raw_path(_entry("tiny")).parent.exists()  # refused before the entry's folder (and lock) is made
 
 
 def test_a_damaged_conversion_is_found_and_made_again(env, server, files):

@@ -218,17 +218,19 @@ def _offline_error(*entries: Entry) -> OfflineError:
                         "network access")
 
 
-def missing_offline(names: Iterable[str], *, offline: bool = False) -> None:
-    """With downloads off, refuse at once, naming every entry of ``names`` that has neither its
-    published file nor its converted files in the cache (rather than the first only). Only their
-    presence is looked at: ``ensure_weights`` checks what is there when it is used."""
-    if not offline_requested(offline):
-        return
+def check_fetchable(names: Iterable[str], *, offline: bool = False, mirror: str | None = None) -> None:
+    """Refuse at once what fetching ``names`` would refuse before its first byte: with downloads
+    off, every entry that has neither its published file nor its converted files in the cache,
+    all named (rather than the first only); a --mirror / ADM_MIRROR that is no URL or folder,
+    where an entry must be downloaded. Only the files' presence is looked at (``ensure_weights``
+    checks what is there when it is used), so `adm sample` runs this before it imports torch."""
     registry = load_registry()
-    missing = [e for e in map(registry.get, names) if not e.bundled and not raw_path(e).is_file()
+    missing = [e for e in map(registry.get, dict.fromkeys(names)) if not e.bundled and not raw_path(e).is_file()
                and not all(converted_path(e, role).is_file() for role in e.roles)]
-    if missing:
+    if missing and offline_requested(offline):
         raise _offline_error(*missing)
+    if missing:
+        urls_for(missing[0], mirror)
 
 
 def fetch_entry(entry: Entry, *, offline: bool = False, mirror: str | None = None,
@@ -240,6 +242,8 @@ def fetch_entry(entry: Entry, *, offline: bool = False, mirror: str | None = Non
     offline = offline_requested(offline)
     if offline and not raw.is_file():
         raise _offline_error(entry)  # before the lock: an offline miss leaves no trace in the cache
+    if not raw.is_file():
+        urls_for(entry, mirror)  # and neither does a --mirror that is no URL or folder
     wait = lambda: _say(f"waiting for another process fetching {entry.name} ...", quiet)  # noqa: E731
     with file_lock(entry_dir(entry) / ".lock", on_wait=wait) as held:
         if raw.is_file():  # verified again: it may have changed since (or been fetched meanwhile)

@@ -306,7 +306,11 @@ def check_request(req: SampleRequest) -> None:
     entry) and those that need torch, the devices or the weights files."""
     check_numbers(req)
     check_env()
-    if registry_stages(req):
+    if stages := registry_stages(req):
+        from .cache import check_fetchable
+
+        check_fetchable([name for s in stages for name in (s.unet, s.classifier) if name], offline=req.offline,
+                        mirror=req.mirror)
         return
     file_settings(req)
     given = [Path(p) for p in (req.weights, req.classifier_weights) if p is not None]

@@ -85,10 +85,10 @@ def pick_device(name: str) -> str:
 def _fetch_weights(stages: list[Stage], req: SampleRequest) -> list[Stage]:
     """Every registry stage's files, fetched once all stages are known to be valid (a bad
     upsampler stage then costs no base download). Offline, every missing file is named at once."""
-    from .cache import ensure_weights, missing_offline
+    from .cache import check_fetchable, ensure_weights
 
-    missing_offline(dict.fromkeys(name for s in stages for name in (s.unet, s.classifier) if name),
-                    offline=req.offline)
+    check_fetchable([name for s in stages for name in (s.unet, s.classifier) if name], offline=req.offline,
+                    mirror=req.mirror)
     fetch = dict(offline=req.offline, mirror=req.mirror, quiet=req.quiet)
     for s in stages:
         s.unet_path = ensure_weights(s.unet, "unet", **fetch)
