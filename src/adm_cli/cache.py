@@ -30,7 +30,6 @@ from .download import NullProgress, RichProgress, download, file_lock, sha256_fi
 from .environment import env_switch
 from .errors import ChecksumError, ConversionError, OfflineError, UsageError, WeightsError
 from .flags import conversion_args
-from .formats import check_format
 from .metadata import read_metadata
 from .registry import Entry, load_registry
 
@@ -397,9 +396,8 @@ def ensure_converted_file(path: str | Path, *, arch: str | Sequence[str] | None 
         raise WeightsError(f"weights file not found: {path}")
     if path.suffix == ".safetensors" and "adm_config" in read_metadata(path) and not (arch or config):
         return path
-    if arch or config is not None:  # a bad --arch or --config: refused before the cache is touched
-        conversion_args(path, arch, config, "float32")
-    check_format(path)  # as is a file that is no checkpoint (an HTML page, a Git LFS pointer)
+    # a bad --arch or --config, or a file that is no checkpoint: refused before the cache is touched
+    conversion_args(path, arch, config, "float32")
     folder = cache_root() / "converted" / _conversion_key(path, arch, config)
     done = folder / "roles.json"  # written last: a run killed between two networks' files redoes both
     with file_lock(folder / ".lock"):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .config import AnyConfig, config_from_dict
 from .errors import ConfigError, WeightsError
+from .formats import describe
 
 STORED_DTYPES = ("float32", "float16", "bfloat16")  # what `adm convert-weights --dtype` writes
 
@@ -25,8 +26,6 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     except FileNotFoundError:
         raise WeightsError(f"weights file not found: {path}") from None
     except Exception as exc:  # safetensors raises its own error types for a bad header
-        from .formats import describe
-
         raise WeightsError(describe(path) or f"{path} is not a readable safetensors file ({exc})") from None
 
 
